@@ -1,0 +1,134 @@
+"""The one place that reads the environment and `.env`: typed, validated settings.
+
+Every other module receives a `Settings` object (or calls `load_settings`); none
+reads `os.environ` for imagen's own variables. A bad value becomes a one-line
+`ConfigError` naming the variable, never a traceback. Secrets are `SecretStr`
+so they never print in a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+from uuid import UUID
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from imagen.errors import ConfigError
+
+
+def _default_storage_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "imagen" / "storage"
+
+
+class Settings(BaseSettings):
+    """imagen's configuration; field names map to `IMAGEN_<NAME>` unless aliased."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEN_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    database_url: str | None = Field(default=None, description="session connection for the pipeline")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    backend: str = "mock"
+    model: str | None = None
+    storage: Literal["local", "supabase"] | None = None
+    storage_dir: Path = Field(default_factory=_default_storage_dir)
+    output_dir: Path = Path("./out")
+    supabase_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("SUPABASE_URL", "IMAGEN_SUPABASE_URL")
+    )
+    supabase_service_role_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SUPABASE_SERVICE_ROLE_KEY", "IMAGEN_SUPABASE_SERVICE_ROLE_KEY"),
+    )
+    bucket: str = "imagen"
+    owner_user_id: UUID | None = None
+    poll_interval: float = Field(default=5.0, gt=0)
+    lease_seconds: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    claim_batch: int = Field(default=100, ge=1, le=10_000)
+    max_in_flight: int = Field(default=256, ge=1)
+    handoff_ttl: int = Field(default=3600, ge=10)
+    stage_retries: int = Field(default=4, ge=0)
+    retry_min_backoff_ms: int = Field(default=1000, ge=1)
+    retry_max_backoff_ms: int = Field(default=60_000, ge=1)
+    generate_time_limit: float = Field(default=360.0, gt=0, description="seconds")
+    provider_timeout: float = Field(default=300.0, gt=0)
+    usage_log: Path | None = None
+    presets_file: Path | None = None
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    listener_metrics_port: int = Field(default=9300, ge=0, le=65535)
+    gemini_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("GOOGLE_API_KEY", "GEMINI_API_KEY")
+    )
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
+    gemini_base_url: str | None = Field(default=None, validation_alias="GOOGLE_GEMINI_BASE_URL")
+    gemini_api_version: str | None = Field(default=None, validation_alias="GOOGLE_GENAI_API_VERSION")
+    gemini_model: str = "gemini-2.5-flash-image"
+    openai_model: str = "gpt-image-2.5-flare"
+
+    @field_validator("backend")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower()
+
+    @field_validator("supabase_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @cached_property
+    def storage_kind(self) -> Literal["local", "supabase"]:
+        """Local unless told otherwise or Supabase is configured."""
+        if self.storage:
+            return self.storage
+        return "supabase" if self.supabase_url else "local"
+
+    def require_database_url(self) -> str:
+        """The pipeline cannot run without a database; say so in one line."""
+        if not self.database_url:
+            raise ConfigError(
+                "IMAGEN_DATABASE_URL is not set: give a PostgreSQL session connection string "
+                "(postgresql://user@host:5432/db), not a transaction pooler"
+            )
+        return self.database_url
+
+
+_ENV_NAMES = {
+    "supabase_url": "SUPABASE_URL",
+    "supabase_service_role_key": "SUPABASE_SERVICE_ROLE_KEY",
+    "gemini_api_key": "GEMINI_API_KEY",
+    "openai_api_key": "OPENAI_API_KEY",
+    "openai_base_url": "OPENAI_BASE_URL",
+    "gemini_base_url": "GOOGLE_GEMINI_BASE_URL",
+    "gemini_api_version": "GOOGLE_GENAI_API_VERSION",
+}
+
+
+def env_name(field: str) -> str:
+    """The environment variable an operator sets for a settings field."""
+    return _ENV_NAMES.get(field, f"IMAGEN_{field.upper()}")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings, turning validation errors into one readable ConfigError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = str(err["loc"][0]) if err["loc"] else "?"
+            name = env_name(loc) if loc in Settings.model_fields else loc
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("bad configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,203 @@
+"""Throwaway PostgreSQL and Redis servers started from the binaries on PATH.
+
+Used by `imagen demo` when nothing is configured, and by the test fixtures and
+benchmarks so they never touch a shared server. Each server lives in its own
+temporary directory on a free port and is stopped (and its directory removed)
+by `stop()`. It must never be pointed at an existing data directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imagen.errors import ConfigError
+
+_PG_HINT = (
+    "PostgreSQL server binaries (initdb, postgres) were not found on PATH or in /usr/lib/postgresql/*/bin: "
+    "install them (Debian: apt-get install postgresql) or set IMAGEN_DATABASE_URL"
+)
+_REDIS_HINT = "redis-server was not found on PATH: install it (Debian: apt-get install redis-server) or set IMAGEN_REDIS_URL"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _find_pg_binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    return str(candidates[0]) if candidates else None
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}"
+            )
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"server did not listen on port {port} within {timeout}s: {log.read_text()[-2000:]}")
+
+
+@dataclass
+class PostgresServer:
+    """A private PostgreSQL cluster: initdb once, then start/stop/restart freely."""
+
+    port: int = field(default_factory=free_port)
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="imagen-pg-")))
+    proc: subprocess.Popen[bytes] | None = None
+    _user: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def url_for(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def _run_as(self) -> dict[str, object]:
+        # PostgreSQL refuses to run as root; CI and this machine run tests as root.
+        if os.geteuid() != 0:
+            return {}
+        for name in ("postgres", "nobody"):
+            with contextlib.suppress(KeyError):
+                entry = pwd.getpwnam(name)
+                self._user = name
+                return {"user": entry.pw_uid, "group": entry.pw_gid}
+        raise ConfigError("running as root and no 'postgres' or 'nobody' user exists to run PostgreSQL as")
+
+    def init(self) -> None:
+        initdb = _find_pg_binary("initdb")
+        if not initdb or not _find_pg_binary("postgres"):
+            raise ConfigError(_PG_HINT)
+        ids = self._run_as()
+        if ids:
+            os.chown(self.root, int(ids["user"]), int(ids["group"]))  # type: ignore[call-overload]
+        subprocess.run(
+            [
+                initdb,
+                "-D",
+                str(self.root / "data"),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            cwd=self.root,
+            **ids,  # type: ignore[arg-type]
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        if not (self.root / "data").exists():
+            self.init()
+        postgres = _find_pg_binary("postgres")
+        assert postgres
+        log = self.root / "server.log"
+        ids = self._run_as()
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    postgres, "-D", str(self.root / "data"), "-p", str(self.port), "-k", str(self.root),
+                    "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                    "-c", "full_page_writes=off", "-c", "max_connections=200",
+                ],
+                stdout=out, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
+                **ids,  # type: ignore[arg-type]
+            )  # fmt: skip
+        _wait_port(self.port, timeout, self.proc, log)
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(self.url, connect_timeout=2):
+                    return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self, *, mode: str = "fast") -> None:
+        """Stop the server: 'fast' (SIGINT) or 'immediate' (SIGQUIT, a crash-like stop)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT if mode == "immediate" else signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class RedisServer:
+    """A private, non-persistent Redis server."""
+
+    port: int = field(default_factory=free_port)
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="imagen-redis-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15.0) -> None:
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise ConfigError(_REDIS_HINT)
+        log = self.root / "server.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.root), "--daemonize", "no"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        _wait_port(self.port, timeout, self.proc, log)
+
+    def stop(self) -> None:
+        """Kill the server; its data is lost (it keeps nothing on disk)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

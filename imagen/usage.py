@@ -1,0 +1,154 @@
+"""Usage sinks: one record per provider call, failed and blocked calls included.
+
+A record is what the provider reported plus our cost estimate, attributed to an
+owner and (for pipeline runs) a job. Sinks never raise into the pipeline for a
+bookkeeping problem they can recover from: losing an image because a ledger
+write failed would be the wrong trade.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+from uuid import UUID
+
+from imagen.backends.base import Usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """A provider call as the ledger stores it."""
+
+    backend: str
+    model: str
+    images: int
+    ok: bool
+    latency_ms: float
+    cost_usd: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    image_output_tokens: int | None = None
+    thought_tokens: int | None = None
+    error: str | None = None
+    owner_user_id: UUID | None = None
+    job_id: UUID | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_usage(
+        cls,
+        usage: Usage,
+        *,
+        cost_usd: float | None,
+        owner_user_id: UUID | None = None,
+        job_id: UUID | None = None,
+    ) -> UsageRecord:
+        return cls(
+            backend=usage.backend,
+            model=usage.model,
+            images=usage.images,
+            ok=usage.ok,
+            latency_ms=round(usage.latency_ms, 3),
+            cost_usd=cost_usd,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            image_output_tokens=usage.image_output_tokens,
+            thought_tokens=usage.thought_tokens,
+            error=usage.error,
+            owner_user_id=owner_user_id,
+            job_id=job_id,
+            raw=dict(usage.raw),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["created_at"] = self.created_at.isoformat()
+        data["owner_user_id"] = str(self.owner_user_id) if self.owner_user_id else None
+        data["job_id"] = str(self.job_id) if self.job_id else None
+        return data
+
+
+class UsageSink(Protocol):
+    """Where usage records go."""
+
+    def record(self, record: UsageRecord) -> None: ...
+
+
+class NullSink:
+    """Drops records; for callers that keep usage elsewhere."""
+
+    def record(self, record: UsageRecord) -> None:
+        return None
+
+
+class JsonlSink:
+    """Appends one JSON object per line; safe across threads of one process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def record(self, record: UsageRecord) -> None:
+        line = json.dumps(record.to_json(), sort_keys=True, default=str)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+        except OSError as exc:
+            log.warning("usage: could not append to %s: %s", self.path, exc)
+
+
+class DatabaseSink:
+    """Inserts rows into imagen.usage through a connection factory (one short transaction each)."""
+
+    INSERT = """
+        INSERT INTO imagen.usage (owner_user_id, job_id, backend, model, images, input_tokens,
+            output_tokens, image_output_tokens, thought_tokens, cost_usd, latency_ms, ok, error, raw, created_at)
+        VALUES (%(owner_user_id)s, %(job_id)s, %(backend)s, %(model)s, %(images)s, %(input_tokens)s,
+            %(output_tokens)s, %(image_output_tokens)s, %(thought_tokens)s, %(cost_usd)s, %(latency_ms)s,
+            %(ok)s, %(error)s, %(raw)s, %(created_at)s)
+    """
+
+    def __init__(self, connect: Callable[[], AbstractContextManager[Any]]) -> None:
+        # `connect` is a pool's `connection` method or a function opening one connection:
+        # the actors share their pool, the CLI opens a short-lived connection.
+        self.connect = connect
+
+    @classmethod
+    def from_url(cls, conninfo: str) -> DatabaseSink:
+        import psycopg
+
+        return cls(lambda: psycopg.connect(conninfo, autocommit=True))
+
+    def record(self, record: UsageRecord) -> None:
+        import psycopg
+        from psycopg.types.json import Jsonb
+
+        params = asdict(record)
+        params["raw"] = Jsonb(record.raw)
+        try:
+            with self.connect() as conn:
+                conn.execute(self.INSERT, params)
+        except psycopg.Error as exc:
+            log.warning("usage: could not insert into imagen.usage: %s", exc)
+
+
+class MultiSink:
+    """Fans one record out to several sinks."""
+
+    def __init__(self, *sinks: UsageSink) -> None:
+        self.sinks = sinks
+
+    def record(self, record: UsageRecord) -> None:
+        for sink in self.sinks:
+            sink.record(record)
