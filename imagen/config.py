@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     storage: Literal["local", "supabase"] | None = None
     storage_dir: Path = Field(default_factory=_default_storage_dir)
     output_dir: Path = Path("./out")
+    keep_local_copy: bool = True
     supabase_url: str | None = Field(
         default=None, validation_alias=AliasChoices("SUPABASE_URL", "IMAGEN_SUPABASE_URL")
     )
@@ -68,6 +69,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
     listener_metrics_port: int = Field(default=9300, ge=0, le=65535)
+    metrics_addr: str = "127.0.0.1"
     gemini_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("GOOGLE_API_KEY", "GEMINI_API_KEY")
     )

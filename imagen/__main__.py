@@ -1,0 +1,5 @@
+"""`python -m imagen` is the `imagen` command."""
+
+from imagen.cli import main
+
+main()

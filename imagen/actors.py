@@ -1,0 +1,82 @@
+"""Dramatiq actors for the three stages; run with `dramatiq imagen.actors`.
+
+Actors are thin: they unpack (job_id, attempt), and call the stage bodies in
+`imagen.stages`. Retries with bounded exponential backoff, time limits and
+metrics are Dramatiq middleware and actor options, configured here from the
+environment. Queues are named per stage so operators can place each stage on
+its own hosts: `dramatiq imagen.actors --queues imagen-generate`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import Retries, TimeLimit
+
+from imagen.broker import (
+    FINALIZE_ACTOR,
+    FINALIZE_QUEUE,
+    GENERATE_ACTOR,
+    GENERATE_QUEUE,
+    SYNC_ACTOR,
+    SYNC_QUEUE,
+    build_broker,
+)
+from imagen.config import load_settings
+from imagen.errors import ConfigError
+from imagen.logs import configure_logging
+from imagen.stages import StageContext, run_exhausted, run_finalize, run_generate, run_sync
+
+EXHAUSTED_ACTOR = "stage_exhausted"
+
+try:
+    settings = load_settings()
+    settings.require_database_url()
+except ConfigError as exc:
+    print(f"imagen.actors: {exc}", file=sys.stderr)
+    raise SystemExit(78) from None
+
+configure_logging(settings.log_format, settings.log_level)
+broker = build_broker(settings)
+for middleware in list(broker.middleware):
+    if isinstance(middleware, Retries):
+        middleware.max_retries = settings.stage_retries
+        middleware.min_backoff = settings.retry_min_backoff_ms
+        middleware.max_backoff = settings.retry_max_backoff_ms
+    if isinstance(middleware, TimeLimit):
+        middleware.time_limit = int(settings.generate_time_limit * 1000)
+dramatiq.set_broker(broker)
+context = StageContext(settings, broker)
+
+_stage_options: dict[str, Any] = {"on_retry_exhausted": EXHAUSTED_ACTOR}
+_short_limit = (
+    120_000  # sync and finalize do I/O only; a stuck upload should not hold a job for the full lease
+)
+
+
+@dramatiq.actor(actor_name=GENERATE_ACTOR, queue_name=GENERATE_QUEUE, **_stage_options)
+def generate_stage(job_id: str, attempt: int) -> None:
+    """Generate the job's image with its backend and hand it to the sync stage."""
+    run_generate(context, job_id, attempt)
+
+
+@dramatiq.actor(actor_name=SYNC_ACTOR, queue_name=SYNC_QUEUE, time_limit=_short_limit, **_stage_options)
+def sync_stage(job_id: str, attempt: int) -> None:
+    """Upload the image and write its imagen.images row."""
+    run_sync(context, job_id, attempt)
+
+
+@dramatiq.actor(
+    actor_name=FINALIZE_ACTOR, queue_name=FINALIZE_QUEUE, time_limit=_short_limit, **_stage_options
+)
+def finalize_stage(job_id: str, attempt: int, image_id: str) -> None:
+    """Mark the job done and link its image."""
+    run_finalize(context, job_id, attempt, image_id)
+
+
+@dramatiq.actor(actor_name=EXHAUSTED_ACTOR, queue_name=FINALIZE_QUEUE, time_limit=_short_limit)
+def stage_exhausted(message: dict[str, Any], retry_info: dict[str, Any]) -> None:
+    """A stage ran out of retries: the job ends failed with its last error."""
+    run_exhausted(context, message, retry_info)

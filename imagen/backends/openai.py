@@ -1,0 +1,291 @@
+"""The OpenAI backend: GPT image models through the openai SDK's Images API.
+
+`client.images.generate` returns base64 PNGs and a token usage block. The SDK's
+retries are switched off (`max_retries=0`): the pipeline owns the one retry
+policy, and a retried image call after a read timeout can bill twice. Every SDK
+exception is translated here, once, into `imagen.errors`. It must never put the
+API key into an error, a log line or a usage record.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import openai
+from PIL import Image
+
+from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
+from imagen.backends.sizes import parse_aspect
+from imagen.config import Settings
+from imagen.errors import (
+    AuthError,
+    ContentBlocked,
+    ImagenError,
+    InvalidRequest,
+    NoImage,
+    ProviderTimeout,
+    QuotaExhausted,
+    RateLimited,
+    TransientError,
+)
+
+# The sizes every GPT image model accepts; an aspect ratio maps onto the nearest.
+STANDARD_SIZES = ((1024, 1024), (1536, 1024), (1024, 1536))
+MAX_N_PER_CALL = 10
+# Options passed through to images.generate; everything else in request.options earns a warning.
+PASSTHROUGH_OPTIONS = ("quality", "background", "moderation")
+BLOCKED_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
+QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+_KEY_LIKE = re.compile(r"sk-[0-9A-Za-z_*\-]{4,}")
+_MAX_MESSAGE = 300
+
+
+def choose_size(request: ImageRequest) -> tuple[str, list[str]]:
+    """'WxH' to send, plus a warning when an aspect ratio is only approximated."""
+    if request.size:
+        width, height = request.size
+        return f"{width}x{height}", []
+    if not request.aspect_ratio:
+        return "1024x1024", []
+    w, h = parse_aspect(request.aspect_ratio)
+    target = math.log(w / h)
+    width, height = min(STANDARD_SIZES, key=lambda size: abs(math.log(size[0] / size[1]) - target))
+    warnings = []
+    if width * h != height * w:
+        warnings.append(
+            f"openai: aspect ratio {request.aspect_ratio} approximated by the nearest standard size "
+            f"{width}x{height} (pass an explicit size for gpt-image-2 custom sizes)"
+        )
+    return f"{width}x{height}", warnings
+
+
+def _redact(text: str, secret: str | None) -> str:
+    if secret:
+        text = text.replace(secret, "***")
+    return _KEY_LIKE.sub("sk-***", text)
+
+
+def _one_line(text: str | None) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= _MAX_MESSAGE else flat[: _MAX_MESSAGE - 1] + "…"
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _attach_usage(error: ImagenError, usage: Usage) -> ImagenError:
+    """Let the pipeline record a failed call: the error carries what the calls so far consumed."""
+    carrier: Any = error
+    carrier.usage = usage
+    return error
+
+
+class _CallLedger:
+    """Token counts across the calls of one `generate` (more than one only when n > 10)."""
+
+    def __init__(self, backend: str, model: str) -> None:
+        self.backend = backend
+        self.model = model
+        self.started = time.monotonic()
+        self.images = 0
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.image_output_tokens: int | None = None
+        self.calls: list[dict[str, Any]] = []
+        self.request_ids: list[str] = []
+
+    def record(self, usage: Any, request_id: str | None) -> None:
+        if request_id:
+            self.request_ids.append(request_id)
+        if usage is None:
+            self.calls.append({})
+            return
+        self.calls.append(usage.model_dump(mode="json", exclude_none=True))
+        details = usage.output_tokens_details
+        # Without output details every output token of an image model is an image token.
+        image_tokens = details.image_tokens if details is not None else usage.output_tokens
+        self.input_tokens = (self.input_tokens or 0) + usage.input_tokens
+        self.output_tokens = (self.output_tokens or 0) + usage.output_tokens
+        self.image_output_tokens = (self.image_output_tokens or 0) + image_tokens
+
+    def usage(self, *, error: str | None = None) -> Usage:
+        raw: dict[str, Any] = {"calls": list(self.calls)}
+        if self.request_ids:
+            raw["request_ids"] = list(self.request_ids)
+        return Usage(
+            backend=self.backend,
+            model=self.model,
+            images=self.images,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            image_output_tokens=self.image_output_tokens,
+            latency_ms=(time.monotonic() - self.started) * 1000,
+            ok=error is None,
+            error=error,
+            raw=raw,
+        )
+
+
+class OpenAIBackend:
+    """GPT image models via `images.generate`: one call per up to ten images."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._client: openai.OpenAI | None = None
+
+    def default_model(self) -> str:
+        return self._settings.openai_model
+
+    def _secret(self) -> str | None:
+        key = self._settings.openai_api_key
+        return key.get_secret_value() if key else None
+
+    def _get_client(self) -> openai.OpenAI:
+        if self._client is None:
+            key = self._secret()
+            if not key:
+                raise AuthError("openai backend: no API key; set OPENAI_API_KEY")
+            self._client = openai.OpenAI(
+                api_key=key,
+                base_url=self._settings.openai_base_url or None,
+                max_retries=0,
+                timeout=self._settings.provider_timeout,
+            )
+        return self._client
+
+    def generate(self, request: ImageRequest) -> ImageResult:
+        """Make `request.n` images; the per-call timeout is `request.timeout_s`."""
+        model = request.model or self.default_model()
+        size, warnings = choose_size(request)
+        if request.seed is not None:
+            warnings.append("openai has no seed; seed was ignored and images are not reproducible")
+        if request.negative_prompt:
+            warnings.append("openai has no negative prompt; negative_prompt was ignored")
+        extra = {k: request.options[k] for k in PASSTHROUGH_OPTIONS if k in request.options}
+        warnings.extend(
+            f"openai ignores option {key!r}" for key in request.options if key not in PASSTHROUGH_OPTIONS
+        )
+        client = self._get_client().with_options(timeout=request.timeout_s, max_retries=0)
+        ledger = _CallLedger(self.name, model)
+        images: list[GeneratedImage] = []
+        while len(images) < request.n:
+            count = min(MAX_N_PER_CALL, request.n - len(images))
+            try:
+                raw = client.images.with_raw_response.generate(
+                    model=model,
+                    prompt=request.prompt,
+                    n=count,
+                    size=size,
+                    output_format="png",
+                    **extra,
+                )
+                response = raw.parse()
+            except Exception as exc:
+                error = self._translate(exc, model)
+                raise _attach_usage(error, ledger.usage(error=str(error))) from None
+            ledger.record(response.usage, raw.headers.get("x-request-id"))
+            decoded = self._decode(response, model, ledger, first_index=len(images))
+            images.extend(decoded)
+            ledger.images = len(images)
+        return ImageResult(images=images, usage=ledger.usage(), model=model, warnings=warnings)
+
+    @staticmethod
+    def _decode(response: Any, model: str, ledger: _CallLedger, *, first_index: int) -> list[GeneratedImage]:
+        images: list[GeneratedImage] = []
+        for item in response.data or []:
+            if not item.b64_json:
+                continue
+            try:
+                data = base64.b64decode(item.b64_json, validate=True)
+                with Image.open(io.BytesIO(data)) as img:
+                    width, height = img.size
+                    mime = Image.MIME.get(img.format or "", "image/png")
+            except (binascii.Error, ValueError, OSError):
+                bad = NoImage(f"openai model {model}: returned image data that does not decode")
+                raise _attach_usage(bad, ledger.usage(error=str(bad))) from None
+            images.append(
+                GeneratedImage(
+                    data=data, mime=mime, width=width, height=height, index=first_index + len(images)
+                )
+            )
+        if not images:
+            error = NoImage(f"openai model {model}: the response held no image data")
+            raise _attach_usage(error, ledger.usage(error=str(error)))
+        return images
+
+    def _translate(self, exc: Exception, model: str) -> ImagenError:
+        """One SDK exception -> the imagen error the pipeline keys on."""
+        secret = self._secret()
+        if isinstance(exc, ImagenError):
+            return exc
+        if isinstance(exc, openai.APITimeoutError):
+            return ProviderTimeout(f"openai model {model}: no answer within the timeout")
+        if isinstance(exc, openai.APIConnectionError):
+            cause = exc.__cause__ or exc
+            detail = _one_line(_redact(f"{type(cause).__name__}: {cause}", secret))
+            return TransientError(f"openai: connection failed ({detail})")
+        if isinstance(exc, openai.APIStatusError):
+            return self._translate_status(exc, model, secret)
+        raise exc
+
+    @staticmethod
+    def _translate_status(exc: openai.APIStatusError, model: str, secret: str | None) -> ImagenError:
+        status = exc.status_code
+        code = exc.code or ""
+        label = f"{status} {code}".strip()
+        body = exc.body if isinstance(exc.body, Mapping) else {}
+        message = _one_line(_redact(str(body.get("message") or exc.message), secret))
+        request_id = f" (request id {exc.request_id})" if exc.request_id else ""
+        if code in BLOCKED_CODES:
+            return ContentBlocked(
+                f"openai model {model}: refused by the safety system ({label}): {message}{request_id}"
+            )
+        if code in QUOTA_CODES or exc.type == "insufficient_quota":
+            return QuotaExhausted(f"openai: quota exhausted ({label}): {message}{request_id}")
+        if status == 429:
+            return RateLimited(
+                f"openai model {model}: rate limited ({label}): {message}{request_id}",
+                retry_after=_retry_after(exc.response.headers),
+            )
+        if status >= 500 or status in (408, 409):
+            return TransientError(
+                f"openai model {model}: provider error ({label}): {message}{request_id}",
+                retry_after=_retry_after(exc.response.headers),
+            )
+        if status in (401, 403):
+            return AuthError(f"openai: credentials rejected ({label}): {message}; check OPENAI_API_KEY")
+        if status == 404:
+            return InvalidRequest(f"openai model {model!r} not found or retired ({label}): {message}")
+        return InvalidRequest(f"openai model {model}: request rejected ({label}): {message}{request_id}")

@@ -1,0 +1,118 @@
+"""The Dramatiq broker imagen ships: Redis, with a wake-up instead of an idle sleep.
+
+Dramatiq's Redis consumer sleeps between empty fetches with a backoff that grows
+to `dramatiq_worker_timeout` (1 s by default), so an idle three-stage pipeline
+pays up to a second per stage. Here every enqueue also pushes a token on a
+per-queue wake list, and an idle consumer blocks on that list (BLPOP) for at
+most the same timeout instead of sleeping. Everything else (fetch, ack, nack,
+requeue, delays, heartbeats, maintenance) is Dramatiq's own Lua and code, so its
+delivery semantics are unchanged; a lost token only costs the old idle timeout.
+"""
+
+from __future__ import annotations
+
+import time
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.common import compute_backoff
+from dramatiq.errors import ConnectionClosed
+from dramatiq.broker import MessageProxy
+from dramatiq.message import Message
+
+from imagen.config import Settings
+
+GENERATE_QUEUE = "imagen-generate"
+SYNC_QUEUE = "imagen-sync"
+FINALIZE_QUEUE = "imagen-finalize"
+GENERATE_ACTOR = "generate_stage"
+SYNC_ACTOR = "sync_stage"
+FINALIZE_ACTOR = "finalize_stage"
+MAX_WAKE_TOKENS = 64
+
+
+class WakingRedisBroker(RedisBroker):
+    """RedisBroker whose idle consumers wake as soon as a message is enqueued."""
+
+    def wake_key(self, queue_name: str) -> str:
+        return f"{self.namespace}:{queue_name}.wake"
+
+    @property
+    def consumer_class(self) -> type[_RedisConsumer]:
+        return _WakingConsumer
+
+    def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
+        enqueued = super().enqueue(message, delay=delay)
+        key = self.wake_key(enqueued.queue_name)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(key, 1)
+        # Tokens pile up while consumers are busy; a few spare wakes are harmless, an unbounded list is not.
+        pipe.ltrim(key, -MAX_WAKE_TOKENS, -1)
+        pipe.expire(key, 3600)
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            pass  # the message is enqueued; consumers still find it on their timeout
+        return enqueued
+
+
+class _WakingConsumer(_RedisConsumer):
+    """Dramatiq's Redis consumer with BLPOP on the wake list in place of its idle sleep."""
+
+    def __next__(self) -> MessageProxy | None:
+        try:
+            while True:
+                try:
+                    data = self.message_cache.pop(0)
+                    if data is None:
+                        continue
+                    self.misses = 0
+                    message = Message.decode(data)
+                    self.queued_message_ids.add(message.message_id)
+                    return MessageProxy(message)
+                except IndexError:
+                    messages = []
+                    if self.outstanding_message_count < self.prefetch:
+                        self.message_cache = messages = self.broker.do_fetch(
+                            self.queue_name,
+                            self.prefetch - self.outstanding_message_count,
+                        )
+                    if messages:
+                        continue
+                    if self.outstanding_message_count >= self.prefetch:
+                        # Full: nothing to wait for in Redis, the worker threads will free a slot.
+                        self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                        time.sleep(min(backoff_ms, 10) / 1000)
+                        return None
+                    self.broker.client.blpop(
+                        [self.broker.wake_key(self.queue_name)], timeout=self.timeout / 1000
+                    )
+                    return None
+        except redis.ConnectionError as e:
+            raise ConnectionClosed(e) from None
+
+
+def build_broker(settings: Settings) -> WakingRedisBroker:
+    """The broker for workers and the listener, from IMAGEN_REDIS_URL."""
+    broker = WakingRedisBroker(url=settings.redis_url)
+    return broker
+
+
+def stage_message(actor_name: str, queue_name: str, *args: object) -> Message:
+    """A message for a stage actor, built without importing the actors (the listener stays small)."""
+    return Message(queue_name=queue_name, actor_name=actor_name, args=tuple(args), kwargs={}, options={})
+
+
+__all__ = [
+    "FINALIZE_ACTOR",
+    "FINALIZE_QUEUE",
+    "GENERATE_ACTOR",
+    "GENERATE_QUEUE",
+    "SYNC_ACTOR",
+    "SYNC_QUEUE",
+    "WakingRedisBroker",
+    "build_broker",
+    "dramatiq",
+    "stage_message",
+]

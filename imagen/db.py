@@ -1,0 +1,374 @@
+"""Database connections and the schema migrator for the numbered SQL files in sql/.
+
+`migrate` applies each pending migration once, in its own transaction, records
+it in `imagen.schema_migrations` with the file's sha256, and serialises
+concurrent migrators with an advisory lock. On plain PostgreSQL it first applies
+the Supabase shim (`000_supabase_shim.sql`), only where `auth.uid()` is missing.
+It must never re-run or silently accept an applied migration whose file changed:
+a migration is fixed once applied, and changes go into a new numbered file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from imagen.errors import ImagenError
+
+SHIM_NAME = "000_supabase_shim.sql"
+"""Creates what Supabase provides (roles, auth.uid()); not a numbered migration."""
+
+SHIM_MESSAGE = "auth.uid() not found: applying the Supabase shim for plain PostgreSQL"
+
+# One key for every imagen migrator of a database: "imagen" as a bigint.
+_LOCK_KEY = int.from_bytes(b"imagen", "big")
+_MIGRATION_NAME = re.compile(r"^(?P<version>\d+)_[A-Za-z0-9_.-]+\.sql$")
+_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_\x80-\U0010ffff]*)?\$")
+_STATEMENT_PREVIEW = 240
+
+# Defaults for every imagen connection; a value in the conninfo, the matching libpq
+# environment variable or a keyword argument wins. Keepalives let a LISTEN
+# connection notice a dead peer in about a minute instead of the kernel's hours.
+_CONNECT_DEFAULTS: dict[str, tuple[str | None, object]] = {
+    "application_name": ("PGAPPNAME", "imagen"),
+    "connect_timeout": ("PGCONNECT_TIMEOUT", 10),
+    "keepalives": (None, 1),
+    "keepalives_idle": (None, 30),
+    "keepalives_interval": (None, 10),
+    "keepalives_count": (None, 3),
+}
+
+_BOOKKEEPING = """
+create schema if not exists imagen;
+create table if not exists imagen.schema_migrations (
+    version text primary key,
+    name text not null,
+    checksum text not null,
+    applied_at timestamptz not null default now()
+);
+alter table imagen.schema_migrations enable row level security;
+revoke all on imagen.schema_migrations from public;
+"""
+
+MigrationState = Literal["applied", "pending", "changed", "missing"]
+
+
+class MigrationError(ImagenError):
+    """A migration could not be applied, or the applied schema disagrees with the files."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One numbered SQL file."""
+
+    version: str
+    name: str
+    sql: str
+    checksum: str
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """Where one migration stands in a database.
+
+    `state` is 'applied', 'pending' (not yet applied), 'changed' (applied, but the
+    file's checksum differs from the recorded one: `migrate` refuses to run) or
+    'missing' (recorded as applied, but no such file exists here). `checksum` is
+    the file's, or the recorded one for a missing file.
+    """
+
+    name: str
+    checksum: str
+    applied_at: datetime | None
+    state: MigrationState
+
+
+def connect(conninfo: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """Open a connection with imagen's defaults: application_name, connect timeout, TCP keepalives.
+
+    `kwargs` go to `psycopg.connect` (for example `autocommit=True`) and override the defaults.
+    """
+    given = conninfo_to_dict(conninfo)
+    for key, (env, value) in _CONNECT_DEFAULTS.items():
+        if key not in given and not (env and os.environ.get(env)):
+            kwargs.setdefault(key, value)
+    return psycopg.connect(conninfo, **kwargs)
+
+
+def sql_dir() -> Path:
+    """The folder holding the migrations: inside the installed package, else the checkout's sql/."""
+    return _default_sql_dir()
+
+
+def _default_sql_dir() -> Path:
+    packaged = resources.files("imagen") / "sql"
+    if isinstance(packaged, Path) and (packaged / SHIM_NAME).is_file():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent / "sql"
+    if (checkout / SHIM_NAME).is_file():
+        return checkout
+    raise MigrationError(f"the SQL migrations were not found (looked in {packaged} and {checkout})")
+
+
+def load_migrations(folder: Path | None = None) -> list[Migration]:
+    """The numbered migrations in `folder` (default: `sql_dir()`), in the order they apply."""
+    folder = folder if folder is not None else sql_dir()
+    if not folder.is_dir():
+        raise MigrationError(f"no such migrations folder: {folder}")
+    found: dict[int, Migration] = {}
+    for path in sorted(folder.glob("*.sql")):
+        if path.name == SHIM_NAME:
+            continue
+        match = _MIGRATION_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"{path.name}: a migration's name must be NNN_description.sql")
+        number = int(match["version"])
+        if number in found:
+            raise MigrationError(f"{found[number].name} and {path.name} have the same number")
+        found[number] = _read(path, match["version"])
+    return [found[number] for number in sorted(found)]
+
+
+def migrate(
+    conninfo: str, *, sql_dir: Path | None = None, echo: Callable[[str], None] | None = None
+) -> list[str]:
+    """Apply every pending migration, each in its own transaction; return the names applied.
+
+    Safe to run twice (the second run applies nothing) and from several processes at
+    once (an advisory lock serialises them). `echo` receives one line per step.
+    Raises MigrationError naming the file (and the failing statement) when a
+    migration fails, or when an applied migration's file has changed since.
+    """
+    folder = sql_dir if sql_dir is not None else _default_sql_dir()
+    migrations = load_migrations(folder)
+    say = echo or (lambda _line: None)
+    applied: list[str] = []
+    try:
+        with connect(conninfo, autocommit=True) as conn:
+            with conn.transaction():
+                _lock(conn)
+                conn.execute(_BOOKKEEPING)
+                if _needs_shim(conn):
+                    say(SHIM_MESSAGE)
+                    shim = folder / SHIM_NAME
+                    if not shim.is_file():
+                        raise MigrationError(f"auth.uid() is missing and {shim} does not exist")
+                    _run_script(conn, SHIM_NAME, shim.read_text(encoding="utf-8"))
+            _refuse_changed(migrations, _recorded(conn))
+            for migration in migrations:
+                with conn.transaction():
+                    _lock(conn)
+                    # Re-read under the lock: another migrator may have applied it meanwhile.
+                    recorded = _recorded(conn).get(migration.version)
+                    if recorded is not None:
+                        _refuse_changed([migration], {migration.version: recorded})
+                        continue
+                    say(f"applying {migration.name}")
+                    _run_script(conn, migration.name, migration.sql)
+                    conn.execute(
+                        "insert into imagen.schema_migrations (version, name, checksum, applied_at)"
+                        " values (%s, %s, %s, now())",
+                        (migration.version, migration.name, migration.checksum),
+                    )
+                applied.append(migration.name)
+    except psycopg.Error as exc:
+        raise MigrationError(f"migrate failed: {_message(exc)}") from exc
+    say(f"applied {len(applied)} migration(s)" if applied else "nothing to apply: the schema is up to date")
+    return applied
+
+
+def status(conninfo: str, *, sql_dir: Path | None = None) -> list[MigrationStatus]:
+    """Each migration's state in the database, in order; changes nothing."""
+    migrations = load_migrations(sql_dir)
+    try:
+        with connect(conninfo, autocommit=True) as conn:
+            exists = conn.execute("select to_regclass('imagen.schema_migrations') is not null").fetchone()
+            recorded = _recorded(conn) if exists and exists[0] else {}
+    except psycopg.Error as exc:
+        raise MigrationError(f"status failed: {_message(exc)}") from exc
+    result: list[MigrationStatus] = []
+    for migration in migrations:
+        row = recorded.pop(migration.version, None)
+        if row is None:
+            result.append(MigrationStatus(migration.name, migration.checksum, None, "pending"))
+        else:
+            state: MigrationState = "applied" if row.checksum == migration.checksum else "changed"
+            result.append(MigrationStatus(migration.name, migration.checksum, row.applied_at, state))
+    for version in sorted(recorded, key=int):
+        row = recorded[version]
+        result.append(MigrationStatus(row.name, row.checksum, row.applied_at, "missing"))
+    return result
+
+
+def split_statements(text: str) -> list[tuple[int, str]]:
+    """Split a SQL script at top-level semicolons: (offset in `text`, statement) pairs.
+
+    Understands quoted strings (including E'' escapes), quoted identifiers,
+    dollar-quoted bodies and both comment styles; statements holding only
+    comments are dropped. It does not understand `BEGIN ATOMIC` function bodies:
+    write function bodies with $$ quotes.
+    """
+    statements: list[tuple[int, str]] = []
+    start = 0
+    code_start = -1
+    i = 0
+    n = len(text)
+
+    def close(end: int) -> None:
+        if code_start >= 0:
+            statements.append((start, text[start:end]))
+
+    while i < n:
+        char = text[i]
+        if char == "-" and text.startswith("--", i):
+            newline = text.find("\n", i)
+            i = n if newline < 0 else newline + 1
+            continue
+        if char == "/" and text.startswith("/*", i):
+            i = _skip_block_comment(text, i)
+            continue
+        if char.isspace():
+            i += 1
+            continue
+        if code_start < 0:
+            code_start = i
+        if char == ";":
+            close(i)
+            start, code_start = i + 1, -1
+            i += 1
+        elif char == "'":
+            i = _skip_string(text, i)
+        elif char == '"':
+            i = _skip_quoted(text, i, '"')
+        elif char == "$" and not (i and (text[i - 1].isalnum() or text[i - 1] in "_$")):
+            tag = _DOLLAR_TAG.match(text, i)
+            if tag:
+                end = text.find(tag.group(), tag.end())
+                i = n if end < 0 else end + len(tag.group())
+            else:
+                i += 1
+        else:
+            i += 1
+    close(n)
+    return statements
+
+
+def _read(path: Path, version: str) -> Migration:
+    data = path.read_bytes()
+    return Migration(version, path.name, data.decode("utf-8"), hashlib.sha256(data).hexdigest())
+
+
+def _lock(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("select pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+
+
+def _needs_shim(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("select to_regprocedure('auth.uid()') is null").fetchone()
+    return bool(row and row[0])
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    name: str
+    checksum: str
+    applied_at: datetime
+
+
+def _recorded(conn: psycopg.Connection[Any]) -> dict[str, _Recorded]:
+    rows = conn.execute("select version, name, checksum, applied_at from imagen.schema_migrations")
+    return {version: _Recorded(name, checksum, applied_at) for version, name, checksum, applied_at in rows}
+
+
+def _refuse_changed(migrations: list[Migration], recorded: dict[str, _Recorded]) -> None:
+    for migration in migrations:
+        row = recorded.get(migration.version)
+        if row is not None and row.checksum != migration.checksum:
+            raise MigrationError(
+                f"migration {migration.name} was changed after it was applied "
+                f"(on {row.applied_at:%Y-%m-%d %H:%M} as {row.name}): "
+                "restore the file and put the change in a new numbered migration"
+            )
+
+
+def _run_script(conn: psycopg.Connection[Any], name: str, text: str) -> None:
+    """Run a script statement by statement, so a failure can name its statement and line."""
+    for offset, statement in split_statements(text):
+        try:
+            conn.execute(statement)
+        except psycopg.Error as exc:
+            raise MigrationError(_describe_failure(name, text, offset, statement, exc)) from exc
+
+
+def _describe_failure(name: str, text: str, offset: int, statement: str, exc: psycopg.Error) -> str:
+    body = statement.lstrip()
+    body_offset = offset + len(statement) - len(body)
+    error_offset = body_offset
+    position = exc.diag.statement_position
+    if position and position.isdigit():
+        # The server counts characters from 1 within the statement it was sent.
+        error_offset = offset + int(position) - 1
+    line = text.count("\n", 0, error_offset) + 1
+    preview = " ".join(body.split())
+    if len(preview) > _STATEMENT_PREVIEW:
+        preview = preview[: _STATEMENT_PREVIEW - 3] + "..."
+    return f"migration {name} failed at line {line}: {_message(exc)} (statement: {preview})"
+
+
+def _message(exc: psycopg.Error) -> str:
+    return exc.diag.message_primary or str(exc).strip() or type(exc).__name__
+
+
+def _skip_block_comment(text: str, i: int) -> int:
+    depth = 0
+    while i < len(text):
+        if text.startswith("/*", i):
+            depth, i = depth + 1, i + 2
+        elif text.startswith("*/", i):
+            depth, i = depth - 1, i + 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    return i
+
+
+def _skip_string(text: str, i: int) -> int:
+    # E'...' strings allow backslash escapes; standard strings only double the quote.
+    prefix = text[i - 1] if i else ""
+    before = text[i - 2] if i > 1 else ""
+    escapes = prefix in ("e", "E") and not (before.isalnum() or before == "_")
+    i += 1
+    while i < len(text):
+        char = text[i]
+        if escapes and char == "\\":
+            i += 2
+        elif char == "'":
+            if text.startswith("''", i):
+                i += 2
+            else:
+                return i + 1
+        else:
+            i += 1
+    return i
+
+
+def _skip_quoted(text: str, i: int, quote: str) -> int:
+    i += 1
+    while i < len(text):
+        if text[i] == quote:
+            if text.startswith(quote * 2, i):
+                i += 2
+                continue
+            return i + 1
+        i += 1
+    return i

@@ -1,0 +1,128 @@
+"""`imagen demo`: the whole pipeline on this machine, with no configuration.
+
+Uses the configured PostgreSQL and Redis (IMAGEN_DATABASE_URL, IMAGEN_REDIS_URL
+set in the environment or .env), otherwise starts throwaway ones from the
+binaries on PATH, and always cleans up what it started.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from imagen import jobs
+from imagen.config import load_settings
+from imagen.db import connect, migrate
+from imagen.runner import PipelineProcesses, pipeline_env
+from imagen.servers import PostgresServer, RedisServer
+from imagen.smoke import TERMINAL
+
+PROMPTS = [
+    ("a lighthouse at dusk", {"backend": "mock", "size": "512x512"}),
+    ("a red fox in fresh snow", {"backend": "mock", "aspect_ratio": "16:9", "preset": "cinematic"}),
+    ("a bowl of ramen, top view", {"backend": "mock", "size": "384x384", "seed": 7}),
+    ("an old map of an imaginary island", {"backend": "mock", "preset": "watercolor"}),
+]
+BAD = ("this job has a typo in its params", {"backend": "mock", "sise": "512x512"})
+
+
+def _configured(name: str) -> bool:
+    if os.environ.get(name):
+        return True
+    env_file = Path(".env")
+    return env_file.is_file() and any(
+        line.strip().startswith(f"{name}=") for line in env_file.read_text(errors="replace").splitlines()
+    )
+
+
+def run_demo(workdir: Path, *, count: int, timeout: float, echo: Callable[[str], None]) -> bool:
+    """Run the demo; True when every good job ended done and the bad one failed with a reason."""
+    settings = load_settings()
+    workdir = workdir.resolve()
+    with ExitStack() as stack:
+        if _configured("IMAGEN_DATABASE_URL"):
+            database_url = settings.require_database_url()
+            echo("postgres: using IMAGEN_DATABASE_URL")
+        else:
+            pg = PostgresServer()
+            pg.start()
+            stack.callback(pg.cleanup)
+            database_url = pg.url
+            echo(f"postgres: started a throwaway server on port {pg.port}")
+        if _configured("IMAGEN_REDIS_URL"):
+            redis_url = settings.redis_url
+            echo("redis:    using IMAGEN_REDIS_URL")
+        else:
+            rs = RedisServer()
+            rs.start()
+            stack.callback(rs.cleanup)
+            redis_url = rs.url
+            echo(f"redis:    started a throwaway server on port {rs.port}")
+        migrate(database_url, echo=lambda line: echo(f"migrate:  {line}"))
+        procs = PipelineProcesses(pipeline_env(database_url, redis_url, workdir), workdir / "logs")
+        stack.callback(procs.stop)
+        procs.start_listener()
+        procs.start_workers(processes=1, threads=4)
+        echo(f"started:  imagen listen + dramatiq imagen.actors (logs in {workdir / 'logs'})")
+        return _submit_and_watch(database_url, workdir, count, timeout, echo, procs)
+    return False  # pragma: no cover
+
+
+def _submit_and_watch(
+    database_url: str,
+    workdir: Path,
+    count: int,
+    timeout: float,
+    echo: Callable[[str], None],
+    procs: PipelineProcesses,
+) -> bool:
+    owner = uuid.uuid4()
+    wanted = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+    with connect(database_url, autocommit=True) as conn:
+        ids = [jobs.submit_job(conn, owner, prompt, params) for prompt, params in wanted]
+        bad_id = jobs.submit_job(conn, owner, *BAD)
+        echo(f"inserted: {len(ids) + 1} jobs into imagen.jobs as owner {owner} (role authenticated)")
+        deadline = time.monotonic() + timeout
+        rows: dict[Any, dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            rows = {i: jobs.get_job(conn, i) or {} for i in [*ids, bad_id]}
+            if all(r.get("status") in TERMINAL for r in rows.values()):
+                break
+            if not all(p.alive() for p in procs.procs):
+                echo("a pipeline process exited early:\n" + procs.logs())
+                return False
+            time.sleep(0.05)
+        images = {
+            r[0]: r[1:]
+            for r in conn.execute(
+                "SELECT id, bucket, path FROM imagen.images WHERE job_id = ANY(%s)", ([*ids, bad_id],)
+            ).fetchall()
+        }
+    echo("")
+    echo(f"{'job':<36}  {'status':<7} {'pickup':>8} {'total':>8}  image / error")
+    ok = True
+    for job_id in [*ids, bad_id]:
+        row = rows[job_id]
+        created, claimed, finished = row.get("created_at"), row.get("claimed_at"), row.get("finished_at")
+        pickup = f"{(claimed - created).total_seconds() * 1000:.0f}ms" if claimed and created else "-"
+        total = f"{(finished - created).total_seconds() * 1000:.0f}ms" if finished and created else "-"
+        if row.get("status") == "done" and row.get("image_id") in images:
+            bucket, path = images[row["image_id"]]
+            detail = str(workdir / "storage" / bucket / path)
+        else:
+            detail = row.get("error") or "(no error text)"
+        echo(f"{job_id!s:<36}  {row.get('status', '?'):<7} {pickup:>8} {total:>8}  {detail}")
+        expected = "failed" if job_id == bad_id else "done"
+        ok = ok and row.get("status") == expected
+    echo("")
+    echo(
+        "every job reached its end: done with an image, or failed with a reason"
+        if ok
+        else "some jobs did not end as expected"
+    )
+    return ok

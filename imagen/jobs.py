@@ -1,0 +1,315 @@
+"""The job row: claim, stage, heartbeat, complete, fail, rescue, cancel, retry.
+
+All SQL to imagen.jobs lives here, kept together as procrastinate keeps its
+queries. Every write a stage makes is fenced on `status = 'running' AND attempt
+= <the message's attempt>`: a function returns False (or None) when the fence
+fails, and the caller drops the message. Nothing here commits for a caller that
+passed its own transaction, except where the docstring says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+
+Conn = psycopg.Connection[Any]
+
+# Fair claim: a loose index scan finds the owners with pending jobs, each owner
+# contributes its oldest rows, and the batch takes every owner's first job before
+# anyone's second. FOR UPDATE SKIP LOCKED makes concurrent listeners take disjoint rows.
+CLAIM = """
+WITH RECURSIVE owners(owner, n) AS (
+    (SELECT owner_user_id, 1 FROM imagen.jobs WHERE status = 'pending' ORDER BY owner_user_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.owner_user_id FROM imagen.jobs j
+            WHERE j.status = 'pending' AND j.owner_user_id > o.owner
+            ORDER BY j.owner_user_id LIMIT 1), o.n + 1
+    FROM owners o WHERE o.owner IS NOT NULL AND o.n < %(max_owners)s
+),
+candidates AS (
+    SELECT c.id, c.created_at, c.owner_rank
+    FROM owners o
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.created_at, row_number() OVER (ORDER BY j.created_at, j.id) AS owner_rank
+        FROM imagen.jobs j
+        WHERE j.status = 'pending' AND j.owner_user_id = o.owner
+        ORDER BY j.created_at, j.id
+        LIMIT %(limit)s
+    ) c
+    WHERE o.owner IS NOT NULL
+),
+picked AS (
+    SELECT j.id
+    FROM imagen.jobs j
+    JOIN (SELECT id, owner_rank, created_at FROM candidates
+          ORDER BY owner_rank, created_at, id LIMIT %(limit)s) c ON c.id = j.id
+    WHERE j.status = 'pending'
+    FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE imagen.jobs j
+SET status = 'running', stage = 'queued', attempt = j.attempt + 1, claimed_at = now(),
+    heartbeat_at = now(), error = NULL, last_error = NULL,
+    stage_times = jsonb_build_object('queued', now())
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at
+"""
+
+COUNT_RUNNING = "SELECT count(*) FROM imagen.jobs WHERE status = 'running'"
+
+RELEASE = """
+UPDATE imagen.jobs
+SET status = 'pending', stage = NULL, attempt = attempt - 1, claimed_at = NULL, heartbeat_at = NULL
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+"""
+
+RESCUE = """
+WITH expired AS (
+    SELECT id FROM imagen.jobs
+    WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => %(lease)s)
+    ORDER BY heartbeat_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE imagen.jobs j
+SET status = CASE WHEN j.attempt >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
+    error = CASE WHEN j.attempt >= %(max_attempts)s
+        THEN format('gave up after %%s attempts: the job stopped making progress in stage %%s '
+                    '(no heartbeat for %%s s)%%s', j.attempt, coalesce(j.stage, 'queued'), %(lease)s,
+                    coalesce('; last error: ' || j.last_error, ''))
+        ELSE j.error END,
+    stage = NULL, heartbeat_at = NULL
+FROM expired
+WHERE j.id = expired.id
+RETURNING j.id, j.status, j.attempt
+"""
+
+BEGIN_STAGE = """
+UPDATE imagen.jobs
+SET stage = %(stage)s, heartbeat_at = now(),
+    stage_times = stage_times || jsonb_build_object(%(stage)s::text, now())
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+RETURNING id, owner_user_id, prompt, params, attempt, created_at, claimed_at
+"""
+
+HEARTBEAT = """
+UPDATE imagen.jobs SET heartbeat_at = now()
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+"""
+
+NOTE_TRANSIENT = """
+UPDATE imagen.jobs SET last_error = %(error)s, heartbeat_at = now()
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+"""
+
+FAIL = """
+UPDATE imagen.jobs SET status = 'failed', error = %(error)s, stage = NULL
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+"""
+
+COMPLETE = """
+UPDATE imagen.jobs
+SET status = 'done', image_id = %(image_id)s, stage = NULL, error = NULL, last_error = NULL,
+    stage_times = stage_times || jsonb_build_object('done', now())
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+"""
+
+LOCK_FENCE = """
+SELECT 1 FROM imagen.jobs
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+FOR UPDATE
+"""
+
+STATE = "SELECT status, attempt FROM imagen.jobs WHERE id = %(id)s"
+
+CANCEL = """
+UPDATE imagen.jobs SET status = 'cancelled'
+WHERE id = %(id)s AND status IN ('pending', 'running')
+RETURNING status
+"""
+
+RETRY = """
+UPDATE imagen.jobs
+SET status = 'pending', stage = NULL, error = NULL, last_error = NULL, image_id = NULL,
+    claimed_at = NULL, heartbeat_at = NULL, finished_at = NULL, stage_times = '{}'
+WHERE id = %(id)s AND status IN ('failed', 'cancelled')
+RETURNING status
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job the listener took: what goes into the generation message."""
+
+    job_id: UUID
+    attempt: int
+    owner_user_id: UUID
+    created_at: datetime
+    claimed_at: datetime
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A job as a stage sees it once its fence held."""
+
+    job_id: UUID
+    owner_user_id: UUID
+    prompt: str
+    params: Any
+    attempt: int
+    created_at: datetime
+    claimed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Rescued:
+    job_id: UUID
+    status: str
+    attempt: int
+
+
+def claim_jobs(conn: Conn, limit: int, *, max_owners: int = 1000) -> list[Claim]:
+    """Claim up to `limit` pending jobs fairly across owners and commit."""
+    with conn.transaction():
+        rows = conn.execute(CLAIM, {"limit": limit, "max_owners": max_owners}).fetchall()
+    return [
+        Claim(job_id=r[0], attempt=r[1], owner_user_id=r[2], created_at=r[3], claimed_at=r[4]) for r in rows
+    ]
+
+
+def count_running(conn: Conn) -> int:
+    row = conn.execute(COUNT_RUNNING).fetchone()
+    return int(row[0]) if row else 0
+
+
+def release_claim(conn: Conn, job_id: UUID, attempt: int) -> bool:
+    """Put a claimed job back to pending after its forward failed (the attempt did not happen)."""
+    with conn.transaction():
+        return conn.execute(RELEASE, {"id": job_id, "attempt": attempt}).rowcount == 1
+
+
+def rescue_expired(
+    conn: Conn, *, lease_seconds: float, max_attempts: int, limit: int = 1000
+) -> list[Rescued]:
+    """Running jobs whose heartbeat is older than the lease: back to pending, or failed at max attempts."""
+    with conn.transaction():
+        rows = conn.execute(
+            RESCUE, {"lease": float(lease_seconds), "max_attempts": max_attempts, "limit": limit}
+        ).fetchall()
+    return [Rescued(job_id=r[0], status=r[1], attempt=r[2]) for r in rows]
+
+
+def begin_stage(conn: Conn, job_id: UUID | str, attempt: int, stage: str) -> RunningJob | None:
+    """Fence, mark the stage and refresh the heartbeat; None when the job is no longer ours."""
+    row = conn.execute(BEGIN_STAGE, {"id": job_id, "attempt": attempt, "stage": stage}).fetchone()
+    if row is None:
+        return None
+    return RunningJob(
+        job_id=row[0], owner_user_id=row[1], prompt=row[2], params=row[3], attempt=row[4],
+        created_at=row[5], claimed_at=row[6],
+    )  # fmt: skip
+
+
+def heartbeat(conn: Conn, job_id: UUID | str, attempt: int) -> bool:
+    return conn.execute(HEARTBEAT, {"id": job_id, "attempt": attempt}).rowcount == 1
+
+
+def note_transient(conn: Conn, job_id: UUID | str, attempt: int, error: str) -> bool:
+    """Remember the latest transient error, so a job that runs out of retries can say why."""
+    return (
+        conn.execute(NOTE_TRANSIENT, {"id": job_id, "attempt": attempt, "error": error[:2000]}).rowcount == 1
+    )
+
+
+def fail_job(conn: Conn, job_id: UUID | str, attempt: int, error: str) -> bool:
+    return conn.execute(FAIL, {"id": job_id, "attempt": attempt, "error": error[:4000]}).rowcount == 1
+
+
+def complete_job(conn: Conn, job_id: UUID | str, attempt: int, image_id: UUID | str) -> bool:
+    """Mark done and link the image in one conditional UPDATE."""
+    return conn.execute(COMPLETE, {"id": job_id, "attempt": attempt, "image_id": image_id}).rowcount == 1
+
+
+def lock_fence(conn: Conn, job_id: UUID | str, attempt: int) -> bool:
+    """Inside a transaction: lock the row if the fence holds, so nothing moves it until commit."""
+    return conn.execute(LOCK_FENCE, {"id": job_id, "attempt": attempt}).fetchone() is not None
+
+
+def job_state(conn: Conn, job_id: UUID | str) -> tuple[str, int] | None:
+    row = conn.execute(STATE, {"id": job_id}).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def cancel_job(conn: Conn, job_id: UUID | str) -> bool:
+    """Operator cancel: pending or running -> cancelled (a running one stops at its next stage)."""
+    with conn.transaction():
+        return conn.execute(CANCEL, {"id": job_id}).fetchone() is not None
+
+
+def retry_job(conn: Conn, job_id: UUID | str) -> bool:
+    """Operator retry: failed or cancelled -> pending; the attempt count carries on."""
+    with conn.transaction():
+        return conn.execute(RETRY, {"id": job_id}).fetchone() is not None
+
+
+def get_job(conn: Conn, job_id: UUID | str) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT * FROM imagen.jobs WHERE id = %(id)s", {"id": job_id}).fetchone()
+
+
+INSERT_IMAGE = """
+INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
+                           backend, model, params)
+VALUES (%(owner_user_id)s, %(job_id)s, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
+        %(prompt)s, %(backend)s, %(model)s, %(params)s)
+ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
+RETURNING id
+"""
+
+IMAGE_FOR_JOB = "SELECT id, bucket, path FROM imagen.images WHERE job_id = %(job_id)s"
+
+
+def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:
+    """Insert the images row; a second insert for the same job returns the first row's id."""
+    from psycopg.types.json import Jsonb
+
+    params = dict(values)
+    params["params"] = Jsonb(params.get("params") or {})
+    row = conn.execute(INSERT_IMAGE, params).fetchone()
+    assert row is not None
+    return UUID(str(row[0]))
+
+
+def image_for_job(conn: Conn, job_id: UUID | str) -> tuple[UUID, str, str] | None:
+    row = conn.execute(IMAGE_FOR_JOB, {"job_id": job_id}).fetchone()
+    return (UUID(str(row[0])), row[1], row[2]) if row else None
+
+
+SUBMIT_AS_OWNER = """
+INSERT INTO imagen.jobs (owner_user_id, prompt, params) VALUES (%(owner)s, %(prompt)s, %(params)s)
+RETURNING id
+"""
+
+
+def submit_job(conn: Conn, owner_user_id: UUID, prompt: str, params: Any, *, as_owner: bool = True) -> UUID:
+    """Insert a pending job and commit; `as_owner` does it the way the UI does (role
+    `authenticated` with PostgREST's JWT claims, so RLS applies)."""
+    import json
+
+    from psycopg.types.json import Jsonb
+
+    with conn.transaction():
+        if as_owner:
+            conn.execute("SET LOCAL ROLE authenticated")
+            claims = json.dumps({"sub": str(owner_user_id), "role": "authenticated"})
+            conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (claims,))
+        row = conn.execute(
+            SUBMIT_AS_OWNER, {"owner": owner_user_id, "prompt": prompt, "params": Jsonb(params)}
+        ).fetchone()
+    assert row is not None
+    return UUID(str(row[0]))

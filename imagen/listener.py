@@ -1,0 +1,315 @@
+"""The listener: LISTEN on imagen_jobs, claim pending rows, forward them to Dramatiq.
+
+It is small on purpose and knows nothing of images. Three parts, each with one
+job: the notifier (a dedicated LISTEN connection, self-checked, reconnected with
+backoff), the claimer (fair batches with FOR UPDATE SKIP LOCKED, committed before
+forwarding; a failed forward puts the row back) and the rescuer (running rows
+whose lease expired go back to pending, or fail at the maximum attempts).
+Notifications only wake it: on every wake it drains the whole backlog, so a lost
+notification costs at most one safety poll. It must never reset running rows
+wholesale: other hosts' in-flight work lives in Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from imagen import jobs
+from imagen.broker import GENERATE_ACTOR, GENERATE_QUEUE, build_broker, stage_message
+from imagen.config import Settings
+from imagen.logs import transition
+
+log = logging.getLogger("imagen.listener")
+
+CHANNEL = "imagen_jobs"
+HEALTH_INTERVAL = 10.0
+SATURATED_POLL = 0.02
+MAX_BACKOFF = 5.0
+
+
+@dataclass
+class ListenerStats:
+    """Counters the listener keeps; exported as Prometheus metrics and used by tests."""
+
+    claims: int = 0
+    forwards: int = 0
+    forward_failures: int = 0
+    rescued: int = 0
+    gave_up: int = 0
+    reconnects: int = 0
+    wakes: int = 0
+    mode: str = "starting"
+    pickup_seconds: list[float] = field(default_factory=list)
+
+
+class _Metrics:
+    """Prometheus metrics for the listener, created only when a port is configured."""
+
+    def __init__(self, port: int, addr: str) -> None:
+        from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+        self.claims = Counter("imagen_listener_claims", "Jobs claimed and forwarded to Dramatiq")
+        self.forward_failures = Counter(
+            "imagen_listener_forward_failures", "Claims put back after a failed forward"
+        )
+        self.rescues = Counter("imagen_listener_rescues", "Expired leases rescued", ["outcome"])
+        self.reconnects = Counter("imagen_listener_reconnects", "Database reconnects of the listener")
+        self.pickup = Histogram(
+            "imagen_listener_pickup_seconds",
+            "INSERT to claim latency",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.mode = Gauge("imagen_listener_mode", "1 for the current mode", ["mode"])
+        try:
+            start_http_server(port, addr=addr)
+        except OSError as exc:
+            log.warning("metrics: cannot listen on %s:%s (%s); metrics disabled", addr, port, exc)
+
+    def set_mode(self, mode: str) -> None:
+        for name in ("listening", "reconnecting", "stopping"):
+            self.mode.labels(name).set(1 if name == mode else 0)
+
+
+class Listener:
+    """Claims pending jobs and forwards them; `run()` blocks until `stop()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        broker: Any = None,
+        metrics_port: int | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.url = settings.require_database_url()
+        self.broker = broker or build_broker(settings)
+        self.stats = ListenerStats()
+        self.on_event = on_event or (lambda event: None)
+        self._stopping = threading.Event()
+        self._listen_conn: psycopg.Connection[Any] | None = None
+        self._work_conn: psycopg.Connection[Any] | None = None
+        self._saturated = False
+        port = settings.listener_metrics_port if metrics_port is None else metrics_port
+        self._metrics = _Metrics(port, settings.metrics_addr) if port else None
+
+    def stop(self) -> None:
+        """Stop claiming; the forward in hand finishes, then `run` returns."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def _set_mode(self, mode: str) -> None:
+        if self.stats.mode != mode:
+            log.info("listener mode: %s", mode)
+        self.stats.mode = mode
+        if self._metrics:
+            self._metrics.set_mode(mode)
+        self.on_event(mode)
+
+    def _connect(self) -> None:
+        from imagen.db import connect
+
+        self._close()
+        listen = connect(self.url, autocommit=True, application_name="imagen-listener")
+        # LISTEN before the catch-up claim: a row inserted in between is either seen by the
+        # claim or announced by a notification, never missed by both.
+        listen.execute(f"LISTEN {CHANNEL}")
+        self._listen_conn = listen
+        self._work_conn = connect(self.url, autocommit=True, application_name="imagen-listener-claims")
+
+    def _close(self) -> None:
+        for conn in (self._listen_conn, self._work_conn):
+            if conn is not None:
+                try:
+                    conn.close()
+                except psycopg.Error:
+                    pass
+        self._listen_conn = self._work_conn = None
+
+    def run(self) -> None:
+        """Listen, drain and rescue until stopped; reconnect with backoff on connection loss."""
+        backoff = 0.05
+        log.info(
+            "listener starting: poll every %ss, lease %ss, max attempts %s, batch %s, in-flight cap %s",
+            self.settings.poll_interval, self.settings.lease_seconds, self.settings.max_attempts,
+            self.settings.claim_batch, self.settings.max_in_flight,
+        )  # fmt: skip
+        while not self.stopping:
+            try:
+                self._connect()
+                self._set_mode("listening")
+                backoff = 0.05
+                self.drain()
+                self.rescue()
+                self._loop()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                if self.stopping:
+                    break
+                self.stats.reconnects += 1
+                if self._metrics:
+                    self._metrics.reconnects.inc()
+                self._set_mode("reconnecting")
+                log.warning(
+                    "listener lost its database connection (%s); reconnecting in %.2fs",
+                    _first_line(exc),
+                    backoff,
+                )
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+        self._set_mode("stopping")
+        self._close()
+        log.info("listener stopped")
+
+    def _loop(self) -> None:
+        poll = self.settings.poll_interval
+        next_poll = time.monotonic() + poll
+        next_health = time.monotonic() + HEALTH_INTERVAL
+        while not self.stopping:
+            now = time.monotonic()
+            deadline = min(next_poll, next_health)
+            if self._saturated:
+                deadline = min(deadline, now + SATURATED_POLL)
+            notified = self._wait(max(0.0, deadline - now))
+            if self.stopping:
+                return
+            now = time.monotonic()
+            if notified:
+                self.stats.wakes += 1
+            if notified or now >= next_poll or self._saturated:
+                self.drain()
+            if now >= next_poll:
+                self.rescue()
+                next_poll = now + poll
+            if now >= next_health:
+                self._health_check()
+                next_health = now + HEALTH_INTERVAL
+
+    def _wait(self, timeout: float) -> bool:
+        """Block until a notification arrives, the timeout passes or stop is asked (in short slices)."""
+        conn = self._listen_conn
+        assert conn is not None
+        deadline = time.monotonic() + timeout
+        while not self.stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            for _ in conn.notifies(timeout=min(remaining, 0.25), stop_after=1):
+                # Swallow the notifications already buffered: one drain serves them all.
+                for _ in conn.notifies(timeout=0):
+                    pass
+                return True
+        return False
+
+    def _health_check(self) -> None:
+        """A half-open TCP connection can look alive for hours: prove the LISTEN still holds."""
+        conn = self._listen_conn
+        assert conn is not None
+        row = conn.execute(
+            "SELECT count(*) FROM pg_listening_channels() c WHERE c = %s", (CHANNEL,)
+        ).fetchone()
+        if not row or row[0] != 1:
+            raise psycopg.OperationalError("LISTEN registration missing")
+
+    def drain(self) -> int:
+        """Claim and forward until no pending row is left or the in-flight cap is reached."""
+        conn = self._work_conn
+        assert conn is not None
+        total = 0
+        while not self.stopping:
+            room = self.settings.max_in_flight - jobs.count_running(conn)
+            if room <= 0:
+                self._saturated = True
+                break
+            want = min(self.settings.claim_batch, room)
+            claims = jobs.claim_jobs(conn, want)
+            self._saturated = False
+            if not claims:
+                break
+            total += len(claims)
+            if not self._forward(conn, claims):
+                break
+            if len(claims) < want:
+                break
+        if total:
+            self.on_event("drained")
+        return total
+
+    def _forward(self, conn: psycopg.Connection[Any], claims: list[jobs.Claim]) -> bool:
+        """Send each claim to the generation queue; on a broker failure put the rest back."""
+        for index, claim in enumerate(claims):
+            try:
+                self.broker.enqueue(
+                    stage_message(GENERATE_ACTOR, GENERATE_QUEUE, str(claim.job_id), claim.attempt)
+                )
+            except Exception as exc:
+                self.stats.forward_failures += len(claims) - index
+                if self._metrics:
+                    self._metrics.forward_failures.inc(len(claims) - index)
+                log.warning(
+                    "forwarding to Dramatiq failed (%s): putting %d job(s) back",
+                    _first_line(exc),
+                    len(claims) - index,
+                )
+                for rest in claims[index:]:
+                    jobs.release_claim(conn, rest.job_id, rest.attempt)
+                return False
+            pickup = (claim.claimed_at - claim.created_at).total_seconds()
+            self.stats.claims += 1
+            self.stats.forwards += 1
+            if len(self.stats.pickup_seconds) < 100_000:
+                self.stats.pickup_seconds.append(pickup)
+            if self._metrics:
+                self._metrics.claims.inc()
+                self._metrics.pickup.observe(max(pickup, 0.0))
+            transition("claimed", claim.job_id, claim.attempt, "queued", pickup_ms=round(pickup * 1000, 2))
+        return True
+
+    def rescue(self) -> list[jobs.Rescued]:
+        """Expired leases back to pending (claimed again at once) or failed at the maximum attempts."""
+        conn = self._work_conn
+        assert conn is not None
+        rescued = jobs.rescue_expired(
+            conn, lease_seconds=self.settings.lease_seconds, max_attempts=self.settings.max_attempts
+        )
+        for item in rescued:
+            outcome = "failed" if item.status == "failed" else "requeued"
+            if outcome == "failed":
+                self.stats.gave_up += 1
+            else:
+                self.stats.rescued += 1
+            if self._metrics:
+                self._metrics.rescues.labels(outcome).inc()
+            transition("rescued", item.job_id, item.attempt, None, outcome=outcome)
+        if any(item.status == "pending" for item in rescued):
+            self.drain()
+        return rescued
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def run_listener(settings: Settings) -> None:
+    """`imagen listen`: run until SIGTERM or SIGINT, then exit cleanly."""
+    import signal
+
+    listener = Listener(settings)
+
+    def _stop(signum: int, frame: object) -> None:
+        log.info("listener: signal %s received, finishing the forward in hand", signum)
+        listener.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    listener.run()

@@ -1,0 +1,80 @@
+"""Logging: one line per job transition with job_id, attempt and stage as fields.
+
+Text by default; JSON lines when IMAGEN_LOG_FORMAT=json, so journald or a log
+shipper can index the fields. Prompts are logged only at debug level and
+secrets never: nothing here formats settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+TRANSITIONS = logging.getLogger("imagen.jobs")
+_FIELDS = (
+    "job_id",
+    "attempt",
+    "stage",
+    "event",
+    "status",
+    "owner_user_id",
+    "error",
+    "elapsed_ms",
+    "image_id",
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line with the standard fields plus any job fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        for name in _FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                data[name] = str(value) if not isinstance(value, int | float | bool) else value
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
+    """Set the root handler's format; keeps existing handlers (dramatiq installs its own)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        root.addHandler(handler)
+    formatter: logging.Formatter
+    if fmt == "json":
+        formatter = JsonFormatter()
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+    root.setLevel(level.upper())
+
+
+def transition(event: str, job_id: object, attempt: int, stage: str | None = None, **fields: Any) -> None:
+    """Log one job transition; the message repeats the key fields for plain-text readers."""
+    extra = {"event": event, "job_id": str(job_id), "attempt": attempt, "stage": stage, **fields}
+    details = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    level = logging.WARNING if event in ("failed", "dropped", "rescued") else logging.INFO
+    TRANSITIONS.log(
+        level,
+        "job %s attempt=%s stage=%s %s%s",
+        job_id,
+        attempt,
+        stage or "-",
+        event,
+        f" {details}" if details else "",
+        extra=extra,
+    )

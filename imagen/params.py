@@ -1,0 +1,110 @@
+"""Job params: the `params` jsonb of imagen.jobs, validated into a typed spec.
+
+The UI writes params directly, so this is the gate between arbitrary JSON and
+the pipeline: unknown or ill-typed keys fail the job with a message the owner
+can act on, and nothing in params ever reaches a file or object path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from imagen.backends import canonical_name
+from imagen.backends.sizes import parse_aspect, parse_size
+from imagen.errors import InvalidRequest
+
+MAX_SEED = 2**31 - 1
+MAX_NEGATIVE = 2000
+MAX_DELAY_MS = 600_000
+MOCK_ONLY = ("delay_ms", "fail")
+KNOWN = ("backend", "model", "size", "aspect_ratio", "preset", "seed", "negative_prompt", *MOCK_ONLY)
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """Everything `pipeline.generate` needs besides configuration; built by the CLI or from a job."""
+
+    prompt: str
+    backend: str | None = None
+    model: str | None = None
+    n: int = 1
+    size: tuple[int, int] | None = None
+    aspect_ratio: str | None = None
+    preset: str | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _string(params: Mapping[str, Any], key: str, max_len: int = 200) -> str | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"params.{key} must be a string, not {type(value).__name__}")
+    value = value.strip()
+    if not value:
+        raise InvalidRequest(f"params.{key} must not be empty")
+    if len(value) > max_len:
+        raise InvalidRequest(f"params.{key} is too long ({len(value)} characters, at most {max_len})")
+    return value
+
+
+def _integer(params: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    # JSON has one number type: accept 42 and 42.0, refuse 4.5, true and "42".
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"params.{key} must be an integer, not {type(value).__name__}")
+    if isinstance(value, float) and not value.is_integer():
+        raise InvalidRequest(f"params.{key} must be an integer, not {value}")
+    number = int(value)
+    if not low <= number <= high:
+        raise InvalidRequest(f"params.{key} must be between {low} and {high}, not {number}")
+    return number
+
+
+def spec_from_params(prompt: str, params: Any) -> GenerateSpec:
+    """Validate a job's prompt and params; raise InvalidRequest naming the first problem."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequest("prompt must not be blank")
+    if not isinstance(params, Mapping):
+        raise InvalidRequest(f"params must be a JSON object, not {type(params).__name__}")
+    unknown = sorted(str(k) for k in params if k not in KNOWN)
+    if unknown:
+        raise InvalidRequest(f"unknown params key(s): {', '.join(unknown)}; allowed: {', '.join(KNOWN)}")
+    backend = _string(params, "backend", 40)
+    if backend is not None:
+        backend = canonical_name(backend)
+    size_text = _string(params, "size", 20)
+    aspect = _string(params, "aspect_ratio", 10)
+    if size_text and aspect:
+        raise InvalidRequest("give params.size or params.aspect_ratio, not both")
+    size = parse_size(size_text) if size_text else None
+    if aspect:
+        parse_aspect(aspect)
+    options: dict[str, Any] = {}
+    delay = _integer(params, "delay_ms", 0, MAX_DELAY_MS)
+    if delay is not None:
+        options["delay_ms"] = delay
+    fail = params.get("fail")
+    if fail is not None:
+        if fail not in ("transient", "permanent"):
+            raise InvalidRequest(f"params.fail must be 'transient' or 'permanent', not {fail!r}")
+        options["fail"] = fail
+    if options and backend not in (None, "mock"):
+        raise InvalidRequest(f"params {', '.join(sorted(options))} only apply to the mock backend")
+    return GenerateSpec(
+        prompt=prompt.strip(),
+        backend=backend,
+        model=_string(params, "model", 100),
+        size=size,
+        aspect_ratio=aspect,
+        preset=_string(params, "preset", 60),
+        seed=_integer(params, "seed", 0, MAX_SEED),
+        negative_prompt=_string(params, "negative_prompt", MAX_NEGATIVE),
+        options=options,
+    )

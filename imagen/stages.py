@@ -1,0 +1,292 @@
+"""The three stage bodies: generation, cloud sync, finalize. Actors call these.
+
+Every stage starts with a fenced write; a message whose fence fails is dropped
+with a log line, so redelivered or rescued work never overwrites newer state.
+Permanent errors fail the job here at once; transient ones are noted on the
+row and re-raised for Dramatiq's Retries middleware, which owns backoff. The
+effects are idempotent per job: one deterministic object path (upsert) and one
+images row (UNIQUE job_id, ON CONFLICT), however often a stage runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import cached_property
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import redis
+
+from imagen import jobs
+from imagen.broker import (
+    FINALIZE_ACTOR,
+    FINALIZE_QUEUE,
+    GENERATE_ACTOR,
+    GENERATE_QUEUE,
+    SYNC_ACTOR,
+    SYNC_QUEUE,
+    stage_message,
+)
+from imagen.config import Settings
+from imagen.errors import ConfigError, ImagenError, PermanentError, TransientError
+from imagen.handoff import Handoff
+from imagen.logs import transition
+from imagen.params import spec_from_params
+from imagen.storage import Storage, job_object_path, open_storage
+from imagen.usage import DatabaseSink
+
+log = logging.getLogger(__name__)
+
+STAGE_LABELS = {"generating": "generation", "syncing": "sync", "finalizing": "finalize"}
+
+
+class StageContext:
+    """Per-process resources for the stages, created on first use (after Dramatiq forks)."""
+
+    def __init__(self, settings: Settings, broker: Any) -> None:
+        self.settings = settings
+        self.broker = broker
+        self._lock = threading.Lock()
+
+    @cached_property
+    def pool(self) -> Any:
+        from psycopg_pool import ConnectionPool
+
+        return ConnectionPool(
+            self.settings.require_database_url(),
+            min_size=1,
+            max_size=16,
+            kwargs={"autocommit": True, "application_name": "imagen-actors"},
+            open=True,
+            check=ConnectionPool.check_connection,
+        )
+
+    @cached_property
+    def handoff(self) -> Handoff:
+        client = redis.Redis.from_url(self.settings.redis_url)
+        return Handoff(client, self.settings.handoff_ttl)
+
+    @cached_property
+    def storage(self) -> Storage:
+        return open_storage(self.settings)
+
+    @cached_property
+    def usage_sink(self) -> DatabaseSink:
+        return DatabaseSink(self.pool.connection)
+
+    @cached_property
+    def presets(self) -> Any:
+        from imagen.presets import load_presets
+
+        return load_presets(self.settings.presets_file)
+
+    def send(self, actor: str, queue: str, *args: object) -> None:
+        self.broker.enqueue(stage_message(actor, queue, *args))
+
+    def close(self) -> None:
+        if "pool" in self.__dict__:
+            self.pool.close()
+
+
+def _drop(ctx: StageContext, job_id: str, attempt: int, stage: str) -> None:
+    with ctx.pool.connection() as conn:
+        state = jobs.job_state(conn, job_id)
+    why = "job not found" if state is None else f"job is {state[0]} at attempt {state[1]}"
+    transition("dropped", job_id, attempt, stage, reason=why)
+
+
+def _fail(ctx: StageContext, job_id: str, attempt: int, stage: str, error: str) -> None:
+    with ctx.pool.connection() as conn:
+        failed = jobs.fail_job(conn, job_id, attempt, error)
+    if failed:
+        transition("failed", job_id, attempt, stage, error=error)
+    else:
+        _drop(ctx, job_id, attempt, stage)
+
+
+def _note_transient(ctx: StageContext, job_id: str, attempt: int, stage: str, exc: BaseException) -> None:
+    label = STAGE_LABELS.get(stage, stage)
+    text = f"{label}: {exc}" if isinstance(exc, ImagenError) else f"{label}: {type(exc).__name__}: {exc}"
+    try:
+        with ctx.pool.connection() as conn:
+            jobs.note_transient(conn, job_id, attempt, text)
+    except psycopg.Error:
+        log.warning("could not record transient error for job %s", job_id)
+    transition("retrying", job_id, attempt, stage, error=text)
+
+
+@contextmanager
+def guarded(ctx: StageContext, job_id: str, attempt: int, stage: str) -> Iterator[None]:
+    """Translate errors once: permanent -> failed now; anything else -> noted and re-raised for retry."""
+    try:
+        yield
+    except (PermanentError, ConfigError) as exc:
+        _fail(ctx, job_id, attempt, stage, f"{STAGE_LABELS.get(stage, stage)} failed: {exc}")
+    except Exception as exc:
+        _note_transient(ctx, job_id, attempt, stage, exc)
+        raise
+
+
+@contextmanager
+def heartbeating(ctx: StageContext, job_id: str, attempt: int) -> Iterator[None]:
+    """Refresh heartbeat_at while a slow provider call runs, so the lease is not mistaken for a crash."""
+    stop = threading.Event()
+    interval = max(0.5, ctx.settings.lease_seconds / 4)
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                with ctx.pool.connection() as conn:
+                    if not jobs.heartbeat(conn, job_id, attempt):
+                        return
+            except psycopg.Error:
+                log.warning("heartbeat for job %s failed; will retry", job_id)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
+    """Generation stage: fence, validate, run the pipeline, hand the image to the sync stage."""
+    from imagen.pipeline import generate, seed_for_job
+
+    stage = "generating"
+    with ctx.pool.connection() as conn:
+        job = jobs.begin_stage(conn, job_id, attempt, stage)
+    if job is None:
+        _drop(ctx, job_id, attempt, stage)
+        return
+    transition("started", job_id, attempt, stage)
+    with guarded(ctx, job_id, attempt, stage):
+        spec = spec_from_params(job.prompt, job.params)
+        if spec.seed is None:
+            spec = replace(spec, seed=seed_for_job(job.job_id))
+        out_dir = ctx.settings.output_dir / "jobs" if ctx.settings.keep_local_copy else None
+        with heartbeating(ctx, job_id, attempt):
+            result = generate(
+                spec, ctx.settings, sink=ctx.usage_sink, out_dir=out_dir,
+                owner_user_id=job.owner_user_id, job_id=job.job_id, presets=ctx.presets,
+            )  # fmt: skip
+        image = result.images[0]
+        meta = {
+            "mime": image.mime, "width": image.width, "height": image.height, "backend": result.backend,
+            "model": result.model, "prompt": result.prompt, "preset": result.preset, "params": result.params,
+        }  # fmt: skip
+        ctx.handoff.put(job_id, attempt, image.data, meta)
+        ctx.send(SYNC_ACTOR, SYNC_QUEUE, job_id, attempt)
+        transition("generated", job_id, attempt, stage, backend=result.backend, model=result.model)
+
+
+def run_sync(ctx: StageContext, job_id: str, attempt: int) -> None:
+    """Cloud-sync stage: upload at the job's one path (upsert), write the images row once."""
+    stage = "syncing"
+    with ctx.pool.connection() as conn:
+        job = jobs.begin_stage(conn, job_id, attempt, stage)
+        existing = jobs.image_for_job(conn, job_id) if job else None
+    if job is None:
+        _drop(ctx, job_id, attempt, stage)
+        return
+    with guarded(ctx, job_id, attempt, stage):
+        if existing is not None:
+            # A redelivered sync message after the row was written: go straight on.
+            ctx.send(FINALIZE_ACTOR, FINALIZE_QUEUE, job_id, attempt, str(existing[0]))
+            ctx.handoff.drop(job_id, attempt)
+            return
+        handed = ctx.handoff.get(job_id, attempt)
+        if handed is None:
+            transition("regenerating", job_id, attempt, stage, reason="hand-off expired or lost")
+            ctx.send(GENERATE_ACTOR, GENERATE_QUEUE, job_id, attempt)
+            return
+        meta = handed.meta
+        path = job_object_path(job.owner_user_id, job.job_id, meta["mime"])
+        stored = ctx.storage.put(path, handed.data, meta["mime"])
+        image_id = _record_image(ctx, job, attempt, stored.bucket, path, len(handed.data), meta)
+        if image_id is None:
+            return
+        ctx.send(FINALIZE_ACTOR, FINALIZE_QUEUE, job_id, attempt, str(image_id))
+        ctx.handoff.drop(job_id, attempt)
+        transition("synced", job_id, attempt, stage, image_id=image_id)
+
+
+def _record_image(
+    ctx: StageContext,
+    job: jobs.RunningJob,
+    attempt: int,
+    bucket: str,
+    path: str,
+    size: int,
+    meta: dict[str, Any],
+) -> UUID | None:
+    job_id = str(job.job_id)
+    with ctx.pool.connection() as conn:
+        with conn.transaction():
+            if jobs.lock_fence(conn, job_id, attempt):
+                image_id = jobs.insert_image(
+                    conn,
+                    {
+                        "owner_user_id": job.owner_user_id, "job_id": job.job_id, "bucket": bucket,
+                        "path": path, "mime": meta["mime"], "width": meta["width"], "height": meta["height"],
+                        "bytes": size, "prompt": meta["prompt"], "backend": meta["backend"],
+                        "model": meta["model"], "params": meta["params"],
+                    },
+                )  # fmt: skip
+                jobs.begin_stage(conn, job_id, attempt, "finalizing")
+                return image_id
+        state = jobs.job_state(conn, job_id)
+        has_image = jobs.image_for_job(conn, job_id) is not None
+    # The job moved on while we uploaded. Remove our object only when nobody can still want it:
+    # a newer attempt of a running job writes the very same path.
+    if state and state[0] in ("cancelled", "failed") and not has_image:
+        try:
+            ctx.storage.delete(path)
+        except ImagenError as exc:
+            log.warning("could not remove orphan object %s: %s", path, exc)
+    _drop(ctx, job_id, attempt, "syncing")
+    return None
+
+
+def run_finalize(ctx: StageContext, job_id: str, attempt: int, image_id: str) -> None:
+    """Final stage: done + image_id in one conditional UPDATE."""
+    with ctx.pool.connection() as conn:
+        done = jobs.complete_job(conn, job_id, attempt, image_id)
+    if done:
+        transition("done", job_id, attempt, "finalizing", image_id=image_id)
+    else:
+        _drop(ctx, job_id, attempt, "finalizing")
+
+
+def run_exhausted(ctx: StageContext, message: dict[str, Any], retry_info: dict[str, Any]) -> None:
+    """A stage ran out of retries: fail the job with the last error it saw."""
+    args = message.get("args") or []
+    if len(args) < 2:
+        log.error("retry-exhausted message without (job_id, attempt): %r", message.get("actor_name"))
+        return
+    job_id, attempt = str(args[0]), int(args[1])
+    stage = {GENERATE_ACTOR: "generation", SYNC_ACTOR: "sync", FINALIZE_ACTOR: "finalize"}.get(
+        message.get("actor_name", ""), "stage"
+    )
+    with ctx.pool.connection() as conn:
+        row = jobs.get_job(conn, job_id)
+    last = (row or {}).get("last_error") or _last_line(message.get("options", {}).get("traceback"))
+    tries = int(retry_info.get("retries", 0)) + 1
+    _fail(ctx, job_id, attempt, stage, f"{stage} gave up after {tries} tries: {last or 'unknown error'}")
+
+
+def _last_line(traceback: str | None) -> str | None:
+    if not traceback:
+        return None
+    lines = [line for line in traceback.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+StageFn = Callable[..., None]
+__all__ = ["StageContext", "TransientError", "run_exhausted", "run_finalize", "run_generate", "run_sync"]

@@ -1,0 +1,173 @@
+"""Where finished images live: a local folder or Supabase Storage, behind one interface.
+
+Object paths are deterministic for jobs (`{owner_user_id}/{job_id}.{ext}`) and
+uploads are upserts, so a stage that runs twice writes one object. Paths are
+built only from UUIDs and a fixed extension: nothing a user typed reaches them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from uuid import UUID, uuid4
+
+from imagen.config import Settings
+from imagen.errors import ConfigError, StorageError, TransientStorageError
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """Where an image was put."""
+
+    bucket: str
+    path: str
+    bytes: int
+
+
+def extension_for(mime: str) -> str:
+    try:
+        return EXTENSIONS[mime]
+    except KeyError:
+        raise StorageError(f"cannot store images of type {mime!r}") from None
+
+
+def job_object_path(owner_user_id: UUID, job_id: UUID, mime: str) -> str:
+    """The one object path a job's image may have."""
+    return f"{UUID(str(owner_user_id))}/{UUID(str(job_id))}.{extension_for(mime)}"
+
+
+def cli_object_path(owner_user_id: UUID | None, mime: str) -> str:
+    """A fresh object path for a CLI run (no job to make it deterministic)."""
+    owner = str(UUID(str(owner_user_id))) if owner_user_id else "cli"
+    return f"{owner}/cli-{uuid4()}.{extension_for(mime)}"
+
+
+class Storage(Protocol):
+    """An object store for images."""
+
+    bucket: str
+
+    def put(self, path: str, data: bytes, mime: str) -> StoredObject:
+        """Create or replace the object at `path`."""
+        ...
+
+    def delete(self, path: str) -> None:
+        """Remove the object; missing is fine."""
+        ...
+
+    def exists(self, path: str) -> bool: ...
+
+
+class LocalStorage:
+    """Objects as files under `root/bucket/`, written atomically (temp file + rename)."""
+
+    def __init__(self, root: Path, bucket: str) -> None:
+        self.root = root
+        self.bucket = bucket
+
+    def _file(self, path: str) -> Path:
+        base = (self.root / self.bucket).resolve()
+        target = (base / path).resolve()
+        if base not in target.parents:
+            raise StorageError(f"object path {path!r} escapes the storage folder")
+        return target
+
+    def put(self, path: str, data: bytes, mime: str) -> StoredObject:
+        target = self._file(path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from None
+        return StoredObject(bucket=self.bucket, path=path, bytes=len(data))
+
+    def delete(self, path: str) -> None:
+        self._file(path).unlink(missing_ok=True)
+
+    def exists(self, path: str) -> bool:
+        return self._file(path).is_file()
+
+    def local_path(self, path: str) -> Path:
+        return self._file(path)
+
+
+class SupabaseStorage:
+    """Supabase Storage through supabase-py, authenticated with the service role key."""
+
+    def __init__(self, url: str, key: str, bucket: str, *, timeout: float = 60.0) -> None:
+        from supabase import ClientOptions, create_client
+
+        self.bucket = bucket
+        self._client = create_client(url, key, options=ClientOptions(storage_client_timeout=int(timeout)))
+
+    def _translate(self, exc: Exception, action: str, path: str) -> StorageError:
+        from storage3.exceptions import StorageApiError
+
+        if isinstance(exc, StorageApiError):
+            try:
+                status = int(str(exc.status))
+            except ValueError:
+                status = 0
+            text = f"storage {action} {self.bucket}/{path} failed: {exc.code} ({status}): {exc.message}"
+            if status == 429 or status >= 500:
+                return TransientStorageError(text)
+            return StorageError(text)
+        # httpx transport errors: the service may be back in a moment.
+        return TransientStorageError(
+            f"storage {action} {self.bucket}/{path} failed: {type(exc).__name__}: {exc}"
+        )
+
+    def put(self, path: str, data: bytes, mime: str) -> StoredObject:
+        from storage3.exceptions import StorageApiError
+
+        bucket = self._client.storage.from_(self.bucket)
+        try:
+            bucket.upload(path, data, {"content-type": mime, "upsert": "true", "cache-control": "3600"})
+        except StorageApiError as exc:
+            # Storage answers a duplicate as HTTP 400 with statusCode "409" in the body; with upsert
+            # that means a concurrent run of this stage got there first with the same bytes.
+            if str(exc.status) == "409" or exc.code in ("Duplicate", "ResourceAlreadyExists"):
+                log.info("storage: %s/%s already exists; keeping it", self.bucket, path)
+                return StoredObject(bucket=self.bucket, path=path, bytes=len(data))
+            raise self._translate(exc, "upload", path) from None
+        except Exception as exc:
+            raise self._translate(exc, "upload", path) from None
+        return StoredObject(bucket=self.bucket, path=path, bytes=len(data))
+
+    def delete(self, path: str) -> None:
+        try:
+            self._client.storage.from_(self.bucket).remove([path])
+        except Exception as exc:
+            raise self._translate(exc, "delete", path) from None
+
+    def exists(self, path: str) -> bool:
+        try:
+            return bool(self._client.storage.from_(self.bucket).exists(path))
+        except Exception as exc:
+            raise self._translate(exc, "exists", path) from None
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The storage configured by IMAGEN_STORAGE (local unless SUPABASE_URL is set)."""
+    if settings.storage_kind == "supabase":
+        if not settings.supabase_url or not settings.supabase_service_role_key:
+            raise ConfigError("IMAGEN_STORAGE=supabase needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
+        return SupabaseStorage(
+            settings.supabase_url, settings.supabase_service_role_key.get_secret_value(), settings.bucket
+        )
+    return LocalStorage(settings.storage_dir, settings.bucket)
