@@ -15,10 +15,10 @@ import time
 
 import dramatiq
 import redis
+from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed
-from dramatiq.broker import MessageProxy
 from dramatiq.message import Message
 
 from imagen.config import Settings

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,8 +204,11 @@ class Listener:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            for _ in conn.notifies(timeout=min(remaining, 0.25), stop_after=1):
-                # Swallow the notifications already buffered: one drain serves them all.
+            with closing(conn.notifies(timeout=min(remaining, 0.25), stop_after=1)) as stream:
+                got = next(stream, None)
+            if got is not None:
+                # Swallow the notifications already buffered: one drain serves them all. (Not from
+                # inside the first generator: it holds the connection's lock until it is closed.)
                 for _ in conn.notifies(timeout=0):
                     pass
                 return True

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import unquote
 from uuid import UUID, uuid4
 
 from imagen.config import Settings
@@ -113,7 +114,17 @@ class SupabaseStorage:
         from supabase import ClientOptions, create_client
 
         self.bucket = bucket
+        self._key = key
         self._client = create_client(url, key, options=ClientOptions(storage_client_timeout=int(timeout)))
+
+    def _redact(self, text: str) -> str:
+        # A proxy or gateway may echo request headers into its error body; the key must not travel on.
+        return text.replace(self._key, "***") if self._key else text
+
+    def _check_path(self, path: str, action: str) -> None:
+        # storage3 raises ValueError for dot segments, which would otherwise read as a transient failure.
+        if any(part in ("", ".", "..") for part in unquote(path).split("/")):
+            raise StorageError(f"storage {action} {self.bucket}/{path!r} refused: not a plain object path")
 
     def _translate(self, exc: Exception, action: str, path: str) -> StorageError:
         from storage3.exceptions import StorageApiError
@@ -123,18 +134,21 @@ class SupabaseStorage:
                 status = int(str(exc.status))
             except ValueError:
                 status = 0
-            text = f"storage {action} {self.bucket}/{path} failed: {exc.code} ({status}): {exc.message}"
+            text = self._redact(
+                f"storage {action} {self.bucket}/{path} failed: {exc.code} ({status}): {exc.message}"
+            )
             if status == 429 or status >= 500:
                 return TransientStorageError(text)
             return StorageError(text)
         # httpx transport errors: the service may be back in a moment.
         return TransientStorageError(
-            f"storage {action} {self.bucket}/{path} failed: {type(exc).__name__}: {exc}"
+            self._redact(f"storage {action} {self.bucket}/{path} failed: {type(exc).__name__}: {exc}")
         )
 
     def put(self, path: str, data: bytes, mime: str) -> StoredObject:
         from storage3.exceptions import StorageApiError
 
+        self._check_path(path, "upload")
         bucket = self._client.storage.from_(self.bucket)
         try:
             bucket.upload(path, data, {"content-type": mime, "upsert": "true", "cache-control": "3600"})
@@ -150,12 +164,14 @@ class SupabaseStorage:
         return StoredObject(bucket=self.bucket, path=path, bytes=len(data))
 
     def delete(self, path: str) -> None:
+        self._check_path(path, "delete")
         try:
             self._client.storage.from_(self.bucket).remove([path])
         except Exception as exc:
             raise self._translate(exc, "delete", path) from None
 
     def exists(self, path: str) -> bool:
+        self._check_path(path, "exists")
         try:
             return bool(self._client.storage.from_(self.bucket).exists(path))
         except Exception as exc:

@@ -98,7 +98,10 @@ class FakeProvider:
         self._server.daemon_threads = True
         # A short poll interval keeps shutdown (one per test) from costing the default 0.5 s.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, name="fake-provider", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.01},
+            name="fake-provider",
+            daemon=True,
         )
 
     @property

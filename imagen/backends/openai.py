@@ -14,6 +14,7 @@ import binascii
 import io
 import math
 import re
+import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -164,6 +165,7 @@ class OpenAIBackend:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._client: openai.OpenAI | None = None
+        self._lock = threading.Lock()
 
     def default_model(self) -> str:
         return self._settings.openai_model
@@ -173,17 +175,18 @@ class OpenAIBackend:
         return key.get_secret_value() if key else None
 
     def _get_client(self) -> openai.OpenAI:
-        if self._client is None:
-            key = self._secret()
-            if not key:
-                raise AuthError("openai backend: no API key; set OPENAI_API_KEY")
-            self._client = openai.OpenAI(
-                api_key=key,
-                base_url=self._settings.openai_base_url or None,
-                max_retries=0,
-                timeout=self._settings.provider_timeout,
-            )
-        return self._client
+        with self._lock:
+            if self._client is None:
+                key = self._secret()
+                if not key:
+                    raise AuthError("openai backend: no API key; set OPENAI_API_KEY")
+                self._client = openai.OpenAI(
+                    api_key=key,
+                    base_url=self._settings.openai_base_url or None,
+                    max_retries=0,
+                    timeout=self._settings.provider_timeout,
+                )
+            return self._client
 
     def generate(self, request: ImageRequest) -> ImageResult:
         """Make `request.n` images; the per-call timeout is `request.timeout_s`."""

@@ -141,6 +141,15 @@ def test_other_user_cannot_cancel_the_owners_job(world: World) -> None:
     assert _status(world, world.owner_job) == "pending"
 
 
+def test_cancel_policy_alone_keeps_other_users_rows_out(world: World) -> None:
+    # No WHERE clause, so the select policy does not apply: only the cancel policy's
+    # USING keeps the owner's row out of the update.
+    with as_user(world.conn, world.other) as conn:
+        cursor = conn.execute("update imagen.jobs set status = 'cancelled'")
+        assert cursor.rowcount == 1
+    assert _status(world, world.owner_job) == "pending"
+
+
 def test_owner_insert_without_owner_gets_auth_uid(world: World) -> None:
     with as_user(world.conn, world.owner) as conn:
         row = conn.execute(

@@ -1,0 +1,65 @@
+"""Integration fixtures: the real pipeline processes on the test's database and Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from imagen.runner import PipelineProcesses, pipeline_env
+from tests.waiting import wait_until
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.fspath) or "tests/reliability" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+FAST = {
+    "IMAGEN_POLL_INTERVAL": "5",
+    "IMAGEN_RETRY_MIN_BACKOFF_MS": "20",
+    "IMAGEN_RETRY_MAX_BACKOFF_MS": "200",
+    "IMAGEN_STAGE_RETRIES": "2",
+    "dramatiq_restart_delay": "500",
+}
+
+
+def listener_ready(db_url: str, count: int = 1) -> bool:
+    """True once `count` listeners hold a LISTEN on imagen_jobs (seen from pg_stat_activity)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'imagen-listener'"
+            " AND datname = current_database() AND query LIKE 'LISTEN%%'"
+        ).fetchone()
+    return bool(row and row[0] >= count)
+
+
+def workers_ready(proc_log: Path, count: int = 1) -> bool:
+    try:
+        return proc_log.read_text(errors="replace").count("is ready for action") >= count
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def pipeline(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[Callable[..., PipelineProcesses]]:
+    """Factory: start a real `imagen listen` and `dramatiq imagen.actors` with extra env; stopped after the test."""
+    started: list[PipelineProcesses] = []
+
+    def start(*, listeners: int = 1, workers: int = 1, threads: int = 4, **env: str) -> PipelineProcesses:
+        procs = PipelineProcesses(pipeline_env(db_url, redis_url, tmp_path, **{**FAST, **env}), tmp_path / "logs")
+        started.append(procs)
+        for _ in range(workers):
+            w = procs.start_workers(processes=1, threads=threads)
+            wait_until(lambda w=w: workers_ready(w.log), timeout=30, message=f"workers ready\n{procs.logs()}")
+        for _ in range(listeners):
+            procs.start_listener()
+        wait_until(lambda: listener_ready(db_url, listeners), timeout=30, message=f"listener ready\n{procs.logs()}")
+        return procs
+
+    yield start
+    for procs in started:
+        procs.stop(timeout=20)
