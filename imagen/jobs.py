@@ -44,7 +44,7 @@ candidates AS (
     WHERE o.owner IS NOT NULL
 ),
 picked AS (
-    SELECT j.id
+    SELECT j.id, c.owner_rank
     FROM imagen.jobs j
     JOIN (SELECT id, owner_rank, created_at FROM candidates
           ORDER BY owner_rank, created_at, id LIMIT %(limit)s) c ON c.id = j.id
@@ -57,7 +57,7 @@ SET status = 'running', stage = 'queued', attempt = j.attempt + 1, claimed_at = 
     stage_times = jsonb_build_object('queued', now())
 FROM picked
 WHERE j.id = picked.id
-RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at
+RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, picked.owner_rank
 """
 
 COUNT_RUNNING = "SELECT count(*) FROM imagen.jobs WHERE status = 'running'"
@@ -177,6 +177,8 @@ def claim_jobs(conn: Conn, limit: int, *, max_owners: int = 1000) -> list[Claim]
     """Claim up to `limit` pending jobs fairly across owners and commit."""
     with conn.transaction():
         rows = conn.execute(CLAIM, {"limit": limit, "max_owners": max_owners}).fetchall()
+    # UPDATE ... RETURNING has no order: forward in claim order, every owner's first job first.
+    rows.sort(key=lambda r: (r[5], r[3], r[0]))
     return [
         Claim(job_id=r[0], attempt=r[1], owner_user_id=r[2], created_at=r[3], claimed_at=r[4]) for r in rows
     ]

@@ -7,8 +7,10 @@
 create table imagen.jobs (
     id uuid primary key default gen_random_uuid(),
     owner_user_id uuid not null default auth.uid(),
+    -- Not blank: btrim() alone strips only spaces, so tabs and line breaks are named too.
     prompt text not null
-        constraint jobs_prompt_check check (btrim(prompt) <> '' and char_length(prompt) <= 4000),
+        constraint jobs_prompt_check
+        check (btrim(prompt, E' \t\n\r\f\x0b') <> '' and char_length(prompt) <= 4000),
     params jsonb not null default '{}'
         constraint jobs_params_check check (jsonb_typeof(params) = 'object'),
     status text not null default 'pending'

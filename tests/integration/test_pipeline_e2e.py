@@ -172,3 +172,25 @@ def test_sigterm_listener_and_worker_mid_job_exit_zero_and_job_completes(db_url:
     done = wait_terminal(db_url, job_id, more, timeout=30)
     assert done["status"] == "done" and done["attempt"] == 1
     assert query(db_url, "SELECT count(*) FROM imagen.images WHERE job_id = %s", job_id) == [(1,)]
+
+
+def test_one_owners_backlog_does_not_starve_another_owners_job(db_url: str, pipeline: Any) -> None:
+    owner_a, owner_b = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt, params) SELECT %s, 'a' || i,"
+            " '{\"backend\": \"mock\", \"size\": \"16x16\", \"delay_ms\": 5}' FROM generate_series(1, 500) i",
+            (owner_a,),
+        )
+    procs = pipeline(IMAGEN_MAX_IN_FLIGHT="16")
+    wait_until(
+        lambda: query(db_url, "SELECT count(*) FROM imagen.jobs WHERE status = 'done'")[0][0] >= 20,
+        timeout=30, message=f"A's backlog under way\n{procs.logs()}",
+    )  # fmt: skip
+    job_b = submit(db_url, "b's only job", {"backend": "mock", "size": "16x16"}, owner_b)
+    done_b = wait_terminal(db_url, job_b, procs, timeout=60)
+    assert done_b["status"] == "done"
+    a_done_before_b = query(
+        db_url, "SELECT count(*) FROM imagen.jobs WHERE owner_user_id = %s AND finished_at <= %s", owner_a, done_b["finished_at"]
+    )[0][0]
+    assert a_done_before_b < 250, f"B waited for {a_done_before_b} of A's 500 jobs"

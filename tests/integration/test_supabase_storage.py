@@ -261,11 +261,19 @@ def test_delete_removes_the_object_and_deleting_a_missing_one_is_fine(
     assert remove.json() == {"prefixes": [PATH]}
 
 
-def test_a_path_with_dot_segments_is_refused_as_a_permanent_error(
-    server: FakeStorage, storage: SupabaseStorage
+@pytest.mark.parametrize("path", ["../../etc/passwd.png", "a/./b.png", "%2e%2e/x.png", "a//b.png", ""])
+@pytest.mark.parametrize("action", ["put", "exists", "delete"])
+def test_a_path_that_is_not_plain_is_refused_permanently_before_any_request(
+    server: FakeStorage, storage: SupabaseStorage, path: str, action: str
 ) -> None:
+    calls = {
+        "put": lambda: storage.put(path, png(), "image/png"),
+        "exists": lambda: storage.exists(path),
+        "delete": lambda: storage.delete(path),
+    }
+
     with pytest.raises(StorageError) as caught:
-        storage.put("../../etc/passwd.png", png(), "image/png")
+        calls[action]()
 
     assert caught.value.is_transient is False
     assert server.requests == []

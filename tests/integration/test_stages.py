@@ -1,0 +1,170 @@
+"""The stage bodies in-process against real PostgreSQL and Redis: fencing, idempotency, rescue."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from imagen import jobs
+from imagen.broker import FINALIZE_ACTOR, GENERATE_ACTOR, SYNC_ACTOR, build_broker
+from imagen.config import Settings
+from imagen.handoff import handoff_key
+from imagen.listener import Listener
+from imagen.stages import StageContext, run_finalize, run_generate, run_sync
+
+
+class RecordingBroker:
+    """Captures the messages a stage sends instead of enqueueing them."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, tuple[Any, ...]]] = []
+
+    def enqueue(self, message: Any) -> Any:
+        self.sent.append((message.actor_name, tuple(message.args)))
+        return message
+
+
+@pytest.fixture
+def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=db_url, redis_url=redis_url, storage="local", storage_dir=tmp_path / "storage",
+        output_dir=tmp_path / "out", listener_metrics_port=0, lease_seconds=600, max_attempts=3,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def ctx(settings: Settings) -> Any:
+    context = StageContext(settings, RecordingBroker())
+    yield context
+    context.close()
+
+
+def claim_one(db_url: str, prompt: str = "a cat", params: dict[str, Any] | None = None) -> jobs.Claim:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        jobs.submit_job(conn, uuid.uuid4(), prompt, params or {"backend": "mock", "size": "32x32"})
+        (claim,) = jobs.claim_jobs(conn, 1)
+    return claim
+
+
+def scalar(db_url: str, sql: str, *args: Any) -> Any:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(sql, args).fetchone()
+    return row[0] if row else None
+
+
+def test_redelivered_sync_message_writes_one_image_row_and_one_object(ctx: Any, db_url: str, tmp_path: Path) -> None:
+    claim = claim_one(db_url)
+    job_id = str(claim.job_id)
+    run_generate(ctx, job_id, claim.attempt)
+    run_generate(ctx, job_id, claim.attempt)  # a redelivered generation overwrites the same hand-off
+    run_sync(ctx, job_id, claim.attempt)
+    run_sync(ctx, job_id, claim.attempt)  # redelivered after the row was written
+    finals = [args for actor, args in ctx.broker.sent if actor == FINALIZE_ACTOR]
+    assert len(finals) == 2 and finals[0] == finals[1], "both sync runs link the same image"
+    assert scalar(db_url, "SELECT count(*) FROM imagen.images WHERE job_id = %s", claim.job_id) == 1
+    assert len(list((tmp_path / "storage").rglob("*.png"))) == 1
+    run_finalize(ctx, *finals[0])
+    run_finalize(ctx, *finals[1])  # the second one is fenced out: the job is done already
+    assert scalar(db_url, "SELECT status FROM imagen.jobs WHERE id = %s", claim.job_id) == "done"
+
+
+def test_message_from_an_older_attempt_is_dropped_after_a_rescue(ctx: Any, db_url: str, settings: Settings) -> None:
+    claim = claim_one(db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE imagen.jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (claim.job_id,))
+        rescued = jobs.rescue_expired(conn, lease_seconds=settings.lease_seconds, max_attempts=3)
+        assert [(r.status, r.attempt) for r in rescued] == [("pending", 1)]
+        (again,) = jobs.claim_jobs(conn, 1)
+    assert again.attempt == 2
+    run_generate(ctx, str(claim.job_id), claim.attempt)  # the stale attempt-1 message
+    assert ctx.broker.sent == []
+    assert redis.Redis.from_url(settings.redis_url).exists(handoff_key(claim.job_id, 1)) == 0
+    run_generate(ctx, str(claim.job_id), again.attempt)
+    assert ctx.broker.sent == [(SYNC_ACTOR, (str(claim.job_id), 2))]
+
+
+def test_expired_lease_is_requeued_and_fails_at_max_attempts(db_url: str, settings: Settings) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        job_id = jobs.submit_job(conn, uuid.uuid4(), "stuck", {})
+        for attempt in (1, 2, 3):
+            (claim,) = jobs.claim_jobs(conn, 1)
+            assert claim.attempt == attempt
+            # Just inside the lease: untouched.
+            conn.execute("UPDATE imagen.jobs SET heartbeat_at = now() - interval '590 seconds' WHERE id = %s", (job_id,))
+            assert jobs.rescue_expired(conn, lease_seconds=600, max_attempts=3) == []
+            conn.execute("UPDATE imagen.jobs SET heartbeat_at = now() - interval '601 seconds' WHERE id = %s", (job_id,))
+            (rescued,) = jobs.rescue_expired(conn, lease_seconds=600, max_attempts=3)
+            assert rescued.status == ("failed" if attempt == 3 else "pending")
+        row = jobs.get_job(conn, job_id)
+    assert row is not None and row["status"] == "failed"
+    assert row["error"].startswith("gave up after 3 attempts: the job stopped making progress")
+
+
+def test_listener_rescue_requeues_and_forwards_expired_job(db_url: str, settings: Settings) -> None:
+    broker = RecordingBroker()
+    listener = Listener(settings, broker=broker, metrics_port=0)
+    listener._connect()
+    claim = claim_one(db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE imagen.jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (claim.job_id,))
+    listener.rescue()
+    listener._close()
+    assert broker.sent == [(GENERATE_ACTOR, (str(claim.job_id), 2))]
+
+
+def test_two_listeners_claim_each_of_1000_jobs_exactly_once(db_url: str, settings: Settings) -> None:
+    owners = [uuid.uuid4() for _ in range(7)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt) SELECT (%s::uuid[])[1 + i %% 7], 'job ' || i"
+            " FROM generate_series(1, 1000) i",
+            (owners,),
+        )
+    brokers = [build_broker(settings), build_broker(settings)]
+    tuned = settings.model_copy(update={"max_in_flight": 10_000, "claim_batch": 50})
+    listeners = [Listener(tuned, broker=b, metrics_port=0) for b in brokers]
+    for listener in listeners:
+        listener._connect()
+    barrier = threading.Barrier(2)
+
+    def drain(listener: Listener) -> None:
+        barrier.wait()
+        while listener.drain():
+            pass
+
+    threads = [threading.Thread(target=drain, args=(lst,)) for lst in listeners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for listener in listeners:
+        listener._close()
+    client = redis.Redis.from_url(settings.redis_url)
+    import dramatiq
+
+    messages = [dramatiq.Message.decode(raw) for raw in client.hvals("dramatiq:imagen-generate.msgs")]
+    forwarded = Counter(m.args[0] for m in messages)
+    assert len(forwarded) == 1000 and set(forwarded.values()) == {1}
+    assert {m.args[1] for m in messages} == {1}
+    assert sum(lst.stats.claims for lst in listeners) == 1000
+    assert all(lst.stats.claims > 0 for lst in listeners), "both listeners took part"
+    assert scalar(db_url, "SELECT count(*) FROM imagen.jobs WHERE status = 'running' AND attempt = 1") == 1000
+
+
+def test_claim_order_interleaves_owners(db_url: str) -> None:
+    big, small = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt) SELECT %s, 'a' || i FROM generate_series(1, 500) i",
+            (big,),
+        )
+        conn.execute("INSERT INTO imagen.jobs (owner_user_id, prompt) VALUES (%s, 'b')", (small,))
+        first = jobs.claim_jobs(conn, 10)
+    assert small in [c.owner_user_id for c in first[:2]]
