@@ -47,6 +47,11 @@ for middleware in list(broker.middleware):
         middleware.max_backoff = settings.retry_max_backoff_ms
     if isinstance(middleware, TimeLimit):
         middleware.time_limit = int(settings.generate_time_limit * 1000)
+if settings.worker_metrics:
+    from dramatiq.middleware.prometheus import Prometheus
+
+    # Serves dramatiq_* metrics from a forked process on dramatiq_prom_host:dramatiq_prom_port (0.0.0.0:9191).
+    broker.add_middleware(Prometheus())
 dramatiq.set_broker(broker)
 context = StageContext(settings, broker)
 

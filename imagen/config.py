@@ -36,8 +36,11 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    database_url: str | None = Field(default=None, description="session connection for the pipeline")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # repr=False: connection strings may carry passwords.
+    database_url: str | None = Field(
+        default=None, repr=False, description="session connection for the pipeline"
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
     backend: str = "mock"
     model: str | None = None
     storage: Literal["local", "supabase"] | None = None
@@ -70,6 +73,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     listener_metrics_port: int = Field(default=9300, ge=0, le=65535)
     metrics_addr: str = "127.0.0.1"
+    worker_metrics: bool = True
     gemini_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("GOOGLE_API_KEY", "GEMINI_API_KEY")
     )

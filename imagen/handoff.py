@@ -57,7 +57,7 @@ class Handoff:
         data, meta = values
         if data is None or meta is None:
             return None
-        return HandedOff(data=bytes(data), meta=json.loads(meta))
+        return HandedOff(data=data if isinstance(data, bytes) else data.encode(), meta=json.loads(meta))
 
     def drop(self, job_id: UUID | str, attempt: int) -> None:
         try:

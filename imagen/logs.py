@@ -51,8 +51,7 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     """Set the root handler's format; keeps existing handlers (dramatiq installs its own)."""
     root = logging.getLogger()
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        root.addHandler(handler)
+        root.addHandler(logging.StreamHandler(sys.stderr))
     formatter: logging.Formatter
     if fmt == "json":
         formatter = JsonFormatter()

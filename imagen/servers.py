@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from imagen.errors import ConfigError
 
@@ -73,7 +74,7 @@ class PostgresServer:
     def url_for(self, dbname: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
 
-    def _run_as(self) -> dict[str, object]:
+    def _run_as(self) -> dict[str, Any]:
         # PostgreSQL refuses to run as root; CI and this machine run tests as root.
         if os.geteuid() != 0:
             return {}
@@ -90,7 +91,7 @@ class PostgresServer:
             raise ConfigError(_PG_HINT)
         ids = self._run_as()
         if ids:
-            os.chown(self.root, int(ids["user"]), int(ids["group"]))  # type: ignore[call-overload]
+            os.chown(self.root, ids["user"], ids["group"])
         subprocess.run(
             [
                 initdb,
@@ -106,7 +107,7 @@ class PostgresServer:
             check=True,
             capture_output=True,
             cwd=self.root,
-            **ids,  # type: ignore[arg-type]
+            **ids,
         )
 
     def start(self, timeout: float = 30.0) -> None:
@@ -124,7 +125,7 @@ class PostgresServer:
                     "-c", "full_page_writes=off", "-c", "max_connections=200",
                 ],
                 stdout=out, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
-                **ids,  # type: ignore[arg-type]
+                **ids,
             )  # fmt: skip
         _wait_port(self.port, timeout, self.proc, log)
         self._wait_ready(timeout)

@@ -111,11 +111,14 @@ class SupabaseStorage:
     """Supabase Storage through supabase-py, authenticated with the service role key."""
 
     def __init__(self, url: str, key: str, bucket: str, *, timeout: float = 60.0) -> None:
+        import httpx
         from supabase import ClientOptions, create_client
 
         self.bucket = bucket
         self._key = key
-        self._client = create_client(url, key, options=ClientOptions(storage_client_timeout=int(timeout)))
+        # Our own httpx client: a float timeout, and none of storage3's deprecated timeout arguments.
+        http = httpx.Client(timeout=timeout, follow_redirects=True)
+        self._client = create_client(url, key, options=ClientOptions(httpx_client=http))
 
     def _redact(self, text: str) -> str:
         # A proxy or gateway may echo request headers into its error body; the key must not travel on.

@@ -1,7 +1,7 @@
 -- imagen.jobs: the job row, the contract between the UI, the listener and the actors.
 --
 -- The UI inserts pending rows (as `authenticated`, see 004_security.sql); the
--- listener claims them in (created_at, id) order and the actors move them to a
+-- listener claims them fairly (each owner's oldest first) and the actors move them to a
 -- terminal state. Every write a stage makes is fenced on (status, attempt).
 
 create table imagen.jobs (
@@ -34,8 +34,10 @@ create table imagen.jobs (
     updated_at timestamptz not null default now()
 );
 
--- The claim queue, in claim order; small because only pending rows are in it.
-create index jobs_pending_idx on imagen.jobs (created_at, id) where status = 'pending';
+-- The claim queue, small because only pending rows are in it. Claim order interleaves
+-- owners (each owner's oldest job first), so the listener walks it per owner: a loose
+-- index scan over owner_user_id, then each owner's rows in (created_at, id) order.
+create index jobs_pending_idx on imagen.jobs (owner_user_id, created_at, id) where status = 'pending';
 -- An owner's jobs, newest first (the UI's list, and the RLS predicate).
 create index jobs_owner_idx on imagen.jobs (owner_user_id, created_at desc);
 -- Lease rescue (oldest heartbeat first) and the in-flight count.

@@ -74,9 +74,7 @@ class _Failure:
 
 def parse_multipart(content_type: str, body: bytes) -> dict[str, FormPart]:
     """Split a multipart/form-data body into its parts by name (exact bytes, no re-encoding)."""
-    params = dict(
-        part.strip().split("=", 1) for part in content_type.split(";")[1:] if "=" in part.strip()
-    )
+    params = dict(part.strip().split("=", 1) for part in content_type.split(";")[1:] if "=" in part.strip())
     boundary = params.get("boundary", "").strip('"')
     if not boundary:
         raise ValueError("multipart body without a boundary")
@@ -121,7 +119,10 @@ class FakeStorage:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, name="fake-storage", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.01},
+            name="fake-storage",
+            daemon=True,
         )
         self._started = False
 
@@ -307,7 +308,9 @@ def _split(rest: str) -> tuple[str, str]:
 
 
 @contextmanager
-def fake_storage(key: str = DEFAULT_KEY, buckets: tuple[str, ...] = (DEFAULT_BUCKET,)) -> Iterator[FakeStorage]:
+def fake_storage(
+    key: str = DEFAULT_KEY, buckets: tuple[str, ...] = (DEFAULT_BUCKET,)
+) -> Iterator[FakeStorage]:
     """A started FakeStorage, shut down afterwards."""
     storage = FakeStorage(key, buckets)
     storage.start()

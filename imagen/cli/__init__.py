@@ -68,7 +68,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from imagen.cli import db, generate, jobs, pipeline
+    from imagen.cli import bench, db, generate, jobs, pipeline
 
     main.add_command(generate.generate)
     main.add_command(db.db)
@@ -76,6 +76,7 @@ def _register() -> None:
     main.add_command(pipeline.listen)
     main.add_command(pipeline.smoke)
     main.add_command(pipeline.demo)
+    main.add_command(bench.bench)
 
 
 _register()

@@ -21,6 +21,7 @@ from imagen.errors import TransientError
 
 T = TypeVar("T")
 RETRIES = 3
+SEEDED_BACKENDS = ("mock", "gemini")  # openai has no seed: drawing one would only print a warning
 
 
 @contextmanager
@@ -64,11 +65,14 @@ def with_retries(call: Callable[[], T], *, quiet: bool) -> T:
     raise AssertionError("unreachable")
 
 
-def _usage_sink(settings: Settings) -> Any:
-    from imagen.usage import JsonlSink, NullSink
+def _usage_sink(settings: Settings, out_dir: Path, sync: bool) -> Any:
+    """JSONL next to the images (or IMAGEN_USAGE_LOG); also imagen.usage when syncing to the database."""
+    from imagen.usage import DatabaseSink, JsonlSink, MultiSink
 
-    path = settings.usage_log or settings.output_dir / "usage.jsonl"
-    return JsonlSink(path) if path else NullSink()
+    jsonl = JsonlSink(settings.usage_log or out_dir / "usage.jsonl")
+    if sync and settings.database_url:
+        return MultiSink(jsonl, DatabaseSink.from_url(settings.database_url))
+    return jsonl
 
 
 @click.command()
@@ -106,6 +110,7 @@ def generate(
     are retried up to 3 times; usage is appended to IMAGEN_USAGE_LOG (default
     OUT/usage.jsonl).
     """
+    from imagen.backends import canonical_name
     from imagen.backends.sizes import parse_aspect, parse_size
     from imagen.errors import InvalidRequest
     from imagen.params import GenerateSpec
@@ -123,7 +128,8 @@ def generate(
     if not prompt.strip():
         raise click.BadParameter("the prompt must not be blank", param_hint="PROMPT")
     out_dir = out or settings.output_dir
-    if seed is None:
+    chosen = canonical_name(backend or settings.backend)
+    if seed is None and chosen in SEEDED_BACKENDS:
         seed = random.randrange(2**31)  # recorded in each sidecar, so any image can be drawn again
     spec = GenerateSpec(
         prompt=prompt, backend=backend, model=model, n=count, size=parsed_size, aspect_ratio=aspect,
@@ -131,7 +137,7 @@ def generate(
     )  # fmt: skip
     owner_id = owner or settings.owner_user_id
     interactive = sys.stderr.isatty() and not as_json
-    sink = _usage_sink(settings)
+    sink = _usage_sink(settings, out_dir, sync)
     label = f"generating with {backend or settings.backend}"
     with progress(label, interactive):
         result = with_retries(

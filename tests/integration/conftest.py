@@ -50,14 +50,18 @@ def pipeline(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[Callable[.
     started: list[PipelineProcesses] = []
 
     def start(*, listeners: int = 1, workers: int = 1, threads: int = 4, **env: str) -> PipelineProcesses:
-        procs = PipelineProcesses(pipeline_env(db_url, redis_url, tmp_path, **{**FAST, **env}), tmp_path / "logs")
+        procs = PipelineProcesses(
+            pipeline_env(db_url, redis_url, tmp_path, **{**FAST, **env}), tmp_path / "logs"
+        )
         started.append(procs)
         for _ in range(workers):
             w = procs.start_workers(processes=1, threads=threads)
             wait_until(lambda w=w: workers_ready(w.log), timeout=30, message=f"workers ready\n{procs.logs()}")
         for _ in range(listeners):
             procs.start_listener()
-        wait_until(lambda: listener_ready(db_url, listeners), timeout=30, message=f"listener ready\n{procs.logs()}")
+        wait_until(
+            lambda: listener_ready(db_url, listeners), timeout=30, message=f"listener ready\n{procs.logs()}"
+        )
         return procs
 
     yield start

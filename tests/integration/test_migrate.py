@@ -170,7 +170,7 @@ def test_broken_migration_names_file_line_and_statement(fresh_db_url: str, sql_c
     with pytest.raises(db.MigrationError) as raised:
         db.migrate(fresh_db_url, sql_dir=sql_copy)
     message = str(raised.value)
-    assert message.startswith("migration 005_broken.sql failed at line 4: syntax error at or near \"tabel\"")
+    assert message.startswith('migration 005_broken.sql failed at line 4: syntax error at or near "tabel"')
     assert "(statement: create tabel imagen.second_half ( id int ))" in message
     assert isinstance(raised.value.__cause__, psycopg.errors.SyntaxError)
 

@@ -81,9 +81,7 @@ def as_user(conn: psycopg.Connection[Any], user: uuid.UUID) -> Iterator[psycopg.
 def as_anon(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]:
     with conn.transaction(force_rollback=True):
         conn.execute("set local role anon")
-        conn.execute(
-            "select set_config('request.jwt.claims', json_build_object('role', 'anon')::text, true)"
-        )
+        conn.execute("select set_config('request.jwt.claims', json_build_object('role', 'anon')::text, true)")
         yield conn
 
 
@@ -134,9 +132,7 @@ def test_other_user_cannot_insert_a_job_for_the_owner(world: World) -> None:
 
 def test_other_user_cannot_cancel_the_owners_job(world: World) -> None:
     with as_user(world.conn, world.other) as conn:
-        cursor = conn.execute(
-            "update imagen.jobs set status = 'cancelled' where id = %s", (world.owner_job,)
-        )
+        cursor = conn.execute("update imagen.jobs set status = 'cancelled' where id = %s", (world.owner_job,))
         assert cursor.rowcount == 0
     assert _status(world, world.owner_job) == "pending"
 

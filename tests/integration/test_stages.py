@@ -59,7 +59,9 @@ def scalar(db_url: str, sql: str, *args: Any) -> Any:
     return row[0] if row else None
 
 
-def test_redelivered_sync_message_writes_one_image_row_and_one_object(ctx: Any, db_url: str, tmp_path: Path) -> None:
+def test_redelivered_sync_message_writes_one_image_row_and_one_object(
+    ctx: Any, db_url: str, tmp_path: Path
+) -> None:
     claim = claim_one(db_url)
     job_id = str(claim.job_id)
     run_generate(ctx, job_id, claim.attempt)
@@ -75,10 +77,14 @@ def test_redelivered_sync_message_writes_one_image_row_and_one_object(ctx: Any, 
     assert scalar(db_url, "SELECT status FROM imagen.jobs WHERE id = %s", claim.job_id) == "done"
 
 
-def test_message_from_an_older_attempt_is_dropped_after_a_rescue(ctx: Any, db_url: str, settings: Settings) -> None:
+def test_message_from_an_older_attempt_is_dropped_after_a_rescue(
+    ctx: Any, db_url: str, settings: Settings
+) -> None:
     claim = claim_one(db_url)
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("UPDATE imagen.jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (claim.job_id,))
+        conn.execute(
+            "UPDATE imagen.jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (claim.job_id,)
+        )
         rescued = jobs.rescue_expired(conn, lease_seconds=settings.lease_seconds, max_attempts=3)
         assert [(r.status, r.attempt) for r in rescued] == [("pending", 1)]
         (again,) = jobs.claim_jobs(conn, 1)
@@ -97,9 +103,15 @@ def test_expired_lease_is_requeued_and_fails_at_max_attempts(db_url: str, settin
             (claim,) = jobs.claim_jobs(conn, 1)
             assert claim.attempt == attempt
             # Just inside the lease: untouched.
-            conn.execute("UPDATE imagen.jobs SET heartbeat_at = now() - interval '590 seconds' WHERE id = %s", (job_id,))
+            conn.execute(
+                "UPDATE imagen.jobs SET heartbeat_at = now() - interval '590 seconds' WHERE id = %s",
+                (job_id,),
+            )
             assert jobs.rescue_expired(conn, lease_seconds=600, max_attempts=3) == []
-            conn.execute("UPDATE imagen.jobs SET heartbeat_at = now() - interval '601 seconds' WHERE id = %s", (job_id,))
+            conn.execute(
+                "UPDATE imagen.jobs SET heartbeat_at = now() - interval '601 seconds' WHERE id = %s",
+                (job_id,),
+            )
             (rescued,) = jobs.rescue_expired(conn, lease_seconds=600, max_attempts=3)
             assert rescued.status == ("failed" if attempt == 3 else "pending")
         row = jobs.get_job(conn, job_id)
@@ -113,7 +125,9 @@ def test_listener_rescue_requeues_and_forwards_expired_job(db_url: str, settings
     listener._connect()
     claim = claim_one(db_url)
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("UPDATE imagen.jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (claim.job_id,))
+        conn.execute(
+            "UPDATE imagen.jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (claim.job_id,)
+        )
     listener.rescue()
     listener._close()
     assert broker.sent == [(GENERATE_ACTOR, (str(claim.job_id), 2))]

@@ -106,7 +106,9 @@ def test_double_answers_an_existing_object_without_upsert_as_400_with_409_in_the
     assert raw.json()["statusCode"] == "409"
 
 
-def test_duplicate_answer_counts_as_a_successful_upload(server: FakeStorage, storage: SupabaseStorage) -> None:
+def test_duplicate_answer_counts_as_a_successful_upload(
+    server: FakeStorage, storage: SupabaseStorage
+) -> None:
     data = png()
     server.fail_next(1, 400, DUPLICATE)
 
@@ -155,7 +157,11 @@ def test_forbidden_is_a_storage_error_that_is_not_transient(
     server: FakeStorage, storage: SupabaseStorage, http_status: int
 ) -> None:
     # The main API sends non-5xx errors as HTTP 400 with the real status in the body.
-    body = {"statusCode": "403", "error": "Unauthorized", "message": "new row violates row-level security policy"}
+    body = {
+        "statusCode": "403",
+        "error": "Unauthorized",
+        "message": "new row violates row-level security policy",
+    }
     server.fail_next(1, http_status, body)
 
     with pytest.raises(StorageError) as caught:

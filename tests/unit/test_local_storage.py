@@ -100,7 +100,9 @@ def test_concurrent_puts_leave_one_complete_object(storage: LocalStorage, tmp_pa
     "path",
     ["../escape.png", "../../etc/passwd", f"{OWNER}/../../escape.png", "/etc/passwd", "", "."],
 )
-def test_paths_escaping_the_bucket_folder_are_refused(storage: LocalStorage, tmp_path: Path, path: str) -> None:
+def test_paths_escaping_the_bucket_folder_are_refused(
+    storage: LocalStorage, tmp_path: Path, path: str
+) -> None:
     for action in (
         lambda: storage.put(path, b"x", "image/png"),
         lambda: storage.exists(path),
