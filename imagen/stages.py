@@ -33,7 +33,7 @@ from imagen.broker import (
     stage_message,
 )
 from imagen.config import Settings
-from imagen.errors import ConfigError, ImagenError, PermanentError, TransientError
+from imagen.errors import ImagenError, TransientError
 from imagen.handoff import Handoff
 from imagen.logs import transition
 from imagen.params import spec_from_params
@@ -122,12 +122,18 @@ def _note_transient(ctx: StageContext, job_id: str, attempt: int, stage: str, ex
 
 @contextmanager
 def guarded(ctx: StageContext, job_id: str, attempt: int, stage: str) -> Iterator[None]:
-    """Translate errors once: permanent -> failed now; anything else -> noted and re-raised for retry."""
+    """Translate errors once: permanent -> failed now; transient or unknown -> noted, re-raised for retry."""
     try:
         yield
-    except (PermanentError, ConfigError) as exc:
+    except ImagenError as exc:
+        # Ours are typed at the edge: anything not marked transient (bad params, a refused prompt,
+        # bad credentials, storage 4xx, configuration) cannot succeed on a retry.
+        if exc.is_transient:
+            _note_transient(ctx, job_id, attempt, stage, exc)
+            raise
         _fail(ctx, job_id, attempt, stage, f"{STAGE_LABELS.get(stage, stage)} failed: {exc}")
     except Exception as exc:
+        # A dropped connection or a bug: retried with backoff, then failed with this text.
         _note_transient(ctx, job_id, attempt, stage, exc)
         raise
 

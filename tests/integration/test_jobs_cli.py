@@ -1,0 +1,485 @@
+"""`imagen jobs ...` as an operator runs it: the real CLI in subprocesses against a real database.
+
+Rows are seeded straight into imagen.jobs in every state with chosen timestamps,
+so each command's output and effect can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from imagen import jobs
+from imagen.smoke import TERMINAL
+from tests.waiting import wait_until
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+OWNER_A = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
+OWNER_B = uuid.UUID("bbbbbbbb-0000-4000-8000-000000000002")
+
+
+@pytest.fixture
+def imagen_jobs(db_url: str, tmp_path: Path) -> Run:
+    """Run `python -m imagen jobs ARGS` with only IMAGEN_DATABASE_URL set (cwd without a .env)."""
+
+    def run(*args: str, input: str | None = None, database: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEN_")}
+        if database:
+            env["IMAGEN_DATABASE_URL"] = db_url
+        return subprocess.run(
+            [sys.executable, "-m", "imagen", "jobs", *args],
+            cwd=tmp_path,
+            env=env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    return run
+
+
+def explain(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, explain(result)
+    return result.stdout
+
+
+def db_now(db_url: str) -> datetime:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute("SELECT now()").fetchone()
+    assert row is not None
+    return row[0]
+
+
+def seed(db_url: str, **fields: Any) -> uuid.UUID:
+    """Insert one job row as the database owner, with any columns given (timestamps included)."""
+    values: dict[str, Any] = {"id": uuid.uuid4(), "owner_user_id": OWNER_A, "prompt": "a test prompt"}
+    values.update(fields)
+    for key in ("params", "stage_times"):
+        if key in values:
+            values[key] = Jsonb(values[key])
+    columns = ", ".join(values)
+    placeholders = ", ".join(f"%({k})s" for k in values)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"INSERT INTO imagen.jobs ({columns}) VALUES ({placeholders})", values)
+    return values["id"]
+
+
+def job_row(db_url: str, job_id: uuid.UUID) -> dict[str, Any] | None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        return jobs.get_job(conn, job_id)
+
+
+def scalar(db_url: str, sql: str, *args: Any) -> Any:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(sql, args).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def test_ls_filters_by_status_owner_and_since_with_table_and_json(db_url: str, imagen_jobs: Run) -> None:
+    now = db_now(db_url)
+    pending = seed(db_url, status="pending", created_at=now - timedelta(minutes=1), prompt="newest pending")
+    running = seed(
+        db_url, status="running", stage="generating", attempt=1, created_at=now - timedelta(minutes=10)
+    )
+    done = seed(db_url, status="done", attempt=1, created_at=now - timedelta(minutes=30), owner_user_id=OWNER_B)
+    failed = seed(db_url, status="failed", attempt=2, error="boom", created_at=now - timedelta(hours=3))
+    cancelled = seed(db_url, status="cancelled", created_at=now - timedelta(days=2), owner_user_id=OWNER_B)
+
+    table = ok(imagen_jobs("ls")).splitlines()
+    assert table[0].split()[:4] == ["ID", "STATUS", "STAGE", "ATT"]
+    assert [line.split()[0] for line in table[1:]] == [str(j) for j in (pending, running, done, failed, cancelled)]
+    running_line = table[2].split()
+    assert running_line[1:4] == ["running", "generating", "1"]
+    assert "newest pending" in table[1]
+
+    def ids(*args: str) -> list[str]:
+        return [row["id"] for row in json.loads(ok(imagen_jobs("ls", "--json", *args)))]
+
+    assert ids("--status", "failed,cancelled") == [str(failed), str(cancelled)]
+    assert ids("--status", "pending", "--status", "done") == [str(pending), str(done)]
+    assert ids("--owner", str(OWNER_B)) == [str(done), str(cancelled)]
+    assert ids("--since", "2h") == [str(pending), str(running), str(done)]
+    assert ids("--since", "15m") == [str(pending), str(running)]
+    iso = (now - timedelta(hours=4)).isoformat()
+    assert ids("--since", iso) == [str(pending), str(running), str(done), str(failed)]
+    assert ids("--limit", "2") == [str(pending), str(running)]
+    assert ids("--status", "failed", "--owner", str(OWNER_B)) == []
+
+    row = json.loads(ok(imagen_jobs("ls", "--json", "--status", "failed")))[0]
+    assert row["status"] == "failed" and row["attempt"] == 2 and row["error"] == "boom"
+    assert row["owner_user_id"] == str(OWNER_A)
+    assert datetime.fromisoformat(row["created_at"]) == now - timedelta(hours=3)
+
+    assert ok(imagen_jobs("ls", "--status", "done", "--owner", str(OWNER_A))).strip() == "no jobs match"
+    bad = imagen_jobs("ls", "--status", "finished")
+    assert bad.returncode == 2 and "'finished' is not one of" in bad.stderr, explain(bad)
+    bad = imagen_jobs("ls", "--since", "yesterday")
+    assert bad.returncode == 2 and "neither a duration" in bad.stderr, explain(bad)
+
+
+def test_show_prints_stage_timings_error_and_usage_of_a_failed_job(db_url: str, imagen_jobs: Run) -> None:
+    t0 = db_now(db_url) - timedelta(minutes=5)
+    stage_times = {
+        "queued": (t0 + timedelta(milliseconds=500)).isoformat(),
+        "generating": (t0 + timedelta(milliseconds=750)).isoformat(),
+    }
+    job_id = seed(
+        db_url,
+        status="failed",
+        attempt=3,
+        params={"backend": "mock", "fail": "transient"},
+        error="generation gave up after 3 tries: mock backend: simulated transient failure",
+        last_error="generation: mock backend: simulated transient failure",
+        stage_times=stage_times,
+        created_at=t0,
+        claimed_at=t0 + timedelta(milliseconds=500),
+        heartbeat_at=t0 + timedelta(seconds=1),
+        finished_at=t0 + timedelta(seconds=2),
+    )
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO imagen.usage (owner_user_id, job_id, backend, model, images, latency_ms, ok, error)"
+            " VALUES (%s, %s, 'mock', 'mock-1', 0, 12, false, 'simulated transient failure')",
+            (OWNER_A, job_id),
+        )
+
+    text = ok(imagen_jobs("show", str(job_id)))
+    lines = text.splitlines()
+    assert f"job         {job_id}" in lines
+    assert "status      failed (attempt 3)" in lines
+    assert "error       generation gave up after 3 tries: mock backend: simulated transient failure" in lines
+    assert "last_error  generation: mock backend: simulated transient failure" in lines
+    assert 'params      {"backend": "mock", "fail": "transient"}' in lines
+    events = [line.split() for line in lines if line.startswith("  ") and line.split()[0] in TIMELINE]
+    assert [(e[0], e[3], e[4]) for e in events] == [
+        ("queued", "+500.0", "ms"),
+        ("generating", "+250.0", "ms"),
+        ("failed", "+1.25", "s"),
+    ]
+    assert events[-1][-2:] == ["2.00", "s"]  # failed 2 s after created
+    assert "image       -" in lines
+    usage = [line for line in lines if "mock/mock-1" in line]
+    assert len(usage) == 1 and "failed: simulated transient failure" in usage[0]
+
+    data = json.loads(ok(imagen_jobs("show", str(job_id), "--json")))
+    assert data["job"]["id"] == str(job_id) and data["job"]["status"] == "failed"
+    assert [(e["event"], e["since_previous"]) for e in data["timeline"]] == [
+        ("created", None),
+        ("queued", 0.5),
+        ("generating", 0.25),
+        ("failed", 1.25),
+    ]
+    assert data["image"] is None
+    assert [(u["backend"], u["ok"]) for u in data["usage"]] == [("mock", False)]
+
+    missing = imagen_jobs("show", str(uuid.uuid4()))
+    assert missing.returncode == 1 and missing.stderr.startswith("imagen: no job "), explain(missing)
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+TIMELINE = ("created", "queued", "generating", "syncing", "finalizing", "done", "failed", "cancelled")
+
+
+def test_show_prints_the_image_row_of_a_done_job(db_url: str, imagen_jobs: Run) -> None:
+    t0 = db_now(db_url) - timedelta(minutes=1)
+    job_id = uuid.uuid4()
+    path = f"{OWNER_A}/{job_id}.png"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        image_id = conn.execute(
+            "INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes,"
+            " prompt, backend) VALUES (%s, %s, 'imagen', %s, 'image/png', 64, 48, 1234, 'p', 'mock')"
+            " RETURNING id",
+            (OWNER_A, job_id, path),
+        ).fetchone()[0]  # type: ignore[index]
+    stamps = {name: (t0 + timedelta(milliseconds=ms)).isoformat() for name, ms in STAGE_MS.items()}
+    seed(
+        db_url,
+        id=job_id,
+        status="done",
+        attempt=1,
+        image_id=image_id,
+        stage_times=stamps,
+        created_at=t0,
+        claimed_at=t0 + timedelta(milliseconds=10),
+        finished_at=t0 + timedelta(milliseconds=400),
+    )
+    lines = ok(imagen_jobs("show", str(job_id))).splitlines()
+    assert f"image       {image_id} imagen/{path} (image/png, 64x48, 1234 bytes)" in lines
+    events = [line.split()[0] for line in lines if line.startswith("  ") and line.split()[0] in TIMELINE]
+    assert events == ["created", "queued", "generating", "syncing", "finalizing", "done"]
+    data = json.loads(ok(imagen_jobs("show", "--json", str(job_id))))
+    assert data["image"]["path"] == path and data["image"]["bytes"] == 1234
+    steps = {e["event"]: e["since_previous"] for e in data["timeline"]}
+    assert steps == {
+        "created": None,
+        "queued": 0.01,
+        "generating": 0.005,
+        "syncing": 0.285,
+        "finalizing": 0.05,
+        "done": 0.05,
+    }
+
+
+STAGE_MS = {"queued": 10, "generating": 15, "syncing": 300, "finalizing": 350, "done": 400}
+
+
+def test_retry_moves_failed_and_cancelled_to_pending_and_refuses_other_states(
+    db_url: str, imagen_jobs: Run
+) -> None:
+    now = db_now(db_url)
+    failed = seed(
+        db_url,
+        status="failed",
+        attempt=2,
+        error="boom",
+        last_error="flaky",
+        stage_times={"queued": now.isoformat()},
+        claimed_at=now,
+        finished_at=now,
+    )
+    cancelled = seed(db_url, status="cancelled", finished_at=now)
+    done = seed(db_url, status="done", attempt=1, finished_at=now)
+    running = seed(db_url, status="running", stage="generating", attempt=1, claimed_at=now, heartbeat_at=now)
+
+    assert ok(imagen_jobs("retry", str(failed))).strip() == f"job {failed}: failed -> pending"
+    row = job_row(db_url, failed)
+    assert row is not None
+    assert (row["status"], row["attempt"], row["error"], row["last_error"]) == ("pending", 2, None, None)
+    assert row["finished_at"] is None and row["claimed_at"] is None and row["stage_times"] == {}
+
+    assert ok(imagen_jobs("retry", str(cancelled))).strip() == f"job {cancelled}: cancelled -> pending"
+    assert job_row(db_url, cancelled)["status"] == "pending"  # type: ignore[index]
+
+    for job_id, status in ((done, "done"), (running, "running")):
+        refused = imagen_jobs("retry", str(job_id))
+        assert refused.returncode == 1, explain(refused)
+        assert refused.stderr.strip() == (
+            f"imagen: job {job_id} is {status}: only failed or cancelled jobs can be retried"
+        )
+        assert job_row(db_url, job_id)["status"] == status  # type: ignore[index]
+
+    missing = imagen_jobs("retry", str(uuid.uuid4()))
+    assert missing.returncode == 1 and "no job" in missing.stderr, explain(missing)
+    bad = imagen_jobs("retry", "not-a-uuid")
+    assert bad.returncode == 2, explain(bad)
+
+
+def test_cancel_stops_pending_and_running_jobs_and_refuses_finished_ones(db_url: str, imagen_jobs: Run) -> None:
+    now = db_now(db_url)
+    pending = seed(db_url, status="pending")
+    running = seed(db_url, status="running", stage="syncing", attempt=1, claimed_at=now, heartbeat_at=now)
+    failed = seed(db_url, status="failed", error="boom", finished_at=now)
+
+    assert ok(imagen_jobs("cancel", str(pending))).strip() == f"job {pending}: pending -> cancelled"
+    out = ok(imagen_jobs("cancel", str(running))).strip()
+    assert out == f"job {running}: running -> cancelled (it stops at its next stage boundary)"
+    for job_id in (pending, running):
+        row = job_row(db_url, job_id)
+        assert row is not None
+        assert row["status"] == "cancelled" and row["stage"] is None and row["finished_at"] is not None
+
+    refused = imagen_jobs("cancel", str(failed))
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"imagen: job {failed} is failed: only pending or running jobs can be cancelled"
+    )
+    again = imagen_jobs("cancel", str(pending))
+    assert again.returncode == 1 and "is cancelled" in again.stderr, explain(again)
+    assert job_row(db_url, failed)["status"] == "failed"  # type: ignore[index]
+
+
+def test_stats_reports_counts_depth_oldest_pending_and_percentiles(db_url: str, imagen_jobs: Run) -> None:
+    now = db_now(db_url)
+    pickups = [0.1, 0.2, 0.3, 0.4, 1.0, 2.5]
+    totals = [0.5, 0.9, 1.1, 1.3, 2.0, 6.0]
+    for pickup, total in zip(pickups, totals, strict=True):
+        created = now - timedelta(minutes=20)
+        seed(
+            db_url,
+            status="done",
+            attempt=1,
+            created_at=created,
+            claimed_at=created + timedelta(seconds=pickup),
+            finished_at=created + timedelta(seconds=total),
+        )
+    # Outside the 1h window: must not move the percentiles.
+    old = now - timedelta(hours=3)
+    seed(
+        db_url,
+        status="done",
+        attempt=1,
+        created_at=old,
+        claimed_at=old + timedelta(seconds=500),
+        finished_at=old + timedelta(seconds=900),
+    )
+    seed(db_url, status="failed", attempt=3, error="x", created_at=now - timedelta(minutes=5), finished_at=now)
+    seed(db_url, status="cancelled", created_at=now - timedelta(days=1), finished_at=now - timedelta(days=1))
+    seed(db_url, status="pending", created_at=now - timedelta(minutes=5))
+    seed(db_url, status="pending", created_at=now - timedelta(seconds=30))
+    for stage in ("generating", "generating", "syncing"):
+        seed(db_url, status="running", stage=stage, attempt=1, claimed_at=now, heartbeat_at=now)
+
+    data = json.loads(ok(imagen_jobs("stats", "--json")))
+    assert data["counts"] == {"pending": 2, "running": 3, "done": 7, "failed": 1, "cancelled": 1}
+    assert data["queue_depth"] == 2
+    assert data["running_by_stage"] == {"generating": 2, "syncing": 1}
+    assert 300 <= data["oldest_pending_seconds"] < 400
+    assert data["window_seconds"] == 3600
+    assert data["finished_in_window"] == {"done": 6, "failed": 1, "cancelled": 0}
+    p95 = statistics.quantiles(pickups, n=20, method="inclusive")[18]
+    assert data["pickup_p50"] == pytest.approx(statistics.median(pickups))  # 0.35
+    assert data["pickup_p95"] == pytest.approx(p95)
+    assert data["total_p50"] == pytest.approx(statistics.median(totals))  # 1.2
+    assert data["total_p95"] == pytest.approx(statistics.quantiles(totals, n=20, method="inclusive")[18])
+
+    wide = json.loads(ok(imagen_jobs("stats", "--window", "1d", "--json")))
+    assert wide["finished_in_window"] == {"done": 7, "failed": 1, "cancelled": 1}
+    assert wide["pickup_p50"] == pytest.approx(0.4)
+
+    text = ok(imagen_jobs("stats")).splitlines()
+    assert text[0].startswith("pending     2  (queue depth; oldest 5m")
+    assert text[1] == "running     3  (generating 2, syncing 1)"
+    assert "pickup      p50 350.0 ms  p95 " in text[-2]
+    assert text[-1].startswith("total       p50 1.20 s  p95 ")
+
+    bad = imagen_jobs("stats", "--window", "soon")
+    assert bad.returncode == 2 and "not a duration" in bad.stderr, explain(bad)
+
+
+def test_stats_on_an_empty_table_prints_no_latencies(db_url: str, imagen_jobs: Run) -> None:
+    data = json.loads(ok(imagen_jobs("stats", "--json")))
+    assert data["counts"] == dict.fromkeys(("pending", "running", "done", "failed", "cancelled"), 0)
+    assert data["oldest_pending_seconds"] is None and data["pickup_p50"] is None
+    assert "pickup      p50 -  p95 -" in ok(imagen_jobs("stats"))
+
+
+def test_prune_deletes_only_old_terminal_jobs_and_dry_run_deletes_nothing(
+    db_url: str, imagen_jobs: Run
+) -> None:
+    now = db_now(db_url)
+    long_ago = now - timedelta(days=40)
+    old_done = seed(db_url, status="done", created_at=long_ago, finished_at=long_ago)
+    old_failed = seed(db_url, status="failed", created_at=long_ago, finished_at=long_ago)
+    old_cancelled = seed(db_url, status="cancelled", created_at=long_ago, finished_at=long_ago)
+    # Created long ago but finished recently: its age counts from finished_at.
+    late_done = seed(db_url, status="done", created_at=long_ago, finished_at=now - timedelta(days=1))
+    old_pending = seed(db_url, status="pending", created_at=long_ago)
+    old_running = seed(
+        db_url, status="running", stage="generating", attempt=1, created_at=long_ago, heartbeat_at=now
+    )
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO imagen.usage (owner_user_id, job_id, backend, model, ok) VALUES (%s, %s, 'mock', 'm', true)",
+            (OWNER_A, old_done),
+        )
+
+    def remaining() -> set[uuid.UUID]:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            return {r[0] for r in conn.execute("SELECT id FROM imagen.jobs").fetchall()}
+
+    everything = remaining()
+    dry = ok(imagen_jobs("prune", "--older-than", "30d", "--dry-run")).strip()
+    assert dry.startswith("would delete 3 done/failed/cancelled job(s)"), dry
+    assert remaining() == everything
+
+    declined = imagen_jobs("prune", "--older-than", "30d", input="n\n")
+    assert declined.returncode == 1 and "delete 3 " in declined.stdout, explain(declined)
+    assert remaining() == everything
+
+    out = ok(imagen_jobs("prune", "--older-than", "30d", "--status", "done", "--yes")).strip()
+    assert out.startswith("deleted 1 done job(s)"), out
+    assert remaining() == everything - {old_done}
+    assert scalar(db_url, "SELECT count(*) FROM imagen.usage WHERE job_id IS NULL") == 1
+
+    confirmed = imagen_jobs("prune", "--older-than", "30d", input="y\n")
+    assert confirmed.returncode == 0 and "deleted 2 " in confirmed.stdout, explain(confirmed)
+    assert remaining() == {late_done, old_pending, old_running}
+    assert not remaining() & {old_failed, old_cancelled}
+
+    assert ok(imagen_jobs("prune", "--older-than", "30d", "--yes")).startswith("deleted 0 ")
+    refused = imagen_jobs("prune", "--older-than", "1s", "--status", "done,pending", "--yes")
+    assert refused.returncode == 2 and "'pending' is not one of done, failed, cancelled" in refused.stderr
+    assert remaining() == {late_done, old_pending, old_running}
+    missing = imagen_jobs("prune", "--yes")
+    assert missing.returncode == 2 and "--older-than" in missing.stderr, explain(missing)
+
+
+def test_watch_once_prints_counts_and_the_latest_jobs(db_url: str, imagen_jobs: Run) -> None:
+    now = db_now(db_url)
+    ids = [seed(db_url, status="pending", created_at=now - timedelta(seconds=i)) for i in range(5)]
+    seed(db_url, status="running", stage="syncing", attempt=1, created_at=now - timedelta(hours=1))
+    seed(db_url, status="failed", error="x", created_at=now - timedelta(hours=2), finished_at=now)
+
+    lines = ok(imagen_jobs("watch", "--once", "--limit", "3")).splitlines()
+    assert lines[0].startswith("imagen jobs ")
+    assert lines[1] == "pending 5  running 1  done 0  failed 1  cancelled 0"
+    assert lines[2] == "running by stage: syncing 1"
+    table = lines[lines.index("") + 1 :]
+    assert table[0].startswith("ID ")
+    assert [line.split()[0] for line in table[1:]] == [str(i) for i in ids[:3]]
+
+
+def test_commands_need_a_database_url_and_fail_in_one_line(imagen_jobs: Run) -> None:
+    for args in (("ls",), ("stats",), ("watch", "--once"), ("show", str(uuid.uuid4()))):
+        result = imagen_jobs(*args, database=False)
+        assert result.returncode == 78, explain(result)
+        assert result.stderr.startswith("imagen: IMAGEN_DATABASE_URL is not set"), explain(result)
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_submit_refuses_missing_owner_and_bad_params(imagen_jobs: Run) -> None:
+    no_owner = imagen_jobs("submit", "a prompt")
+    assert no_owner.returncode == 2 and "no owner" in no_owner.stderr, explain(no_owner)
+    for params in ("{not json", "[1, 2]"):
+        bad = imagen_jobs("submit", "a prompt", "--owner", str(OWNER_A), "--params", params)
+        assert bad.returncode == 2 and "--params" in bad.stderr, explain(bad)
+
+
+def test_submitted_job_runs_through_the_pipeline_and_show_lists_its_image(
+    db_url: str, imagen_jobs: Run, pipeline: Any
+) -> None:
+    procs = pipeline()
+    params = json.dumps({"backend": "mock", "size": "64x64", "seed": 7})
+    out = ok(imagen_jobs("submit", "a lighthouse at dusk", "--owner", str(OWNER_B), "--params", params))
+    job_id = uuid.UUID(out.strip())
+    row = wait_until(
+        lambda: (r := job_row(db_url, job_id)) is not None and r["status"] in TERMINAL and r,
+        timeout=30,
+        message=f"job {job_id} terminal\n{procs.logs()}",
+    )
+    assert row["status"] == "done", row["error"]
+    assert row["owner_user_id"] == OWNER_B
+
+    lines = ok(imagen_jobs("show", str(job_id))).splitlines()
+    assert "status      done (attempt 1)" in lines
+    image = [line for line in lines if line.startswith("image ")]
+    assert image == [
+        f"image       {row['image_id']} imagen/{OWNER_B}/{job_id}.png (image/png, 64x64, "
+        f"{scalar(db_url, 'SELECT bytes FROM imagen.images WHERE job_id = %s', job_id)} bytes)"
+    ]
+    events = [line.split()[0] for line in lines if line.startswith("  ") and line.split()[0] in TIMELINE]
+    assert events == ["created", "queued", "generating", "syncing", "finalizing", "done"]
+    assert any("mock/" in line and line.rstrip().endswith("ok") for line in lines)
+
+    listed = json.loads(ok(imagen_jobs("ls", "--json", "--owner", str(OWNER_B))))
+    assert [(r["id"], r["status"], r["image_id"]) for r in listed] == [
+        (str(job_id), "done", str(row["image_id"]))
+    ]
