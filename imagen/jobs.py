@@ -68,6 +68,8 @@ SET status = 'pending', stage = NULL, attempt = attempt - 1, claimed_at = NULL, 
 WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
 """
 
+# A job still 'queued' never reached a worker (workers down, or Redis lost its messages):
+# it goes back to pending however many attempts it has, so an outage fails nothing.
 RESCUE = """
 WITH expired AS (
     SELECT id FROM imagen.jobs
@@ -77,8 +79,9 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE imagen.jobs j
-SET status = CASE WHEN j.attempt >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
-    error = CASE WHEN j.attempt >= %(max_attempts)s
+SET status = CASE WHEN j.attempt >= %(max_attempts)s AND j.stage IS DISTINCT FROM 'queued'
+                  THEN 'failed' ELSE 'pending' END,
+    error = CASE WHEN j.attempt >= %(max_attempts)s AND j.stage IS DISTINCT FROM 'queued'
         THEN format('gave up after %%s attempts: the job stopped making progress in stage %%s '
                     '(no heartbeat for %%s s)%%s', j.attempt, coalesce(j.stage, 'queued'), %(lease)s,
                     coalesce('; last error: ' || j.last_error, ''))

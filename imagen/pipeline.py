@@ -86,7 +86,9 @@ def resolve_spec(
         prompt=applied.prompt,
         negative_prompt=applied.negative_prompt,
         backend=backend,
-        model=spec.model or defaults.get("model"),
+        model=spec.model
+        or defaults.get("model")
+        or (settings.model if backend == canonical_name(settings.backend) else None),
         size=size,
         aspect_ratio=aspect,
         seed=spec.seed if spec.seed is not None else defaults.get("seed"),

@@ -99,13 +99,17 @@ def test_ls_filters_by_status_owner_and_since_with_table_and_json(db_url: str, i
     running = seed(
         db_url, status="running", stage="generating", attempt=1, created_at=now - timedelta(minutes=10)
     )
-    done = seed(db_url, status="done", attempt=1, created_at=now - timedelta(minutes=30), owner_user_id=OWNER_B)
+    done = seed(
+        db_url, status="done", attempt=1, created_at=now - timedelta(minutes=30), owner_user_id=OWNER_B
+    )
     failed = seed(db_url, status="failed", attempt=2, error="boom", created_at=now - timedelta(hours=3))
     cancelled = seed(db_url, status="cancelled", created_at=now - timedelta(days=2), owner_user_id=OWNER_B)
 
     table = ok(imagen_jobs("ls")).splitlines()
     assert table[0].split()[:4] == ["ID", "STATUS", "STAGE", "ATT"]
-    assert [line.split()[0] for line in table[1:]] == [str(j) for j in (pending, running, done, failed, cancelled)]
+    assert [line.split()[0] for line in table[1:]] == [
+        str(j) for j in (pending, running, done, failed, cancelled)
+    ]
     running_line = table[2].split()
     assert running_line[1:4] == ["running", "generating", "1"]
     assert "newest pending" in table[1]
@@ -169,7 +173,8 @@ def test_show_prints_stage_timings_error_and_usage_of_a_failed_job(db_url: str, 
     assert "last_error  generation: mock backend: simulated transient failure" in lines
     assert 'params      {"backend": "mock", "fail": "transient"}' in lines
     events = [line.split() for line in lines if line.startswith("  ") and line.split()[0] in TIMELINE]
-    assert [(e[0], e[3], e[4]) for e in events] == [
+    assert events[0][0] == "created"
+    assert [(e[0], e[3], e[4]) for e in events[1:]] == [
         ("queued", "+500.0", "ms"),
         ("generating", "+250.0", "ms"),
         ("failed", "+1.25", "s"),
@@ -282,7 +287,9 @@ def test_retry_moves_failed_and_cancelled_to_pending_and_refuses_other_states(
     assert bad.returncode == 2, explain(bad)
 
 
-def test_cancel_stops_pending_and_running_jobs_and_refuses_finished_ones(db_url: str, imagen_jobs: Run) -> None:
+def test_cancel_stops_pending_and_running_jobs_and_refuses_finished_ones(
+    db_url: str, imagen_jobs: Run
+) -> None:
     now = db_now(db_url)
     pending = seed(db_url, status="pending")
     running = seed(db_url, status="running", stage="syncing", attempt=1, claimed_at=now, heartbeat_at=now)
@@ -330,8 +337,12 @@ def test_stats_reports_counts_depth_oldest_pending_and_percentiles(db_url: str, 
         claimed_at=old + timedelta(seconds=500),
         finished_at=old + timedelta(seconds=900),
     )
-    seed(db_url, status="failed", attempt=3, error="x", created_at=now - timedelta(minutes=5), finished_at=now)
-    seed(db_url, status="cancelled", created_at=now - timedelta(days=1), finished_at=now - timedelta(days=1))
+    seed(
+        db_url, status="failed", attempt=3, error="x", created_at=now - timedelta(minutes=5), finished_at=now
+    )
+    seed(
+        db_url, status="cancelled", created_at=now - timedelta(days=1), finished_at=now - timedelta(hours=23)
+    )
     seed(db_url, status="pending", created_at=now - timedelta(minutes=5))
     seed(db_url, status="pending", created_at=now - timedelta(seconds=30))
     for stage in ("generating", "generating", "syncing"):

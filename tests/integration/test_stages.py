@@ -102,9 +102,10 @@ def test_expired_lease_is_requeued_and_fails_at_max_attempts(db_url: str, settin
         for attempt in (1, 2, 3):
             (claim,) = jobs.claim_jobs(conn, 1)
             assert claim.attempt == attempt
-            # Just inside the lease: untouched.
+            # A worker started it, then went silent. Just inside the lease: untouched.
             conn.execute(
-                "UPDATE imagen.jobs SET heartbeat_at = now() - interval '590 seconds' WHERE id = %s",
+                "UPDATE imagen.jobs SET stage = 'generating', heartbeat_at = now() - interval '590 seconds'"
+                " WHERE id = %s",
                 (job_id,),
             )
             assert jobs.rescue_expired(conn, lease_seconds=600, max_attempts=3) == []
@@ -116,7 +117,9 @@ def test_expired_lease_is_requeued_and_fails_at_max_attempts(db_url: str, settin
             assert rescued.status == ("failed" if attempt == 3 else "pending")
         row = jobs.get_job(conn, job_id)
     assert row is not None and row["status"] == "failed"
-    assert row["error"].startswith("gave up after 3 attempts: the job stopped making progress")
+    assert row["error"].startswith(
+        "gave up after 3 attempts: the job stopped making progress in stage generating (no heartbeat for 600"
+    )
 
 
 def test_listener_rescue_requeues_and_forwards_expired_job(db_url: str, settings: Settings) -> None:
@@ -182,3 +185,17 @@ def test_claim_order_interleaves_owners(db_url: str) -> None:
         conn.execute("INSERT INTO imagen.jobs (owner_user_id, prompt) VALUES (%s, 'b')", (small,))
         first = jobs.claim_jobs(conn, 10)
     assert small in [c.owner_user_id for c in first[:2]]
+
+
+def test_rescue_of_a_job_no_worker_started_never_fails_it(db_url: str) -> None:
+    """Workers down (or Redis lost the message): a 'queued' job cycles back to pending, not to failed."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        job_id = jobs.submit_job(conn, uuid.uuid4(), "waiting for workers", {})
+        for _ in range(5):
+            (claim,) = jobs.claim_jobs(conn, 1)
+            conn.execute(
+                "UPDATE imagen.jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (job_id,)
+            )
+            (rescued,) = jobs.rescue_expired(conn, lease_seconds=600, max_attempts=3)
+            assert rescued.status == "pending"
+        assert claim.attempt == 5
