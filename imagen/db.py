@@ -46,6 +46,9 @@ _CONNECT_DEFAULTS: dict[str, tuple[str | None, object]] = {
     "keepalives_idle": (None, 30),
     "keepalives_interval": (None, 10),
     "keepalives_count": (None, 3),
+    # A query on a silently dead TCP path fails after 30 s instead of ~15 min of retransmissions:
+    # the listener's self-check then reconnects instead of stalling.
+    "tcp_user_timeout": (None, 30_000),
 }
 
 _BOOKKEEPING = """

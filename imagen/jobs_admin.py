@@ -1,10 +1,10 @@
-"""Operator queries on imagen.jobs: list, show, stats, retry, cancel, prune.
+"""Operator queries on imagen.jobs: submit, list, show, stats, retry, cancel, prune.
 
 What `imagen jobs ...` runs, as importable functions over one connection. The
 stage path (claim, fence, heartbeat, complete, rescue) stays in `imagen.jobs`;
 this module only reads the table, or changes it the way an operator asks
 (retry and cancel go through `imagen.jobs`, so their rules live in one place).
-It must never touch a pending or running row except to cancel it, and never
+It must never change a pending or running row except to cancel it, and never
 delete one: prune only takes terminal rows.
 """
 
@@ -14,13 +14,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from psycopg.rows import dict_row
-
-from imagen import jobs
 from imagen.errors import ImagenError
+
+if TYPE_CHECKING:
+    from imagen.jobs import Conn
+
+# psycopg and imagen.jobs are imported inside the functions that need them: the CLI imports
+# this module on every `imagen` invocation, and only `imagen jobs` talks to the database.
 
 STATUSES = ("pending", "running", "done", "failed", "cancelled")
 TERMINAL = ("done", "failed", "cancelled")
@@ -103,6 +106,10 @@ class JobNotFound(ImagenError):
 
 class JobStateError(ImagenError):
     """The job is not in a state the operation accepts (retry a done job, cancel a failed one)."""
+
+
+class JobRefused(ImagenError):
+    """The database refused a new job: a CHECK constraint, or row level security."""
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,7 @@ def parse_statuses(values: Sequence[str], *, allowed: Sequence[str] = STATUSES) 
 
 
 def list_jobs(
-    conn: jobs.Conn,
+    conn: Conn,
     *,
     statuses: Sequence[str] = (),
     owner: UUID | None = None,
@@ -223,7 +230,7 @@ def list_jobs(
     return [JobSummary(*row) for row in rows]
 
 
-def status_counts(conn: jobs.Conn) -> tuple[dict[str, int], dict[str, int]]:
+def status_counts(conn: Conn) -> tuple[dict[str, int], dict[str, int]]:
     """(jobs per status with every status present, running jobs per stage)."""
     counts = dict.fromkeys(STATUSES, 0)
     by_stage: dict[str, int] = {}
@@ -236,7 +243,7 @@ def status_counts(conn: jobs.Conn) -> tuple[dict[str, int], dict[str, int]]:
     return counts, ordered
 
 
-def job_stats(conn: jobs.Conn, window: timedelta) -> JobStats:
+def job_stats(conn: Conn, window: timedelta) -> JobStats:
     """Counts by status, queue depth, oldest pending age, and p50/p95 pickup and total over `window`."""
     counts, by_stage = status_counts(conn)
     oldest = conn.execute(OLDEST_PENDING).fetchone()
@@ -289,8 +296,12 @@ def timeline(job: dict[str, Any]) -> list[TimelineEvent]:
     return events
 
 
-def job_detail(conn: jobs.Conn, job_id: UUID) -> JobDetail:
+def job_detail(conn: Conn, job_id: UUID) -> JobDetail:
     """The row, its timeline, its image row (if any) and its usage rows; JobNotFound when absent."""
+    from psycopg.rows import dict_row
+
+    from imagen import jobs
+
     row = jobs.get_job(conn, job_id)
     if row is None:
         raise JobNotFound(f"no job {job_id}")
@@ -300,8 +311,23 @@ def job_detail(conn: jobs.Conn, job_id: UUID) -> JobDetail:
     return JobDetail(job=row, timeline=timeline(row), image=image, usage=list(usage))
 
 
-def retry(conn: jobs.Conn, job_id: UUID) -> str:
+def submit(conn: Conn, owner_user_id: UUID, prompt: str, params: dict[str, Any]) -> UUID:
+    """Insert a pending job as its owner (RLS applies, as for the UI); JobRefused when refused."""
+    import psycopg
+
+    from imagen import jobs
+
+    try:
+        return jobs.submit_job(conn, owner_user_id, prompt, params)
+    except (psycopg.errors.CheckViolation, psycopg.errors.InsufficientPrivilege) as exc:
+        text = exc.diag.message_primary or str(exc).strip().splitlines()[0]
+        raise JobRefused(f"the database refused the job: {text}") from None
+
+
+def retry(conn: Conn, job_id: UUID) -> str:
     """failed or cancelled -> pending; return the status it had. JobNotFound / JobStateError otherwise."""
+    from imagen import jobs
+
     state = jobs.job_state(conn, job_id)
     if state is None:
         raise JobNotFound(f"no job {job_id}")
@@ -312,8 +338,10 @@ def retry(conn: jobs.Conn, job_id: UUID) -> str:
     return state[0]
 
 
-def cancel(conn: jobs.Conn, job_id: UUID) -> str:
+def cancel(conn: Conn, job_id: UUID) -> str:
     """pending or running -> cancelled; return the status it had. JobNotFound / JobStateError otherwise."""
+    from imagen import jobs
+
     state = jobs.job_state(conn, job_id)
     if state is None:
         raise JobNotFound(f"no job {job_id}")
@@ -325,7 +353,7 @@ def cancel(conn: jobs.Conn, job_id: UUID) -> str:
 
 
 def prune(
-    conn: jobs.Conn, older_than: timedelta, statuses: Sequence[str] = TERMINAL, *, dry_run: bool = False
+    conn: Conn, older_than: timedelta, statuses: Sequence[str] = TERMINAL, *, dry_run: bool = False
 ) -> PruneResult:
     """Delete terminal jobs that finished more than `older_than` ago (or count them, on a dry run).
 

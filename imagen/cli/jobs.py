@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import click
@@ -17,7 +17,9 @@ import click
 from imagen import jobs_admin
 from imagen.cli import handle_errors
 from imagen.config import load_settings
-from imagen.jobs import Conn
+
+if TYPE_CHECKING:
+    from imagen.jobs import Conn
 
 PROMPT_WIDTH = 40
 
@@ -142,9 +144,11 @@ def jobs() -> None:
 @click.option("--owner", type=click.UUID, help="owner user id  [default: IMAGEN_OWNER_USER_ID]")
 @handle_errors
 def submit(prompt: str, params_json: str, owner: UUID | None) -> None:
-    """Insert a pending job the way the UI does (as `authenticated`, so RLS applies); print its id."""
-    from imagen import jobs as job_rows
+    """Insert a job as its owner, as the UI does.
 
+    Runs as the `authenticated` role with PostgREST's JWT claims, so row level
+    security applies; prints the new job's id.
+    """
     try:
         params = json.loads(params_json)
     except ValueError as exc:
@@ -155,7 +159,7 @@ def submit(prompt: str, params_json: str, owner: UUID | None) -> None:
     if owner_id is None:
         raise click.UsageError("no owner: give --owner UUID or set IMAGEN_OWNER_USER_ID")
     with _connection() as conn:
-        job_id = job_rows.submit_job(conn, owner_id, prompt, params)
+        job_id = jobs_admin.submit(conn, owner_id, prompt, params)
     click.echo(str(job_id))
 
 
@@ -191,7 +195,11 @@ def list_command(
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @handle_errors
 def show(job_id: UUID, as_json: bool) -> None:
-    """One job: its row, the last attempt's stage timings, error, image and usage."""
+    """Show one job in full.
+
+    Its row, the last attempt's stage timings (with the time between stages),
+    error and last_error, its image row and its usage rows.
+    """
     with _connection() as conn:
         detail = jobs_admin.job_detail(conn, job_id)
     if as_json:
@@ -253,7 +261,10 @@ def show(job_id: UUID, as_json: bool) -> None:
 @click.argument("job_id", type=click.UUID)
 @handle_errors
 def retry(job_id: UUID) -> None:
-    """Put a failed or cancelled job back to pending (its attempt count carries on)."""
+    """Put a failed or cancelled job back to pending.
+
+    Its attempt count carries on: the next claim makes it attempt N+1.
+    """
     with _connection() as conn:
         was = jobs_admin.retry(conn, job_id)
     click.echo(f"job {job_id}: {was} -> pending")
@@ -263,7 +274,10 @@ def retry(job_id: UUID) -> None:
 @click.argument("job_id", type=click.UUID)
 @handle_errors
 def cancel(job_id: UUID) -> None:
-    """Cancel a pending or running job (a running one stops at its next stage boundary)."""
+    """Cancel a pending or running job.
+
+    A running job stops at its next stage boundary.
+    """
     with _connection() as conn:
         was = jobs_admin.cancel(conn, job_id)
     note = " (it stops at its next stage boundary)" if was == "running" else ""
@@ -278,7 +292,11 @@ def cancel(job_id: UUID) -> None:
 @click.option("--once", is_flag=True, help="print one frame and exit")
 @handle_errors
 def watch(interval: float, limit: int, once: bool) -> None:
-    """A live view: counts by status and the latest jobs, refreshed until Ctrl-C."""
+    """A live view of the queue, until Ctrl-C.
+
+    Counts by status, running jobs by stage and the latest jobs, refreshed
+    every --interval seconds.
+    """
     with _connection() as conn:
         try:
             while True:
@@ -310,7 +328,10 @@ def watch(interval: float, limit: int, once: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @handle_errors
 def stats(window: timedelta, as_json: bool) -> None:
-    """Counts by status, queue depth, oldest pending, and p50/p95 pickup and total over a window.
+    """Queue depth, counts and latency percentiles.
+
+    Counts by status, queue depth (pending), running jobs by stage, the oldest
+    pending job's age, and p50/p95 pickup and total over a window.
 
     Pickup is created_at -> claimed_at (the last claim), total created_at ->
     finished_at, both over done jobs that finished inside the window.
@@ -356,7 +377,10 @@ def stats(window: timedelta, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 @handle_errors
 def prune(older_than: timedelta, prune_statuses: tuple[str, ...], dry_run: bool, yes: bool) -> None:
-    """Delete terminal jobs that finished more than --older-than ago; print how many.
+    """Delete old done, failed or cancelled jobs.
+
+    Deletes terminal jobs that finished more than --older-than ago and prints
+    how many; pending and running jobs are never deleted.
 
     Image and usage rows stay (usage.job_id becomes null); storage objects are untouched.
     """

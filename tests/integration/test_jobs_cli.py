@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -456,12 +457,44 @@ def test_commands_need_a_database_url_and_fail_in_one_line(imagen_jobs: Run) -> 
         assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_submit_refuses_missing_owner_and_bad_params(imagen_jobs: Run) -> None:
+def test_submit_refuses_missing_owner_bad_params_and_a_blank_prompt(db_url: str, imagen_jobs: Run) -> None:
     no_owner = imagen_jobs("submit", "a prompt")
     assert no_owner.returncode == 2 and "no owner" in no_owner.stderr, explain(no_owner)
     for params in ("{not json", "[1, 2]"):
         bad = imagen_jobs("submit", "a prompt", "--owner", str(OWNER_A), "--params", params)
         assert bad.returncode == 2 and "--params" in bad.stderr, explain(bad)
+    blank = imagen_jobs("submit", " \t ", "--owner", str(OWNER_A))
+    assert blank.returncode == 1, explain(blank)
+    assert (
+        blank.stderr.startswith("imagen: the database refused the job: ")
+        and "jobs_prompt_check" in blank.stderr
+    )
+    assert scalar(db_url, "SELECT count(*) FROM imagen.jobs") == 0
+
+
+def test_watch_refreshes_until_interrupted_and_exits_cleanly(db_url: str, tmp_path: Path) -> None:
+    seed(db_url, status="pending")
+    out = tmp_path / "watch.out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEN_")}
+    env.update(IMAGEN_DATABASE_URL=db_url, PYTHONUNBUFFERED="1")
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imagen", "jobs", "watch", "--interval", "0.2"],
+            cwd=tmp_path,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: out.read_text().count("imagen jobs ") >= 2, timeout=30, message="two frames")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out.read_text()
+    assert "Ctrl-C to stop" in text and "pending 1  running 0" in text
+    assert "Traceback" not in text
 
 
 def test_submitted_job_runs_through_the_pipeline_and_show_lists_its_image(
