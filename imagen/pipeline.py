@@ -18,7 +18,7 @@ from typing import Any
 from uuid import UUID
 
 from imagen.backends import canonical_name, get_backend
-from imagen.backends.base import GeneratedImage, ImageRequest, Usage
+from imagen.backends.base import Backend, GeneratedImage, ImageRequest, Usage
 from imagen.config import Settings
 from imagen.errors import ImagenError, InvalidRequest
 from imagen.params import GenerateSpec
@@ -105,14 +105,22 @@ def generate(
     owner_user_id: UUID | None = None,
     job_id: UUID | None = None,
     presets: Any = None,
+    backends: dict[str, Backend] | None = None,
 ) -> Generation:
     """Run one generation; record usage (failed calls too); write local copies when out_dir is given.
 
+    `backends` caches backend instances across calls (the actors keep one per
+    process, so provider SDK clients and their connections are reused).
     Raises TransientError or PermanentError subclasses from `imagen.errors`.
     """
     resolved, preset_name = resolve_spec(spec, settings, presets)
     assert resolved.backend is not None
-    backend = get_backend(resolved.backend, settings)
+    if backends is None:
+        backend = get_backend(resolved.backend, settings)
+    else:
+        if resolved.backend not in backends:
+            backends[resolved.backend] = get_backend(resolved.backend, settings)
+        backend = backends[resolved.backend]
     request = ImageRequest(
         prompt=resolved.prompt,
         negative_prompt=resolved.negative_prompt,

@@ -52,6 +52,7 @@ class StageContext:
         self.settings = settings
         self.broker = broker
         self._lock = threading.Lock()
+        self.backends: dict[str, Any] = {}
 
     @cached_property
     def pool(self) -> Any:
@@ -180,7 +181,7 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
         with heartbeating(ctx, job_id, attempt):
             result = generate(
                 spec, ctx.settings, sink=ctx.usage_sink, out_dir=out_dir,
-                owner_user_id=job.owner_user_id, job_id=job.job_id, presets=ctx.presets,
+                owner_user_id=job.owner_user_id, job_id=job.job_id, presets=ctx.presets, backends=ctx.backends,
             )  # fmt: skip
         image = result.images[0]
         meta = {
