@@ -97,7 +97,7 @@ UPDATE imagen.jobs
 SET stage = %(stage)s, heartbeat_at = now(),
     stage_times = stage_times || jsonb_build_object(%(stage)s::text, now())
 WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-RETURNING id, owner_user_id, prompt, params, attempt, created_at, claimed_at
+RETURNING id, owner_user_id, prompt, params::text, attempt, created_at, claimed_at
 """
 
 HEARTBEAT = """
@@ -163,7 +163,8 @@ class RunningJob:
     job_id: UUID
     owner_user_id: UUID
     prompt: str
-    params: Any
+    # As text: jsonb holds what Python's json cannot load; `load_params` turns that into InvalidRequest.
+    params_json: str
     attempt: int
     created_at: datetime
     claimed_at: datetime | None
@@ -215,9 +216,26 @@ def begin_stage(conn: Conn, job_id: UUID | str, attempt: int, stage: str) -> Run
     if row is None:
         return None
     return RunningJob(
-        job_id=row[0], owner_user_id=row[1], prompt=row[2], params=row[3], attempt=row[4],
+        job_id=row[0], owner_user_id=row[1], prompt=row[2], params_json=row[3], attempt=row[4],
         created_at=row[5], claimed_at=row[6],
     )  # fmt: skip
+
+
+def load_params(params_json: str) -> Any:
+    """A job's params from their jsonb text.
+
+    PostgreSQL accepts jsonb that Python's json cannot load (nesting deeper than the
+    recursion limit, integers over 4300 digits); that is the owner's input, not a
+    transient failure, so it is an InvalidRequest.
+    """
+    import json
+
+    from imagen.errors import InvalidRequest
+
+    try:
+        return json.loads(params_json)
+    except (RecursionError, ValueError):
+        raise InvalidRequest("params cannot be read: nested too deeply or a number too long") from None
 
 
 def heartbeat(conn: Conn, job_id: UUID | str, attempt: int) -> bool:
@@ -276,6 +294,16 @@ ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
 RETURNING id
 """
 
+# A job cancelled (or failed) after its image was recorded keeps no image: the row goes, under the
+# job's row lock so a concurrent retry cannot reuse it half-way; the caller removes the object.
+DISCARD_IMAGE = """
+WITH ended AS (
+    SELECT id FROM imagen.jobs WHERE id = %(id)s AND status IN ('cancelled', 'failed') FOR UPDATE
+)
+DELETE FROM imagen.images i USING ended WHERE i.job_id = ended.id
+RETURNING i.bucket, i.path
+"""
+
 IMAGE_FOR_JOB = "SELECT id, bucket, path FROM imagen.images WHERE job_id = %(job_id)s"
 
 
@@ -288,6 +316,13 @@ def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:
     row = conn.execute(INSERT_IMAGE, params).fetchone()
     assert row is not None
     return UUID(str(row[0]))
+
+
+def discard_image(conn: Conn, job_id: UUID | str) -> tuple[str, str] | None:
+    """Delete the images row of a job that ended cancelled or failed; (bucket, path) of its object."""
+    with conn.transaction():
+        row = conn.execute(DISCARD_IMAGE, {"id": job_id}).fetchone()
+    return (row[0], row[1]) if row else None
 
 
 def image_for_job(conn: Conn, job_id: UUID | str) -> tuple[UUID, str, str] | None:

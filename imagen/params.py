@@ -20,6 +20,8 @@ MAX_NEGATIVE = 2000
 MAX_DELAY_MS = 600_000
 MOCK_ONLY = ("delay_ms", "fail")
 KNOWN = ("backend", "model", "size", "aspect_ratio", "preset", "seed", "negative_prompt", *MOCK_ONLY)
+MAX_SHOWN = 40
+MAX_SHOWN_KEYS = 5
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,12 @@ class GenerateSpec:
     seed: int | None = None
     negative_prompt: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _shown(text: str) -> str:
+    """A user's text as an error shows it: one line (non-printables escaped), at most MAX_SHOWN characters."""
+    shown = text if text.isprintable() else repr(text)[1:-1]
+    return shown if len(shown) <= MAX_SHOWN else shown[: MAX_SHOWN - 1] + "…"
 
 
 def _string(params: Mapping[str, Any], key: str, max_len: int = 200) -> str | None:
@@ -63,7 +71,9 @@ def _integer(params: Mapping[str, Any], key: str, low: int, high: int) -> int | 
         raise InvalidRequest(f"params.{key} must be an integer, not {value}")
     number = int(value)
     if not low <= number <= high:
-        raise InvalidRequest(f"params.{key} must be between {low} and {high}, not {number}")
+        # str() of an int over 4300 digits raises ValueError; JSON numbers have no such bound.
+        shown = str(number) if number.bit_length() <= 64 else f"a {number.bit_length()}-bit number"
+        raise InvalidRequest(f"params.{key} must be between {low} and {high}, not {shown}")
     return number
 
 
@@ -75,7 +85,9 @@ def spec_from_params(prompt: str, params: Any) -> GenerateSpec:
         raise InvalidRequest(f"params must be a JSON object, not {type(params).__name__}")
     unknown = sorted(str(k) for k in params if k not in KNOWN)
     if unknown:
-        raise InvalidRequest(f"unknown params key(s): {', '.join(unknown)}; allowed: {', '.join(KNOWN)}")
+        named = ", ".join(_shown(key) for key in unknown[:MAX_SHOWN_KEYS])
+        more = f" and {len(unknown) - MAX_SHOWN_KEYS} more" if len(unknown) > MAX_SHOWN_KEYS else ""
+        raise InvalidRequest(f"unknown params key(s): {named}{more}; allowed: {', '.join(KNOWN)}")
     backend = _string(params, "backend", 40)
     if backend is not None:
         backend = canonical_name(backend)
@@ -93,7 +105,8 @@ def spec_from_params(prompt: str, params: Any) -> GenerateSpec:
     fail = params.get("fail")
     if fail is not None:
         if fail not in ("transient", "permanent"):
-            raise InvalidRequest(f"params.fail must be 'transient' or 'permanent', not {fail!r}")
+            shown = _shown(repr(fail)) if isinstance(fail, str) else f"a {type(fail).__name__}"
+            raise InvalidRequest(f"params.fail must be 'transient' or 'permanent', not {shown}")
         options["fail"] = fail
     if options and backend not in (None, "mock"):
         raise InvalidRequest(f"params {', '.join(sorted(options))} only apply to the mock backend")

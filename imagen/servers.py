@@ -1,5 +1,9 @@
 """Throwaway PostgreSQL and Redis servers started from the binaries on PATH.
 
+PostgreSQL runs with fsync=off (nothing here must survive an OS crash) but
+synchronous_commit on, so a crash of the server itself loses no commit a client
+was told about: the reliability scenarios restart it with 'immediate' stops.
+
 Used by `imagen demo` when nothing is configured, and by the test fixtures and
 benchmarks so they never touch a shared server. Each server lives in its own
 temporary directory on a free port and is stopped (and its directory removed)
@@ -121,7 +125,7 @@ class PostgresServer:
             self.proc = subprocess.Popen(
                 [
                     postgres, "-D", str(self.root / "data"), "-p", str(self.port), "-k", str(self.root),
-                    "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                    "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
                     "-c", "full_page_writes=off", "-c", "max_connections=200",
                 ],
                 stdout=out, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,

@@ -174,7 +174,7 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
         return
     transition("started", job_id, attempt, stage)
     with guarded(ctx, job_id, attempt, stage):
-        spec = spec_from_params(job.prompt, job.params)
+        spec = spec_from_params(job.prompt, jobs.load_params(job.params_json))
         if spec.seed is None:
             spec = replace(spec, seed=seed_for_job(job.job_id))
         out_dir = ctx.settings.output_dir / "jobs" if ctx.settings.keep_local_copy else None
@@ -200,6 +200,8 @@ def run_sync(ctx: StageContext, job_id: str, attempt: int) -> None:
         job = jobs.begin_stage(conn, job_id, attempt, stage)
         existing = jobs.image_for_job(conn, job_id) if job else None
     if job is None:
+        # This attempt is over (cancelled, rescued or ended): its hand-off can never be used.
+        ctx.handoff.drop(job_id, attempt)
         _drop(ctx, job_id, attempt, stage)
         return
     with guarded(ctx, job_id, attempt, stage):
@@ -265,10 +267,18 @@ def run_finalize(ctx: StageContext, job_id: str, attempt: int, image_id: str) ->
     """Final stage: done + image_id in one conditional UPDATE."""
     with ctx.pool.connection() as conn:
         done = jobs.complete_job(conn, job_id, attempt, image_id)
+        discarded = None if done else jobs.discard_image(conn, job_id)
     if done:
         transition("done", job_id, attempt, "finalizing", image_id=image_id)
-    else:
-        _drop(ctx, job_id, attempt, "finalizing")
+        return
+    if discarded is not None:
+        # Cancelled (or failed) between the images row and this stage: a job that is not done keeps
+        # no image. A newer attempt of a running job is left alone: it reuses the row.
+        try:
+            ctx.storage.delete(discarded[1])
+        except ImagenError as exc:
+            log.warning("could not remove the image of ended job %s at %s: %s", job_id, discarded[1], exc)
+    _drop(ctx, job_id, attempt, "finalizing")
 
 
 def run_exhausted(ctx: StageContext, message: dict[str, Any], retry_info: dict[str, Any]) -> None:

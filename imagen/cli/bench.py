@@ -2,10 +2,59 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
+
+from imagen.cli import handle_errors
+
+
+def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"a comma-separated list of process counts, like 1,2 (not {value!r})"
+        ) from None
+    if not counts or min(counts) < 1:
+        raise click.BadParameter("give at least one process count, each 1 or more")
+    return counts
 
 
 @click.command()
-def bench() -> None:
-    """Measure pickup, end-to-end latency, throughput and memory against baselines."""
-    raise click.ClickException("not implemented yet")
+@click.option("--quick", is_flag=True, help="smaller sizes: about a minute instead of five")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write the report here"
+)
+@click.option(
+    "--jobs", type=click.IntRange(min=10), help="backlog size for throughput  [default: 10000; 1000 quick]"
+)
+@click.option(
+    "--samples", type=click.IntRange(min=5), help="sequential latency samples  [default: 200; 50 quick]"
+)
+@click.option(
+    "--workers",
+    default="1,2",
+    show_default=True,
+    callback=_workers,
+    help="worker process counts for throughput",
+)
+@handle_errors
+def bench(
+    quick: bool, json_path: Path | None, jobs: int | None, samples: int | None, workers: tuple[int, ...]
+) -> None:
+    """Measure pickup, INSERT -> done, throughput and memory against baselines from the same run.
+
+    Starts its own throwaway PostgreSQL and Redis (nothing configured is touched), the
+    raw PostgreSQL and bare Dramatiq baselines, then `imagen listen` and
+    `dramatiq imagen.actors -p N` with the settings we ship. Prints a table of each
+    figure next to its baseline, then the targets of issue 6.
+    """
+    from imagen.bench import bench_config, render_table, report_json, run_bench
+
+    config = bench_config(quick=quick, jobs=jobs, samples=samples, workers=workers)
+    report = run_bench(config, echo=lambda line: click.echo(f"bench: {line}", err=True))
+    click.echo(render_table(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report_json(report), indent=2) + "\n")

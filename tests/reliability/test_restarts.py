@@ -1,0 +1,88 @@
+"""Redis and PostgreSQL restarted under a running backlog.
+
+The servers are this module's own (harness.Servers), restarted on the same port.
+Redis keeps nothing on disk, so a restart loses every queued message and every
+hand-off: the jobs they carried come back through the lease rescue. PostgreSQL
+is stopped 'fast' (sessions terminated) or 'immediate' (a crash: recovery on
+start); the listener reconnects with backoff, the workers' pool replaces its
+dead connections, and stage errors in between are retried.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.reliability.harness import Harness
+
+pytestmark = pytest.mark.slow
+
+MOCK = {"backend": "mock", "size": "16x16"}
+
+
+def test_redis_restart_losing_every_message_still_ends_every_job(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    h.start_workers(1, threads=8)
+    listener = h.start_listener()
+    ids = h.insert_backlog(400, MOCK)
+    h.wait(lambda: h.counts()["done"] >= 60, 30, "backlog under way")
+    in_flight = [r[0] for r in h.query("SELECT id FROM imagen.jobs WHERE status = 'running'")]
+    done_before = h.counts()["done"]
+    h.servers.redis.stop()
+    fault = time.monotonic()
+    # Down until the workers' consumers have failed, so their reconnect path runs too.
+    h.wait(
+        lambda: "Consumer encountered a connection error" in h.all_log_text(), 15, "workers saw the outage"
+    )
+    outage = time.monotonic() - fault
+    h.servers.redis.start()
+    h.wait(lambda: h.counts()["done"] > done_before + 20, 30, "progress after the restart")
+    resumed = time.monotonic() - fault
+    h.wait_terminal(in_flight, 60)
+    h.figures.update(
+        running_at_restart=len(in_flight), outage_s=round(outage, 2), resumed_s=round(resumed, 1),
+        recovery_s=round(time.monotonic() - fault, 1),
+    )  # fmt: skip
+    figures = h.finish(deadline=90)
+    assert figures["jobs"] == len(ids)
+    assert figures["rescued_jobs"] >= 1, "jobs whose messages died with Redis came back by lease rescue"
+    assert listener.alive() and h.alive("workers"), "both processes survive a Redis restart"
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_postgres_restart_mid_backlog_everything_completes(
+    harness: Callable[..., Harness], mode: str
+) -> None:
+    h = harness()
+    h.start_workers(1, threads=8)
+    listener = h.start_listener()
+    ids = h.insert_backlog(400, MOCK)
+    h.wait(lambda: h.counts()["done"] >= 60, 30, "backlog under way")
+    done_before = h.counts()["done"]
+    in_flight = [r[0] for r in h.query("SELECT id FROM imagen.jobs WHERE status = 'running'")]
+    h.servers.pg.stop(mode=mode)
+    fault = time.monotonic()
+    # Down until the listener has failed to reconnect a few times (backoff 0.05, 0.1, 0.2... s),
+    # so its reconnect path runs and the workers' stages meet a dead database too.
+    h.wait(
+        lambda: listener.tail(50_000).count("lost its database connection") >= 5,
+        15,
+        "listener saw the outage",
+    )
+    outage = time.monotonic() - fault
+    h.servers.pg.start()
+    h.wait(lambda: h.listeners_connected() >= 1, 30, "listener reconnected")
+    reconnect = time.monotonic() - fault
+    h.wait(lambda: h.counts()["done"] > done_before + 20, 30, "progress after the restart")
+    resumed = time.monotonic() - fault
+    h.wait_terminal(in_flight, 60)
+    h.figures.update(
+        mode=mode, running_at_stop=len(in_flight), outage_s=round(outage, 2),
+        listener_reconnect_s=round(reconnect, 1), resumed_s=round(resumed, 1),
+        recovery_s=round(time.monotonic() - fault, 1),
+    )  # fmt: skip
+    figures = h.finish(deadline=90)
+    assert figures["jobs"] == len(ids)
+    assert listener.alive() and h.alive("workers"), "both processes survive a PostgreSQL restart"

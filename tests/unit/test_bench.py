@@ -1,0 +1,197 @@
+"""The benchmark's statistics, table and JSON; one slow end-to-end run of `imagen bench --quick`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from imagen.bench import (
+    LATENCY_LABELS,
+    BenchConfig,
+    Memory,
+    Report,
+    Row,
+    Summary,
+    Throughput,
+    bench_config,
+    build_rows,
+    evaluate_targets,
+    format_ratio,
+    format_value,
+    percentile,
+    render_table,
+    report_json,
+)
+from imagen.cli import main
+
+
+def make_report(**latency_p50: float) -> Report:
+    """A report with every figure filled in, as a full run leaves it."""
+    report = Report(BenchConfig())
+    for index, key in enumerate(LATENCY_LABELS, 1):
+        p50 = latency_p50.get(key, float(index))
+        report.latency[key] = Summary(n=200, p50=p50, p99=p50 * 3, max=p50 * 4, mean=p50 * 1.1)
+    report.throughput = {
+        "chain_1w": Throughput(10_000, 20.0),
+        "chain_2w": Throughput(10_000, 10.0),
+        "pipeline_1w": Throughput(10_000, 40.0),
+        "pipeline_2w": Throughput(10_000, 25.0),
+    }
+    report.memory = {
+        "listener": Memory(50.0, 55.0),
+        "raw_claimer": Memory(30.0, None),
+        "worker_2w_master": Memory(25.0, 25.0),
+        "worker_2w_1": Memory(60.0, 64.0),
+        "worker_2w_2": Memory(61.0, 63.0),
+        "dramatiq_2w_1": Memory(40.0, 41.0),
+        "dramatiq_2w_2": Memory(40.5, 40.5),
+    }
+    return report
+
+
+def test_percentile_interpolates_between_closest_ranks() -> None:
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([float(v) for v in range(1, 101)], 99) == pytest.approx(99.01)
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([1.0, 2.0, 3.0], 0) == 1.0 and percentile([1.0, 2.0, 3.0], 100) == 3.0
+
+
+def test_percentile_of_nothing_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_summary_of_samples() -> None:
+    summary = Summary.of([3.0, 1.0, 2.0])
+    assert (summary.n, summary.p50, summary.max, summary.mean) == (3, 2.0, 3.0, 2.0)
+    assert summary.p99 == pytest.approx(2.98)
+
+
+def test_ratio_is_value_over_baseline_and_dash_when_undefined() -> None:
+    assert format_ratio(3.0, 1.5) == "2.00x"
+    assert format_ratio(0.5, 2.0) == "0.25x"
+    assert format_ratio(None, 1.0) == "-"
+    assert format_ratio(1.0, None) == "-"
+    assert format_ratio(1.0, 0.0) == "-"
+    # A clock-based baseline can be slightly negative: no meaningful ratio.
+    assert format_ratio(1.0, -0.2) == "-"
+    assert Row("x", "ms", 2.0, baseline="b", baseline_value=4.0).ratio == 0.5
+    assert Row("x", "ms", 2.0, baseline="b", baseline_value=-1.0).ratio is None
+
+
+def test_values_print_with_about_three_significant_digits() -> None:
+    assert [format_value(v) for v in (0.4123, 4.123, 41.23, 412.3, None)] == [
+        "0.412",
+        "4.12",
+        "41.2",
+        "412",
+        "-",
+    ]
+
+
+def test_throughput_is_items_over_seconds() -> None:
+    assert Throughput(1000, 4.0).per_second == 250.0
+    assert Throughput(0, 0.0).per_second == 0.0
+
+
+def test_quick_config_is_smaller_and_explicit_sizes_win() -> None:
+    quick = bench_config(quick=True)
+    assert quick.quick and quick.jobs < BenchConfig().jobs and quick.samples < BenchConfig().samples
+    sized = bench_config(quick=True, jobs=300, samples=3, workers=[2, 1, 2])
+    assert (sized.jobs, sized.samples, sized.stock_samples, sized.workers) == (300, 3, 3, (1, 2))
+    assert bench_config().workers == (1, 2) and bench_config().jobs == 10_000
+
+
+def test_each_pipeline_figure_sits_next_to_its_baseline() -> None:
+    report = make_report(pickup=1.0, raw_claim=0.5, done=12.0, dramatiq_chain=3.0)
+    rows = {row.figure: row for row in build_rows(report)}
+    pickup = rows[LATENCY_LABELS["pickup"]]
+    assert (pickup.baseline_value, pickup.ratio) == (0.5, 2.0)
+    assert rows[LATENCY_LABELS["done"]].ratio == 4.0
+    throughput = rows["throughput from a backlog, -p 2"]
+    assert (throughput.p50, throughput.baseline_value, throughput.ratio) == (400.0, 1000.0, 0.4)
+    worker = rows["worker process RSS under load, -p 2"]
+    assert (worker.p50, worker.baseline_value) == (64.0, 41.0)
+    assert rows["listener RSS at rest"].baseline_value == 30.0
+
+
+def test_targets_compare_against_the_issue_limits() -> None:
+    report = make_report(pickup=1.5, done=25.0)
+    targets = {t.name: t for t in evaluate_targets(report)}
+    assert targets["pickup p50"].met is True
+    assert targets["INSERT -> done p50"].met is False
+    assert targets["throughput, 2 workers"].value == 400.0 and targets["throughput, 2 workers"].met is True
+    assert targets["throughput / bare chain, 2 workers"].value == pytest.approx(0.4)
+    assert targets["throughput / bare chain, 2 workers"].met is False
+    assert targets["listener RSS"].value == 55.0 and targets["listener RSS"].met is True
+    assert {t.met for t in evaluate_targets(Report(BenchConfig()))} == {None}
+
+
+def test_table_has_the_columns_ratios_and_targets() -> None:
+    table = render_table(make_report(pickup=1.0, raw_claim=0.5))
+    header = table.splitlines()[0]
+    assert [cell.strip() for cell in header.split("|")] == [
+        "figure",
+        "p50",
+        "p99",
+        "max",
+        "baseline",
+        "ratio",
+    ]
+    assert "2.00x" in table
+    assert "target pickup p50 <= 2.00 ms: 1.00 -> met" in table
+    assert "MISSED" in table
+
+
+def test_json_has_every_figure_and_is_plain_json() -> None:
+    data = json.loads(json.dumps(report_json(make_report())))
+    assert set(data) >= {
+        "machine",
+        "config",
+        "latency_ms",
+        "throughput",
+        "memory_mb",
+        "rows",
+        "targets",
+        "notes",
+    }
+    assert set(data["latency_ms"]) == set(LATENCY_LABELS)
+    assert set(data["latency_ms"]["pickup"]) == {"n", "p50", "p99", "max", "mean"}
+    assert data["throughput"]["pipeline_2w"]["per_second"] == 400.0
+    assert data["memory_mb"]["listener"] == {"rest": 50.0, "load": 55.0}
+    assert {"figure", "unit", "p50", "p99", "max", "baseline", "baseline_value", "ratio"} == set(
+        data["rows"][0]
+    )
+    assert len(data["targets"]) == 7 and all(t["met"] is not None for t in data["targets"])
+
+
+def test_workers_option_refuses_a_bad_list() -> None:
+    result = CliRunner().invoke(main, ["bench", "--workers", "one,2"])
+    assert result.exit_code == 2 and "comma-separated" in result.output
+    result = CliRunner().invoke(main, ["bench", "--workers", "0"])
+    assert result.exit_code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server and PostgreSQL binaries")
+def test_quick_bench_end_to_end_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "imagen", "bench", "--quick", "--jobs", "200", "--samples", "5"]
+    result = subprocess.run([*argv, "--json", str(out)], capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "target pickup p50" in result.stdout
+    data = json.loads(out.read_text())
+    assert set(data["latency_ms"]) == set(LATENCY_LABELS)
+    assert all(data["latency_ms"][key]["n"] >= 5 for key in LATENCY_LABELS if key != "dramatiq_chain_stock")
+    assert set(data["throughput"]) == {"chain_1w", "chain_2w", "pipeline_1w", "pipeline_2w"}
+    assert all(t["items"] == 200 and t["failed"] == 0 for t in data["throughput"].values())
+    assert data["memory_mb"]["listener"]["rest"] and data["memory_mb"]["listener"]["load"]
+    assert data["memory_mb"]["worker_2w_1"]["load"] and data["memory_mb"]["dramatiq_2w_1"]["load"]
+    assert all(row["p50"] is not None for row in data["rows"])
+    assert all(target["value"] is not None for target in data["targets"])
