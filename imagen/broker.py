@@ -17,7 +17,7 @@ import dramatiq
 import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-from dramatiq.common import compute_backoff
+from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
@@ -42,19 +42,30 @@ class WakingRedisBroker(RedisBroker):
     def consumer_class(self) -> type[_RedisConsumer]:
         return _WakingConsumer
 
-    def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
-        enqueued = super().enqueue(message, delay=delay)
-        key = self.wake_key(enqueued.queue_name)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.rpush(key, 1)
-        # Tokens pile up while consumers are busy; a few spare wakes are harmless, an unbounded list is not.
-        pipe.ltrim(key, -MAX_WAKE_TOKENS, -1)
-        pipe.expire(key, 3600)
-        try:
-            pipe.execute()
-        except redis.RedisError:
-            pass  # the message is enqueued; consumers still find it on their timeout
-        return enqueued
+    def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> None:
+        """Dramatiq's own enqueue script and the wake token, sent in one round trip."""
+        args = [
+            "enqueue", current_millis(), queue_name, self.broker_id, self.heartbeat_timeout,
+            self.dead_message_ttl, self._should_do_maintenance("enqueue"), self._max_unpack_size(),
+            message_id, data,
+        ]  # fmt: skip
+        script = self.scripts["dispatch"]
+        key = self.wake_key(queue_name)
+        for _ in range(2):
+            # EVALSHA by hand: a Script object in a pipeline costs a SCRIPT EXISTS round trip per call.
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, 1, self.namespace, *args)
+            pipe.rpush(key, 1)
+            # Tokens pile up while consumers are busy; a few spare wakes are harmless, an unbounded list is not.
+            pipe.ltrim(key, -MAX_WAKE_TOKENS, -1)
+            pipe.expire(key, 3600)
+            try:
+                pipe.execute()
+                return
+            except redis.exceptions.NoScriptError:
+                # Redis restarted and forgot the script: load it and send again (the token is harmless twice).
+                self.client.script_load(script.script)
+        raise redis.exceptions.NoScriptError("dramatiq dispatch script could not be loaded")
 
 
 class _WakingConsumer(_RedisConsumer):

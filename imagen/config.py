@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     claim_batch: int = Field(default=100, ge=1, le=10_000)
-    max_in_flight: int = Field(default=64, ge=1)
+    max_in_flight: int = Field(default=256, ge=1)
     handoff_ttl: int = Field(default=3600, ge=10)
     stage_retries: int = Field(default=4, ge=0)
     retry_min_backoff_ms: int = Field(default=1000, ge=1)

@@ -105,6 +105,12 @@ UPDATE imagen.jobs SET heartbeat_at = now()
 WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
 """
 
+HEARTBEAT_MANY = """
+UPDATE imagen.jobs j SET heartbeat_at = now()
+FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS b(id, attempt)
+WHERE j.id = b.id AND j.attempt = b.attempt AND j.status = 'running'
+"""
+
 NOTE_TRANSIENT = """
 UPDATE imagen.jobs SET last_error = %(error)s, heartbeat_at = now()
 WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
@@ -242,6 +248,13 @@ def heartbeat(conn: Conn, job_id: UUID | str, attempt: int) -> bool:
     return conn.execute(HEARTBEAT, {"id": job_id, "attempt": attempt}).rowcount == 1
 
 
+def heartbeat_many(conn: Conn, keys: list[tuple[str, int]]) -> int:
+    """Refresh the heartbeat of several (job_id, attempt) pairs in one statement; returns how many held."""
+    ids = [k[0] for k in keys]
+    attempts = [k[1] for k in keys]
+    return conn.execute(HEARTBEAT_MANY, {"ids": ids, "attempts": attempts}).rowcount
+
+
 def note_transient(conn: Conn, job_id: UUID | str, attempt: int, error: str) -> bool:
     """Remember the latest transient error, so a job that runs out of retries can say why."""
     return (
@@ -306,6 +319,35 @@ RETURNING i.bucket, i.path
 
 IMAGE_FOR_JOB = "SELECT id, bucket, path FROM imagen.images WHERE job_id = %(job_id)s"
 
+# The sync stage's start: fence + stage + heartbeat, and whether an earlier run already wrote the row.
+BEGIN_SYNC = """
+UPDATE imagen.jobs
+SET stage = 'syncing', heartbeat_at = now(),
+    stage_times = stage_times || jsonb_build_object('syncing', now())
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+RETURNING id, owner_user_id, prompt, params::text, attempt, created_at, claimed_at,
+          (SELECT i.id FROM imagen.images i WHERE i.job_id = %(id)s)
+"""
+
+# Fence, row and stage in one statement: the UPDATE locks the job row, so the images row is
+# written only while this attempt still holds the job, and a cancel waits for the commit.
+RECORD_JOB_IMAGE = """
+WITH fence AS (
+    UPDATE imagen.jobs
+    SET stage = 'finalizing', heartbeat_at = now(),
+        stage_times = stage_times || jsonb_build_object('finalizing', now())
+    WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
+    RETURNING id
+)
+INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
+                           backend, model, params)
+SELECT %(owner_user_id)s, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
+       %(prompt)s, %(backend)s, %(model)s, %(params)s
+FROM fence
+ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
+RETURNING id
+"""
+
 
 def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:
     """Insert the images row; a second insert for the same job returns the first row's id."""
@@ -323,6 +365,29 @@ def discard_image(conn: Conn, job_id: UUID | str) -> tuple[str, str] | None:
     with conn.transaction():
         row = conn.execute(DISCARD_IMAGE, {"id": job_id}).fetchone()
     return (row[0], row[1]) if row else None
+
+
+def begin_sync(conn: Conn, job_id: UUID | str, attempt: int) -> tuple[RunningJob | None, UUID | None]:
+    """Start the sync stage (fenced); also the image id if a previous run already recorded it."""
+    row = conn.execute(BEGIN_SYNC, {"id": job_id, "attempt": attempt}).fetchone()
+    if row is None:
+        return None, None
+    job = RunningJob(
+        job_id=row[0], owner_user_id=row[1], prompt=row[2], params_json=row[3], attempt=row[4],
+        created_at=row[5], claimed_at=row[6],
+    )  # fmt: skip
+    return job, (UUID(str(row[7])) if row[7] else None)
+
+
+def record_job_image(conn: Conn, attempt: int, values: dict[str, Any]) -> UUID | None:
+    """Write a job's images row (once per job) if `attempt` still holds it; None when the fence failed."""
+    from psycopg.types.json import Jsonb
+
+    params = dict(values)
+    params["params"] = Jsonb(params.get("params") or {})
+    params["attempt"] = attempt
+    row = conn.execute(RECORD_JOB_IMAGE, params).fetchone()
+    return UUID(str(row[0])) if row else None
 
 
 def image_for_job(conn: Conn, job_id: UUID | str) -> tuple[UUID, str, str] | None:

@@ -31,7 +31,7 @@ log = logging.getLogger("imagen.listener")
 
 CHANNEL = "imagen_jobs"
 HEALTH_INTERVAL = 10.0
-SATURATED_POLL = 0.02
+SATURATED_POLL = 0.01
 MAX_BACKOFF = 5.0
 
 

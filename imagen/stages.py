@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -64,8 +65,13 @@ class StageContext:
             max_size=16,
             kwargs={"autocommit": True, "application_name": "imagen-actors"},
             open=True,
-            check=ConnectionPool.check_connection,
+            # No per-checkout health check: it would add a round trip to every statement. A connection
+            # that died with the server fails its next use, the stage is retried, the pool replaces it.
         )
+
+    @cached_property
+    def heartbeater(self) -> Heartbeater:
+        return Heartbeater(self)
 
     @cached_property
     def handoff(self) -> Handoff:
@@ -139,27 +145,56 @@ def guarded(ctx: StageContext, job_id: str, attempt: int, stage: str) -> Iterato
         raise
 
 
+class Heartbeater:
+    """One thread per process refreshes heartbeat_at for every job whose provider call is in progress.
+
+    A slow provider call (minutes) must not look like a crash to the lease rescue.
+    One shared thread and one UPDATE per interval, not a thread per job: the mock
+    backend finishes in a millisecond, and starting threads would cost more.
+    """
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.interval = max(0.5, ctx.settings.lease_seconds / 4)
+        self.active: dict[tuple[str, int], int] = {}
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    @contextmanager
+    def beating(self, job_id: str, attempt: int) -> Iterator[None]:
+        key = (job_id, attempt)
+        with self.lock:
+            self.active[key] = self.active.get(key, 0) + 1
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="imagen-heartbeat", daemon=True)
+                self.thread.start()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active[key] -= 1
+                if not self.active[key]:
+                    del self.active[key]
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self.lock:
+                keys = list(self.active)
+            if not keys:
+                continue
+            try:
+                with self.ctx.pool.connection() as conn:
+                    jobs.heartbeat_many(conn, keys)
+            except psycopg.Error as exc:
+                log.warning("heartbeat for %d job(s) failed; will retry: %s", len(keys), exc)
+
+
 @contextmanager
 def heartbeating(ctx: StageContext, job_id: str, attempt: int) -> Iterator[None]:
-    """Refresh heartbeat_at while a slow provider call runs, so the lease is not mistaken for a crash."""
-    stop = threading.Event()
-    interval = max(0.5, ctx.settings.lease_seconds / 4)
-
-    def beat() -> None:
-        while not stop.wait(interval):
-            try:
-                with ctx.pool.connection() as conn:
-                    if not jobs.heartbeat(conn, job_id, attempt):
-                        return
-            except psycopg.Error:
-                log.warning("heartbeat for job %s failed; will retry", job_id)
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
-    thread.start()
-    try:
+    """Keep the job's lease fresh while the block runs."""
+    with ctx.heartbeater.beating(job_id, attempt):
         yield
-    finally:
-        stop.set()
 
 
 def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
@@ -197,8 +232,7 @@ def run_sync(ctx: StageContext, job_id: str, attempt: int) -> None:
     """Cloud-sync stage: upload at the job's one path (upsert), write the images row once."""
     stage = "syncing"
     with ctx.pool.connection() as conn:
-        job = jobs.begin_stage(conn, job_id, attempt, stage)
-        existing = jobs.image_for_job(conn, job_id) if job else None
+        job, existing = jobs.begin_sync(conn, job_id, attempt)
     if job is None:
         # This attempt is over (cancelled, rescued or ended): its hand-off can never be used.
         ctx.handoff.drop(job_id, attempt)
@@ -207,7 +241,7 @@ def run_sync(ctx: StageContext, job_id: str, attempt: int) -> None:
     with guarded(ctx, job_id, attempt, stage):
         if existing is not None:
             # A redelivered sync message after the row was written: go straight on.
-            ctx.send(FINALIZE_ACTOR, FINALIZE_QUEUE, job_id, attempt, str(existing[0]))
+            ctx.send(FINALIZE_ACTOR, FINALIZE_QUEUE, job_id, attempt, str(existing))
             ctx.handoff.drop(job_id, attempt)
             return
         handed = ctx.handoff.get(job_id, attempt)
@@ -237,19 +271,18 @@ def _record_image(
 ) -> UUID | None:
     job_id = str(job.job_id)
     with ctx.pool.connection() as conn:
-        with conn.transaction():
-            if jobs.lock_fence(conn, job_id, attempt):
-                image_id = jobs.insert_image(
-                    conn,
-                    {
-                        "owner_user_id": job.owner_user_id, "job_id": job.job_id, "bucket": bucket,
-                        "path": path, "mime": meta["mime"], "width": meta["width"], "height": meta["height"],
-                        "bytes": size, "prompt": meta["prompt"], "backend": meta["backend"],
-                        "model": meta["model"], "params": meta["params"],
-                    },
-                )  # fmt: skip
-                jobs.begin_stage(conn, job_id, attempt, "finalizing")
-                return image_id
+        image_id = jobs.record_job_image(
+            conn,
+            attempt,
+            {
+                "owner_user_id": job.owner_user_id, "job_id": job.job_id, "bucket": bucket,
+                "path": path, "mime": meta["mime"], "width": meta["width"], "height": meta["height"],
+                "bytes": size, "prompt": meta["prompt"], "backend": meta["backend"],
+                "model": meta["model"], "params": meta["params"],
+            },
+        )  # fmt: skip
+        if image_id is not None:
+            return image_id
         state = jobs.job_state(conn, job_id)
         has_image = jobs.image_for_job(conn, job_id) is not None
     # The job moved on while we uploaded. Remove our object only when nobody can still want it:

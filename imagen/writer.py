@@ -145,9 +145,13 @@ def _sidecar_bytes(path: Path, meta: Mapping[str, Any]) -> bytes:
 
 
 def _write_job_image(path: Path, data: bytes, meta: Mapping[str, Any]) -> Path:
-    """Replace the job's image, then its sidecar: a rerun leaves the same two files."""
-    _replace_atomically(path, data)
-    _replace_atomically(_sidecar(path), _sidecar_bytes(path, meta))
+    """Replace the job's image, then its sidecar: a rerun leaves the same two files.
+
+    No fsync: a job's local copy is a convenience (storage holds the image), and two
+    fsyncs per job would cost the pipeline more than the whole mock generation.
+    """
+    _replace_atomically(path, data, durable=False)
+    _replace_atomically(_sidecar(path), _sidecar_bytes(path, meta), durable=False)
     return path
 
 
@@ -188,7 +192,7 @@ def _write_new_image(out_dir: Path, base: str, ext: str, data: bytes, meta: Mapp
     raise StorageError(f"no free file name for {base}.{ext} in {out_dir} after {_MAX_COLLISIONS} tries")
 
 
-def _replace_atomically(path: Path, data: bytes) -> None:
+def _replace_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename over `path`.
 
     os.replace within one directory is atomic on POSIX, so a reader (or a crash)
@@ -201,8 +205,9 @@ def _replace_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
