@@ -184,9 +184,16 @@ class Rescued:
 
 
 def claim_jobs(conn: Conn, limit: int, *, max_owners: int = 1000) -> list[Claim]:
-    """Claim up to `limit` pending jobs fairly across owners and commit."""
-    with conn.transaction():
+    """Claim up to `limit` pending jobs fairly across owners and commit.
+
+    One statement: on an autocommit connection it commits by itself, without the
+    BEGIN and COMMIT round trips that would sit between a NOTIFY and a visible claim.
+    """
+    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
         rows = conn.execute(CLAIM, {"limit": limit, "max_owners": max_owners}).fetchall()
+    else:
+        with conn.transaction():
+            rows = conn.execute(CLAIM, {"limit": limit, "max_owners": max_owners}).fetchall()
     # UPDATE ... RETURNING has no order: forward in claim order, every owner's first job first.
     rows.sort(key=lambda r: (r[5], r[3], r[0]))
     return [

@@ -98,6 +98,7 @@ class Listener:
         self._listen_conn: psycopg.Connection[Any] | None = None
         self._work_conn: psycopg.Connection[Any] | None = None
         self._saturated = False
+        self._refill = max(1, min(settings.claim_batch, settings.max_in_flight // 8))
         port = settings.listener_metrics_port if metrics_port is None else metrics_port
         self._metrics = _Metrics(port, settings.metrics_addr) if port else None
 
@@ -231,7 +232,8 @@ class Listener:
         total = 0
         while not self.stopping:
             room = self.settings.max_in_flight - jobs.count_running(conn)
-            if room <= 0:
+            if room <= 0 or (self._saturated and room < self._refill):
+                # Saturated: claim again once a batch worth a round trip fits, not a job or two per tick.
                 self._saturated = True
                 break
             want = min(self.settings.claim_batch, room)

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -134,7 +134,8 @@ class DatabaseSink:
         import psycopg
         from psycopg.types.json import Jsonb
 
-        params = asdict(record)
+        # Not asdict(): it deep-copies `raw` on every record only for Jsonb to wrap it.
+        params = {f.name: getattr(record, f.name) for f in fields(record)}
         params["raw"] = Jsonb(record.raw)
         try:
             with self.connect() as conn:
