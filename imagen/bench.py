@@ -175,8 +175,12 @@ LATENCY_LABELS = {
     "done": "INSERT -> done (finished_at), mock 64x64",
     "done_poll": "INSERT -> done seen by polling",
 }
-LATENCY_BASELINE = {"pickup": "raw_claim", "pickup_clock": "raw_claim_clock", "done": "dramatiq_chain"}
-LATENCY_BASELINE["done_poll"] = "dramatiq_chain"
+LATENCY_BASELINE = {
+    "pickup": "raw_claim",
+    "pickup_clock": "raw_claim_clock",
+    "done": "dramatiq_chain",
+    "done_poll": "dramatiq_chain",
+}
 
 
 @dataclass(frozen=True)
@@ -221,37 +225,16 @@ def build_rows(report: Report) -> list[Row]:
                     baseline=f"bare chain -p {n}", baseline_value=chain.per_second if chain else None,
                 )
             )  # fmt: skip
-    claimer = mem.get("raw_claimer", Memory())
-    listener = mem.get("listener", Memory())
-    rows.append(
-        Row("listener RSS at rest", "MB", listener.rest, baseline="raw claimer", baseline_value=claimer.rest)
-    )
-    rows.append(
-        Row(
-            "listener RSS under load",
-            "MB",
-            listener.load,
-            baseline="raw claimer",
-            baseline_value=claimer.rest,
-        )
-    )
+    claimer, listener = mem.get("raw_claimer", Memory()), mem.get("listener", Memory())
     top = max(report.config.workers)
     ours, bare = _worker_memory(mem, f"worker_{top}w"), _worker_memory(mem, f"dramatiq_{top}w")
-    label = f"bare worker -p {top}"
-    rows.append(
-        Row(
-            f"worker process RSS at rest, -p {top}", "MB", ours.rest, baseline=label, baseline_value=bare.rest
-        )
-    )
-    rows.append(
-        Row(
-            f"worker process RSS under load, -p {top}",
-            "MB",
-            ours.load,
-            baseline=label,
-            baseline_value=bare.load,
-        )
-    )
+    for figure, value, baseline, baseline_value in (
+        ("listener RSS at rest", listener.rest, "raw claimer", claimer.rest),
+        ("listener RSS under load", listener.load, "raw claimer", claimer.rest),
+        (f"worker process RSS at rest, -p {top}", ours.rest, f"bare worker -p {top}", bare.rest),
+        (f"worker process RSS under load, -p {top}", ours.load, f"bare worker -p {top}", bare.load),
+    ):
+        rows.append(Row(figure, "MB", value, baseline=baseline, baseline_value=baseline_value))
     return rows
 
 
@@ -906,7 +889,9 @@ class _Run:
         with MemoryWatch(process_tree(f"dramatiq_{n}w", proc.popen.pid)) as watch:
             self._inject(client, broker, jobs)
             started = time.time()
-            capped = self._drain(lambda: int(client.llen(DONE_KEY)) >= jobs, proc, started)
+            capped = self._drain(
+                lambda: int(client.llen(DONE_KEY)) >= jobs, proc, started, f"bare chain -p {n}"
+            )
         self._load_memory(watch.peaks)
         stamps = [float(_text(item).split()[1]) for item in client.lrange(DONE_KEY, 0, -1)]
         if not stamps:
@@ -922,7 +907,9 @@ class _Run:
         with psycopg.connect(self.db_url, autocommit=True) as conn, MemoryWatch(pids) as watch:
             self._insert_jobs(conn, owners, jobs)
             started = time.time()
-            capped = self._drain(lambda: sum(self._progress(conn, owners)[:2]) >= jobs, workers, started)
+            capped = self._drain(
+                lambda: sum(self._progress(conn, owners)[:2]) >= jobs, workers, started, f"pipeline -p {n}"
+            )
             done, failed, last = self._progress(conn, owners)
             if capped:
                 conn.execute(
@@ -938,15 +925,15 @@ class _Run:
             done, end - started, failed=failed, capped=capped
         )
 
-    def _drain(self, finished: Callable[[], bool], proc: Proc, started: float) -> bool:
+    def _drain(self, finished: Callable[[], bool], proc: Proc, started: float, label: str) -> bool:
         """Wait for a backlog to drain; True when the time cap stopped the wait."""
         while not finished():
             if not proc.alive():
                 raise BenchError(f"{proc.name} died under load:\n{proc.tail(2000)}")
             if time.time() - started > self.config.throughput_timeout:
                 self.report.notes.append(
-                    f"{proc.name}: backlog not drained in {self.config.throughput_timeout:.0f} s;"
-                    " the rate is from what finished"
+                    f"{label}: the backlog was not drained in {self.config.throughput_timeout:.0f} s;"
+                    " the rate is from what finished by then"
                 )
                 return True
             time.sleep(0.1)

@@ -70,8 +70,11 @@ class PipelineProcesses:
     def start_listener(self) -> Proc:
         return self._spawn("listener", [sys.executable, "-m", "imagen", "listen"])
 
-    def start_workers(self, processes: int = 1, threads: int = 4, *extra: str) -> Proc:
-        argv = [sys.executable, "-m", "dramatiq", "imagen.actors", "-p", str(processes), "-t", str(threads)]
+    def start_workers(self, processes: int = 1, threads: int | None = 4, *extra: str) -> Proc:
+        """`dramatiq imagen.actors -p N [-t T]`; threads=None leaves Dramatiq's default, as an operator types it."""
+        argv = [sys.executable, "-m", "dramatiq", "imagen.actors", "-p", str(processes)]
+        if threads is not None:
+            argv += ["-t", str(threads)]
         return self._spawn("workers", [*argv, *extra])
 
     def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
