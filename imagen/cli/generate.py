@@ -136,6 +136,12 @@ def generate(
         preset=preset, seed=seed, negative_prompt=negative,
     )  # fmt: skip
     owner_id = owner or settings.owner_user_id
+    if sync:
+        # Refuse before paying for a generation that could not be synced.
+        from imagen.storage import open_storage
+
+        settings.require_database_url()
+        open_storage(settings)
     interactive = sys.stderr.isatty() and not as_json
     sink = _usage_sink(settings, out_dir, sync)
     label = f"generating with {backend or settings.backend}"

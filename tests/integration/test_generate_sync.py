@@ -1,0 +1,91 @@
+"""`imagen generate --sync`: the CLI uploads through the same storage code and records the images row."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg
+
+from tests.fake_storage import DEFAULT_BUCKET, DEFAULT_KEY, fake_storage
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imagen", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("IMAGEN_", "SUPABASE_", "OPENAI_", "GEMINI_"))
+    }
+    env.update(extra)
+    return env
+
+
+def test_generate_sync_uploads_and_inserts_row_owned_by_the_fallback_owner(
+    db_url: str, tmp_path: Path
+) -> None:
+    owner = uuid.uuid4()
+    with fake_storage() as storage:
+        env = base_env(
+            IMAGEN_DATABASE_URL=db_url, SUPABASE_URL=storage.url, SUPABASE_SERVICE_ROLE_KEY=DEFAULT_KEY,
+            IMAGEN_OWNER_USER_ID=str(owner),
+        )  # fmt: skip
+        result = run(
+            ["generate", "a synced fox", "--size", "64x64", "--seed", "3", "--sync", "--out", "out"],
+            env,
+            tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+        (key,) = storage.objects
+        assert key[0] == DEFAULT_BUCKET and key[1].startswith(f"{owner}/cli-") and key[1].endswith(".png")
+    assert f"synced {DEFAULT_BUCKET}/{key[1]}" in result.stderr
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT owner_user_id, job_id, bucket, path, width, height FROM imagen.images"
+        ).fetchall()
+        usage = conn.execute("SELECT owner_user_id, backend, ok FROM imagen.usage").fetchall()
+    assert rows == [(owner, None, DEFAULT_BUCKET, key[1], 64, 64)]
+    assert usage == [(owner, "mock", True)]
+
+
+def test_generate_sync_owner_option_overrides_the_fallback_and_local_storage_works(
+    db_url: str, tmp_path: Path
+) -> None:
+    fallback, explicit = uuid.uuid4(), uuid.uuid4()
+    env = base_env(
+        IMAGEN_DATABASE_URL=db_url,
+        IMAGEN_STORAGE_DIR=str(tmp_path / "storage"),
+        IMAGEN_OWNER_USER_ID=str(fallback),
+    )
+    result = run(
+        ["generate", "a local fox", "--size", "32x32", "--sync", "--owner", str(explicit), "--json"],
+        env,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    import json
+
+    payload = json.loads(result.stdout)
+    (synced,) = payload["synced"]
+    assert synced["path"].startswith(f"{explicit}/")
+    assert (tmp_path / "storage" / synced["bucket"] / synced["path"]).is_file()
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT id::text, owner_user_id FROM imagen.images").fetchall() == [
+            (synced["image_id"], explicit)
+        ]
+
+
+def test_generate_sync_without_database_is_a_one_line_config_error(tmp_path: Path) -> None:
+    result = run(["generate", "a fox", "--size", "32x32", "--sync"], base_env(), tmp_path)
+    assert result.returncode == 78
+    assert result.stderr.strip().startswith("imagen: IMAGEN_DATABASE_URL is not set")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists(), "nothing generated when the sync could not happen"
