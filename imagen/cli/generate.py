@@ -87,7 +87,11 @@ def _usage_sink(settings: Settings, out_dir: Path, sync: bool) -> Any:
 @click.option("--size", help="WxH, e.g. 1024x768")
 @click.option("--aspect", "aspect", help="aspect ratio W:H, e.g. 16:9 (instead of --size)")
 @click.option("--preset", "-p", help="a prompt preset (built-in or from IMAGEN_PRESETS_FILE)")
-@click.option("--seed", type=click.IntRange(0, 2**31 - 1), help="seed (honoured by mock and gemini)")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**31 - 1),
+    help="seed (honoured by mock and gemini)  [default: random for those, recorded in the sidecar]",
+)
 @click.option("--negative", help="negative prompt (where the backend supports one)")
 @click.option(
     "--out",
@@ -106,9 +110,11 @@ def generate(
 ) -> None:  # fmt: skip
     """Generate images for PROMPT and write them (with JSON sidecars) to the output folder.
 
-    Works with no configuration on the mock backend. Transient provider errors
-    are retried up to 3 times; usage is appended to IMAGEN_USAGE_LOG (default
-    OUT/usage.jsonl).
+    Works with no configuration on the mock backend. A transient provider error
+    is tried up to 3 times in all, with backoff; usage is appended to
+    IMAGEN_USAGE_LOG (default OUT/usage.jsonl), and with --sync also to
+    imagen.usage. --sync checks the database and storage settings before
+    generating.
     """
     from imagen.backends import canonical_name
     from imagen.backends.sizes import parse_aspect, parse_size
