@@ -39,7 +39,7 @@ from psycopg.types.json import Jsonb
 
 from imagen.broker import MAX_WAKE_TOKENS, WakingRedisBroker
 from imagen.errors import ImagenError
-from imagen.runner import PipelineProcesses, Proc, pipeline_env
+from imagen.runner import DRAMATIQ_READY, PipelineProcesses, Proc, listeners_listening, pipeline_env
 from imagen.servers import PostgresServer, RedisServer
 
 Echo = Callable[[str], None]
@@ -652,7 +652,7 @@ class _Run:
         argv += ["-p", str(n), "-t", str(self.config.threads)]
         with _processes(env, self.bare_folder / f"{kind}-{n}") as procs:
             proc = _spawn(procs, "bare-workers", argv)
-            _wait_for(lambda: _ready(proc, "is ready for action", n), 60, f"{n} bare Dramatiq worker(s)")
+            _wait_for(lambda: _ready(proc, DRAMATIQ_READY, n), 60, f"{n} bare Dramatiq worker(s)")
             yield proc
 
     @contextlib.contextmanager
@@ -660,18 +660,10 @@ class _Run:
         """`dramatiq imagen.actors -p n` and `imagen listen`, as an operator starts them."""
         with _processes(self.pipeline_env, self.root / "pipeline" / f"p{n}") as procs:
             workers = procs.start_workers(processes=n, threads=self.config.threads)
-            _wait_for(lambda: _ready(workers, "is ready for action", n), 60, f"{n} imagen worker(s)")
+            _wait_for(lambda: _ready(workers, DRAMATIQ_READY, n), 60, f"{n} imagen worker(s)")
             listener = procs.start_listener()
-            _wait_for(self._listening, 30, "the listener's LISTEN")
+            _wait_for(lambda: listeners_listening(self.db_url) > 0, 30, "the listener's LISTEN")
             yield listener, workers
-
-    def _listening(self) -> bool:
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'imagen-listener'"
-                " AND query LIKE 'LISTEN%%'"
-            ).fetchone()
-        return bool(row and row[0])
 
     # the phases
 

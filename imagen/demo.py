@@ -7,7 +7,6 @@ binaries on PATH, and always cleans up what it started.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 from imagen import jobs
 from imagen.config import load_settings
 from imagen.db import connect, migrate
-from imagen.runner import PipelineProcesses, pipeline_env
+from imagen.runner import PipelineProcesses, Proc, listeners_listening, pipeline_env
 from imagen.servers import PostgresServer, RedisServer
 from imagen.smoke import TERMINAL
 
@@ -31,21 +30,13 @@ PROMPTS = [
 BAD = ("this job has a typo in its params", {"backend": "mock", "sise": "512x512"})
 
 
-def _configured(name: str) -> bool:
-    if os.environ.get(name):
-        return True
-    env_file = Path(".env")
-    return env_file.is_file() and any(
-        line.strip().startswith(f"{name}=") for line in env_file.read_text(errors="replace").splitlines()
-    )
-
-
 def run_demo(workdir: Path, *, count: int, timeout: float, echo: Callable[[str], None]) -> bool:
     """Run the demo; True when every good job ended done and the bad one failed with a reason."""
     settings = load_settings()
     workdir = workdir.resolve()
     with ExitStack() as stack:
-        if _configured("IMAGEN_DATABASE_URL"):
+        # Configured means set in the environment or .env, not a default: pydantic-settings knows which.
+        if "database_url" in settings.model_fields_set:
             database_url = settings.require_database_url()
             echo("postgres: using IMAGEN_DATABASE_URL")
         else:
@@ -54,7 +45,7 @@ def run_demo(workdir: Path, *, count: int, timeout: float, echo: Callable[[str],
             stack.callback(pg.cleanup)
             database_url = pg.url
             echo(f"postgres: started a throwaway server on port {pg.port}")
-        if _configured("IMAGEN_REDIS_URL"):
+        if "redis_url" in settings.model_fields_set:
             redis_url = settings.redis_url
             echo("redis:    using IMAGEN_REDIS_URL")
         else:
@@ -66,11 +57,24 @@ def run_demo(workdir: Path, *, count: int, timeout: float, echo: Callable[[str],
         migrate(database_url, echo=lambda line: echo(f"migrate:  {line}"))
         procs = PipelineProcesses(pipeline_env(database_url, redis_url, workdir), workdir / "logs")
         stack.callback(procs.stop)
+        workers = procs.start_workers(processes=1, threads=4)
         procs.start_listener()
-        procs.start_workers(processes=1, threads=4)
+        # Insert only once both are up, so the table shows pickup latency, not start-up time.
+        if not _wait_ready(procs, workers, database_url, timeout):
+            echo("the pipeline processes did not start:\n" + procs.logs())
+            return False
         echo(f"started:  imagen listen + dramatiq imagen.actors (logs in {workdir / 'logs'})")
         return _submit_and_watch(database_url, workdir, count, timeout, echo, procs)
     return False  # pragma: no cover
+
+
+def _wait_ready(procs: PipelineProcesses, workers: Proc, database_url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while workers.ready_count() < 1 or listeners_listening(database_url) < 1:
+        if time.monotonic() > deadline or not all(p.alive() for p in procs.procs):
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _submit_and_watch(

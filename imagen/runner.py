@@ -15,6 +15,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+DRAMATIQ_READY = "is ready for action"
+
+
+def listeners_listening(database_url: str) -> int:
+    """How many `imagen listen` processes hold their LISTEN in this database (from pg_stat_activity)."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'imagen-listener'"
+            " AND datname = current_database() AND query LIKE 'LISTEN%%'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
 
 @dataclass
 class Proc:
@@ -39,6 +53,10 @@ class Proc:
 
     def wait(self, timeout: float) -> int:
         return self.popen.wait(timeout=timeout)
+
+    def ready_count(self) -> int:
+        """How many Dramatiq worker processes of this master said they are ready."""
+        return self.tail(10**7).count(DRAMATIQ_READY)
 
     def tail(self, chars: int = 4000) -> str:
         try:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from imagen.runner import PipelineProcesses, pipeline_env
+from imagen.runner import PipelineProcesses, Proc, listeners_listening, pipeline_env
 from tests.waiting import wait_until
 
 
@@ -28,20 +27,12 @@ FAST = {
 
 
 def listener_ready(db_url: str, count: int = 1) -> bool:
-    """True once `count` listeners hold a LISTEN on imagen_jobs (seen from pg_stat_activity)."""
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'imagen-listener'"
-            " AND datname = current_database() AND query LIKE 'LISTEN%%'"
-        ).fetchone()
-    return bool(row and row[0] >= count)
+    """True once `count` listeners hold a LISTEN on imagen_jobs."""
+    return listeners_listening(db_url) >= count
 
 
-def workers_ready(proc_log: Path, count: int = 1) -> bool:
-    try:
-        return proc_log.read_text(errors="replace").count("is ready for action") >= count
-    except OSError:
-        return False
+def workers_ready(proc: Proc, count: int = 1) -> bool:
+    return proc.ready_count() >= count
 
 
 @pytest.fixture
@@ -56,7 +47,7 @@ def pipeline(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[Callable[.
         started.append(procs)
         for _ in range(workers):
             w = procs.start_workers(processes=1, threads=threads)
-            wait_until(lambda w=w: workers_ready(w.log), timeout=30, message=f"workers ready\n{procs.logs()}")
+            wait_until(lambda w=w: workers_ready(w), timeout=30, message=f"workers ready\n{procs.logs()}")
         for _ in range(listeners):
             procs.start_listener()
         wait_until(

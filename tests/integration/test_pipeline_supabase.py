@@ -126,7 +126,7 @@ def pipeline_live(tmp_path: Any, redis_url: str) -> Any:
         procs = PipelineProcesses(env, tmp_path / "logs")
         started.append(procs)
         w = procs.start_workers()
-        wait_until(lambda: workers_ready(w.log), timeout=30, message=procs.logs())
+        wait_until(lambda: workers_ready(w), timeout=30, message=procs.logs())
         procs.start_listener()
         wait_until(lambda: listener_ready(url), timeout=30, message=procs.logs())
         return procs

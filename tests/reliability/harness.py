@@ -250,7 +250,7 @@ class Harness:
     def start_workers(self, processes: int = 1, threads: int = 4, *, wait: bool = True) -> Proc:
         proc = self.procs.start_workers(processes, threads)
         if wait:
-            self.wait(lambda: _count_in(proc.log, "is ready for action") >= processes, 30, "workers ready")
+            self.wait(lambda: proc.ready_count() >= processes, 30, "workers ready")
         return proc
 
     def start_listener(self, *, wait: bool = True) -> Proc:
@@ -377,13 +377,6 @@ class Harness:
         record_figures(self.figures_file, self.name, self.figures)
         print(f"\n{self.name}: {json.dumps(self.figures)}")
         return self.figures
-
-
-def _count_in(path: Path, text: str) -> int:
-    try:
-        return path.read_text(errors="replace").count(text)
-    except OSError:
-        return 0
 
 
 def check_invariants(h: Harness, *, deadline: float) -> dict[str, Any]:
