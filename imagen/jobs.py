@@ -100,11 +100,6 @@ WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
 RETURNING id, owner_user_id, prompt, params::text, attempt, created_at, claimed_at
 """
 
-HEARTBEAT = """
-UPDATE imagen.jobs SET heartbeat_at = now()
-WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-"""
-
 HEARTBEAT_MANY = """
 UPDATE imagen.jobs j SET heartbeat_at = now()
 FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS b(id, attempt)
@@ -126,12 +121,6 @@ UPDATE imagen.jobs
 SET status = 'done', image_id = %(image_id)s, stage = NULL, error = NULL, last_error = NULL,
     stage_times = stage_times || jsonb_build_object('done', now())
 WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-"""
-
-LOCK_FENCE = """
-SELECT 1 FROM imagen.jobs
-WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-FOR UPDATE
 """
 
 STATE = "SELECT status, attempt FROM imagen.jobs WHERE id = %(id)s"
@@ -251,10 +240,6 @@ def load_params(params_json: str) -> Any:
         raise InvalidRequest("params cannot be read: nested too deeply or a number too long") from None
 
 
-def heartbeat(conn: Conn, job_id: UUID | str, attempt: int) -> bool:
-    return conn.execute(HEARTBEAT, {"id": job_id, "attempt": attempt}).rowcount == 1
-
-
 def heartbeat_many(conn: Conn, keys: list[tuple[str, int]]) -> int:
     """Refresh the heartbeat of several (job_id, attempt) pairs in one statement; returns how many held."""
     ids = [k[0] for k in keys]
@@ -276,11 +261,6 @@ def fail_job(conn: Conn, job_id: UUID | str, attempt: int, error: str) -> bool:
 def complete_job(conn: Conn, job_id: UUID | str, attempt: int, image_id: UUID | str) -> bool:
     """Mark done and link the image in one conditional UPDATE."""
     return conn.execute(COMPLETE, {"id": job_id, "attempt": attempt, "image_id": image_id}).rowcount == 1
-
-
-def lock_fence(conn: Conn, job_id: UUID | str, attempt: int) -> bool:
-    """Inside a transaction: lock the row if the fence holds, so nothing moves it until commit."""
-    return conn.execute(LOCK_FENCE, {"id": job_id, "attempt": attempt}).fetchone() is not None
 
 
 def job_state(conn: Conn, job_id: UUID | str) -> tuple[str, int] | None:

@@ -11,7 +11,7 @@ delete one: prune only takes terminal rows.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -324,32 +324,32 @@ def submit(conn: Conn, owner_user_id: UUID, prompt: str, params: dict[str, Any])
         raise JobRefused(f"the database refused the job: {text}") from None
 
 
-def retry(conn: Conn, job_id: UUID) -> str:
-    """failed or cancelled -> pending; return the status it had. JobNotFound / JobStateError otherwise."""
+def _transition(conn: Conn, job_id: UUID, move: Callable[[Conn, UUID], bool], refusal: str) -> str:
+    """Apply an operator transition; return the status the job had. JobNotFound / JobStateError otherwise."""
     from imagen import jobs
 
     state = jobs.job_state(conn, job_id)
     if state is None:
         raise JobNotFound(f"no job {job_id}")
-    if not jobs.retry_job(conn, job_id):
+    if not move(conn, job_id):
         now = jobs.job_state(conn, job_id)
         status = now[0] if now else state[0]
-        raise JobStateError(f"job {job_id} is {status}: only failed or cancelled jobs can be retried")
+        raise JobStateError(f"job {job_id} is {status}: {refusal}")
     return state[0]
+
+
+def retry(conn: Conn, job_id: UUID) -> str:
+    """failed or cancelled -> pending; return the status it had."""
+    from imagen import jobs
+
+    return _transition(conn, job_id, jobs.retry_job, "only failed or cancelled jobs can be retried")
 
 
 def cancel(conn: Conn, job_id: UUID) -> str:
-    """pending or running -> cancelled; return the status it had. JobNotFound / JobStateError otherwise."""
+    """pending or running -> cancelled; return the status it had."""
     from imagen import jobs
 
-    state = jobs.job_state(conn, job_id)
-    if state is None:
-        raise JobNotFound(f"no job {job_id}")
-    if not jobs.cancel_job(conn, job_id):
-        now = jobs.job_state(conn, job_id)
-        status = now[0] if now else state[0]
-        raise JobStateError(f"job {job_id} is {status}: only pending or running jobs can be cancelled")
-    return state[0]
+    return _transition(conn, job_id, jobs.cancel_job, "only pending or running jobs can be cancelled")
 
 
 def prune(

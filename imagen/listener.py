@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -40,14 +40,11 @@ class ListenerStats:
     """Counters the listener keeps; exported as Prometheus metrics and used by tests."""
 
     claims: int = 0
-    forwards: int = 0
     forward_failures: int = 0
     rescued: int = 0
     gave_up: int = 0
     reconnects: int = 0
-    wakes: int = 0
     mode: str = "starting"
-    pickup_seconds: list[float] = field(default_factory=list)
 
 
 class _Metrics:
@@ -185,8 +182,6 @@ class Listener:
             if self.stopping:
                 return
             now = time.monotonic()
-            if notified:
-                self.stats.wakes += 1
             if notified or now >= next_poll or self._saturated:
                 self.drain()
             if now >= next_poll:
@@ -271,9 +266,6 @@ class Listener:
                 return False
             pickup = (claim.claimed_at - claim.created_at).total_seconds()
             self.stats.claims += 1
-            self.stats.forwards += 1
-            if len(self.stats.pickup_seconds) < 100_000:
-                self.stats.pickup_seconds.append(pickup)
             if self._metrics:
                 self._metrics.claims.inc()
                 self._metrics.pickup.observe(max(pickup, 0.0))

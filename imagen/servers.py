@@ -69,7 +69,6 @@ class PostgresServer:
     port: int = field(default_factory=free_port)
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="imagen-pg-")))
     proc: subprocess.Popen[bytes] | None = None
-    _user: str | None = None
 
     @property
     def url(self) -> str:
@@ -85,7 +84,6 @@ class PostgresServer:
         for name in ("postgres", "nobody"):
             with contextlib.suppress(KeyError):
                 entry = pwd.getpwnam(name)
-                self._user = name
                 return {"user": entry.pw_uid, "group": entry.pw_gid}
         raise ConfigError("running as root and no 'postgres' or 'nobody' user exists to run PostgreSQL as")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
@@ -34,7 +34,7 @@ from imagen.broker import (
     stage_message,
 )
 from imagen.config import Settings
-from imagen.errors import ImagenError, TransientError
+from imagen.errors import ImagenError
 from imagen.handoff import Handoff
 from imagen.logs import transition
 from imagen.params import spec_from_params
@@ -52,7 +52,6 @@ class StageContext:
     def __init__(self, settings: Settings, broker: Any) -> None:
         self.settings = settings
         self.broker = broker
-        self._lock = threading.Lock()
         self.backends: dict[str, Any] = {}
 
     @cached_property
@@ -102,7 +101,10 @@ class StageContext:
 
 def _drop(ctx: StageContext, job_id: str, attempt: int, stage: str) -> None:
     with ctx.pool.connection() as conn:
-        state = jobs.job_state(conn, job_id)
+        _log_drop(job_id, attempt, stage, jobs.job_state(conn, job_id))
+
+
+def _log_drop(job_id: str, attempt: int, stage: str, state: tuple[str, int] | None) -> None:
     why = "job not found" if state is None else f"job is {state[0]} at attempt {state[1]}"
     transition("dropped", job_id, attempt, stage, reason=why)
 
@@ -292,7 +294,7 @@ def _record_image(
             ctx.storage.delete(path)
         except ImagenError as exc:
             log.warning("could not remove orphan object %s: %s", path, exc)
-    _drop(ctx, job_id, attempt, "syncing")
+    _log_drop(job_id, attempt, "syncing", state)
     return None
 
 
@@ -336,7 +338,3 @@ def _last_line(traceback: str | None) -> str | None:
         return None
     lines = [line for line in traceback.strip().splitlines() if line.strip()]
     return lines[-1] if lines else None
-
-
-StageFn = Callable[..., None]
-__all__ = ["StageContext", "TransientError", "run_exhausted", "run_finalize", "run_generate", "run_sync"]

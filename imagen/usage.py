@@ -84,13 +84,6 @@ class UsageSink(Protocol):
     def record(self, record: UsageRecord) -> None: ...
 
 
-class NullSink:
-    """Drops records; for callers that keep usage elsewhere."""
-
-    def record(self, record: UsageRecord) -> None:
-        return None
-
-
 class JsonlSink:
     """Appends one JSON object per line; safe across threads of one process."""
 
