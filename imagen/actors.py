@@ -4,7 +4,9 @@ Actors are thin: they unpack (job_id, attempt), and call the stage bodies in
 `imagen.stages`. Retries with bounded exponential backoff, time limits and
 metrics are Dramatiq middleware and actor options, configured here from the
 environment. Queues are named per stage so operators can place each stage on
-its own hosts: `dramatiq imagen.actors --queues imagen-generate`.
+its own hosts: `dramatiq imagen.actors --queues imagen-generate`. A worker that
+consumes all three queues runs sync and finalize in the generation message
+(IMAGEN_CHAIN_STAGES, docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ if settings.worker_metrics:
     broker.add_middleware(Prometheus())
 dramatiq.set_broker(broker)
 context = StageContext(settings, broker)
+
+
+class ChainStages(dramatiq.Middleware):
+    """At boot, tells the stages which queues this worker consumes (`--queues`, all by default)."""
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        context.chain_for_worker(worker.consumer_whitelist or None)
+
+
+broker.add_middleware(ChainStages())
 
 _stage_options: dict[str, Any] = {"on_retry_exhausted": EXHAUSTED_ACTOR}
 _short_limit = (

@@ -12,6 +12,8 @@ delivery semantics are unchanged; a lost token only costs the old idle timeout.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from uuid import uuid4
 
 import dramatiq
 import redis
@@ -20,6 +22,7 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
+from dramatiq.middleware import AgeLimit, Retries, ShutdownNotifications, TimeLimit
 
 from imagen.config import Settings
 
@@ -44,18 +47,42 @@ class WakingRedisBroker(RedisBroker):
 
     def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> None:
         """Dramatiq's own enqueue script and the wake token, sent in one round trip."""
-        args = [
-            "enqueue", current_millis(), queue_name, self.broker_id, self.heartbeat_timeout,
-            self.dead_message_ttl, self._should_do_maintenance("enqueue"), self._max_unpack_size(),
-            message_id, data,
-        ]  # fmt: skip
+        self._dispatch_enqueues(queue_name, [(message_id, data)])
+
+    def enqueue_many(self, messages: Sequence[Message]) -> list[Message]:
+        """Enqueue messages for one queue in one round trip, with one wake token per message (capped).
+
+        Each message goes through the enqueue middleware as `enqueue` would send it; the
+        listener forwards a whole claim batch this way. If it raises, any of them may or may
+        not be in Redis, as with a single enqueue whose reply was lost.
+        """
+        if not messages:
+            return []
+        queue_name = messages[0].queue_name
+        if any(m.queue_name != queue_name for m in messages):
+            raise ValueError("enqueue_many takes messages for one queue")
+        ready = [m.copy(options={"redis_message_id": str(uuid4())}) for m in messages]
+        for message in ready:
+            self.emit_before("enqueue", message, None)
+        self._dispatch_enqueues(queue_name, [(m.options["redis_message_id"], m.encode()) for m in ready])
+        for message in ready:
+            self.emit_after("enqueue", message, None)
+        return ready
+
+    def _dispatch_enqueues(self, queue_name: str, items: Sequence[tuple[str, bytes]]) -> None:
         script = self.scripts["dispatch"]
         key = self.wake_key(queue_name)
         for _ in range(2):
             # EVALSHA by hand: a Script object in a pipeline costs a SCRIPT EXISTS round trip per call.
             pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(script.sha, 1, self.namespace, *args)
-            pipe.rpush(key, 1)
+            for message_id, data in items:
+                args = [
+                    "enqueue", current_millis(), queue_name, self.broker_id, self.heartbeat_timeout,
+                    self.dead_message_ttl, self._should_do_maintenance("enqueue"), self._max_unpack_size(),
+                    message_id, data,
+                ]  # fmt: skip
+                pipe.evalsha(script.sha, 1, self.namespace, *args)
+            pipe.rpush(key, *([1] * min(len(items), MAX_WAKE_TOKENS)))
             # Tokens pile up while consumers are busy; a few spare wakes are harmless, an unbounded list is not.
             pipe.ltrim(key, -MAX_WAKE_TOKENS, -1)
             pipe.expire(key, 3600)
@@ -63,7 +90,7 @@ class WakingRedisBroker(RedisBroker):
                 pipe.execute()
                 return
             except redis.exceptions.NoScriptError:
-                # Redis restarted and forgot the script: load it and send again (the token is harmless twice).
+                # Redis restarted and forgot the script: load it and send again (the tokens are harmless twice).
                 self.client.script_load(script.script)
         raise redis.exceptions.NoScriptError("dramatiq dispatch script could not be loaded")
 
@@ -106,8 +133,10 @@ class _WakingConsumer(_RedisConsumer):
 
 def build_broker(settings: Settings) -> WakingRedisBroker:
     """The broker for workers and the listener, from IMAGEN_REDIS_URL."""
-    broker = WakingRedisBroker(url=settings.redis_url)
-    return broker
+    # Dramatiq's default middleware without Callbacks and Pipelines: no imagen message uses
+    # on_success/on_failure or pipe_target, and each costs work after every message.
+    middleware = [AgeLimit(), TimeLimit(), ShutdownNotifications(), Retries()]
+    return WakingRedisBroker(url=settings.redis_url, middleware=middleware)
 
 
 def stage_message(actor_name: str, queue_name: str, *args: object) -> Message:

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     claim_batch: int = Field(default=100, ge=1, le=10_000)
     max_in_flight: int = Field(default=256, ge=1)
     handoff_ttl: int = Field(default=3600, ge=10)
+    chain_stages: bool = True
     stage_retries: int = Field(default=4, ge=0)
     retry_min_backoff_ms: int = Field(default=1000, ge=1)
     retry_max_backoff_ms: int = Field(default=60_000, ge=1)

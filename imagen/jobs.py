@@ -336,6 +336,35 @@ RETURNING id
 """
 
 
+# The chained path's end (sync and finalize run in the generation message): fence, images row and
+# done in one statement. The fence locks the job row first, so a cancel waits for the commit, and
+# the job is linked to the row written here or to the one an earlier run of this attempt wrote.
+# 'syncing' is stamped on the server's clock, `sync_seconds` (the upload, timed by the worker) ago.
+RECORD_AND_COMPLETE = """
+WITH fence AS (
+    SELECT id FROM imagen.jobs
+    WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
+    FOR UPDATE
+),
+image AS (
+    INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
+                               backend, model, params)
+    SELECT %(owner_user_id)s, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s,
+           %(bytes)s, %(prompt)s, %(backend)s, %(model)s, %(params)s
+    FROM fence
+    ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
+    RETURNING id, job_id
+)
+UPDATE imagen.jobs j
+SET status = 'done', image_id = image.id, stage = NULL, error = NULL, last_error = NULL,
+    stage_times = j.stage_times || jsonb_build_object(
+        'syncing', now() - make_interval(secs => %(sync_seconds)s), 'done', now())
+FROM image
+WHERE j.id = image.job_id
+RETURNING image.id
+"""
+
+
 def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:
     """Insert the images row; a second insert for the same job returns the first row's id."""
     from psycopg.types.json import Jsonb
@@ -366,14 +395,24 @@ def begin_sync(conn: Conn, job_id: UUID | str, attempt: int) -> tuple[RunningJob
     return job, (UUID(str(row[7])) if row[7] else None)
 
 
-def record_job_image(conn: Conn, attempt: int, values: dict[str, Any]) -> UUID | None:
-    """Write a job's images row (once per job) if `attempt` still holds it; None when the fence failed."""
+def record_job_image(
+    conn: Conn, attempt: int, values: dict[str, Any], *, complete_after: float | None = None
+) -> UUID | None:
+    """Write a job's images row (once per job) if `attempt` still holds it; None when the fence failed.
+
+    With `complete_after` (seconds the sync took so far), the same statement also marks the
+    job done and links the row: the chained path's last write.
+    """
     from psycopg.types.json import Jsonb
 
     params = dict(values)
     params["params"] = Jsonb(params.get("params") or {})
     params["attempt"] = attempt
-    row = conn.execute(RECORD_JOB_IMAGE, params).fetchone()
+    if complete_after is None:
+        row = conn.execute(RECORD_JOB_IMAGE, params).fetchone()
+    else:
+        params["sync_seconds"] = max(0.0, complete_after)
+        row = conn.execute(RECORD_AND_COMPLETE, params).fetchone()
     return UUID(str(row[0])) if row else None
 
 

@@ -246,24 +246,24 @@ class Listener:
         return total
 
     def _forward(self, conn: psycopg.Connection[Any], claims: list[jobs.Claim]) -> bool:
-        """Send each claim to the generation queue; on a broker failure put the rest back."""
-        for index, claim in enumerate(claims):
-            try:
-                self.broker.enqueue(
-                    stage_message(GENERATE_ACTOR, GENERATE_QUEUE, str(claim.job_id), claim.attempt)
-                )
-            except Exception as exc:
-                self.stats.forward_failures += len(claims) - index
-                if self._metrics:
-                    self._metrics.forward_failures.inc(len(claims) - index)
-                log.warning(
-                    "forwarding to Dramatiq failed (%s): putting %d job(s) back",
-                    _first_line(exc),
-                    len(claims) - index,
-                )
-                for rest in claims[index:]:
-                    jobs.release_claim(conn, rest.job_id, rest.attempt)
-                return False
+        """Send the batch to the generation queue in one round trip; on a broker failure put it back."""
+        messages = [
+            stage_message(GENERATE_ACTOR, GENERATE_QUEUE, str(claim.job_id), claim.attempt)
+            for claim in claims
+        ]
+        try:
+            self.broker.enqueue_many(messages)
+        except Exception as exc:
+            self.stats.forward_failures += len(claims)
+            if self._metrics:
+                self._metrics.forward_failures.inc(len(claims))
+            log.warning(
+                "forwarding to Dramatiq failed (%s): putting %d job(s) back", _first_line(exc), len(claims)
+            )
+            for claim in claims:
+                jobs.release_claim(conn, claim.job_id, claim.attempt)
+            return False
+        for claim in claims:
             pickup = (claim.claimed_at - claim.created_at).total_seconds()
             self.stats.claims += 1
             if self._metrics:

@@ -62,11 +62,24 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     root.setLevel(level.upper())
 
 
+# A job's steps inside a worker are debug lines: at info a job is one line where it is claimed and
+# one where it ends (done, failed), plus any retry, drop or rescue. At hundreds of jobs a second,
+# five lines a job would be most of a worker's logging work and crowd journald's rate limit.
+_LEVELS = {
+    "started": logging.DEBUG,
+    "generated": logging.DEBUG,
+    "synced": logging.DEBUG,
+    "failed": logging.WARNING,
+    "dropped": logging.WARNING,
+    "rescued": logging.WARNING,
+}
+
+
 def transition(event: str, job_id: object, attempt: int, stage: str | None = None, **fields: Any) -> None:
     """Log one job transition; the message repeats the key fields for plain-text readers."""
     extra = {"event": event, "job_id": str(job_id), "attempt": attempt, "stage": stage, **fields}
     details = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-    level = logging.WARNING if event in ("failed", "dropped", "rescued") else logging.INFO
+    level = _LEVELS.get(event, logging.INFO)
     TRANSITIONS.log(
         level,
         "job %s attempt=%s stage=%s %s%s",

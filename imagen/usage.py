@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,7 +71,9 @@ class UsageRecord:
         )
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Not asdict(): it deep-copies `raw` (the provider's usage block) on every call.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["raw"] = dict(self.raw)
         data["created_at"] = self.created_at.isoformat()
         data["owner_user_id"] = str(self.owner_user_id) if self.owner_user_id else None
         data["job_id"] = str(self.job_id) if self.job_id else None

@@ -28,11 +28,17 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+@lru_cache(maxsize=8)
+def _gradient(width: int, height: int) -> Image.Image:
+    # Read-only below (a composite mask), so one per size serves every thread.
+    return Image.linear_gradient("L").resize((width, height))
+
+
 def render_png(prompt: str, seed: int, width: int, height: int) -> bytes:
     """Draw the image for (prompt, seed) and encode it as PNG."""
     digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
     rng = random.Random(digest)
-    gradient = Image.linear_gradient("L").resize((width, height))
+    gradient = _gradient(width, height)
     img = Image.composite(
         Image.new("RGB", (width, height), tuple(digest[3:6])),
         Image.new("RGB", (width, height), tuple(digest[0:3])),

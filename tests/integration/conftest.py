@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,3 +59,19 @@ def pipeline(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[Callable[.
     yield start
     for procs in started:
         procs.stop(timeout=20)
+
+
+class RecordingBroker:
+    """Captures the messages a stage sends instead of enqueueing them."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, tuple[Any, ...]]] = []
+        self.delays: list[int | None] = []
+
+    def enqueue(self, message: Any, *, delay: int | None = None) -> Any:
+        self.sent.append((message.actor_name, tuple(message.args)))
+        self.delays.append(delay)
+        return message
+
+    def enqueue_many(self, messages: list[Any]) -> list[Any]:
+        return [self.enqueue(message) for message in messages]

@@ -80,3 +80,31 @@ def test_delayed_messages_still_arrive_after_their_delay(redis_url: str, delay_m
         assert time.monotonic() - sent >= delay_ms / 1000
     finally:
         worker.stop()
+
+
+def test_enqueue_many_delivers_every_message_once_with_bounded_wake_tokens(redis_url: str) -> None:
+    broker = WakingRedisBroker(url=redis_url)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    @dramatiq.actor(broker=broker, queue_name="batch", actor_name="batch_noop")
+    def batch_noop(i: int) -> None:
+        with lock:
+            seen.append(i)
+
+    n = MAX_WAKE_TOKENS * 2
+    messages = [batch_noop.message(i) for i in range(n)]
+    sent = broker.enqueue_many(messages)
+    assert len({m.options["redis_message_id"] for m in sent}) == n
+    assert broker.client.llen(broker.wake_key("batch")) == MAX_WAKE_TOKENS
+    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+    worker.start()
+    try:
+        wait_until(lambda: len(seen) >= n, timeout=20, message=f"{len(seen)} of {n} batch messages processed")
+        worker.join()
+    finally:
+        worker.stop()
+    assert sorted(seen) == list(range(n)), "each message exactly once"
+    with pytest.raises(ValueError, match="one queue"):
+        other = dramatiq.Message(queue_name="elsewhere", actor_name="noop", args=(), kwargs={}, options={})
+        broker.enqueue_many([messages[0], other])

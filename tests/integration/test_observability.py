@@ -60,5 +60,6 @@ def test_json_logs_carry_one_line_per_transition_with_job_fields(db_url: str, pi
         for line in worker_log.splitlines()
         if line.startswith("{") and str(job_id) in line
     ]
-    assert worker_events == ["started", "generated", "synced", "done"]
+    # A job's steps inside the worker are debug lines: at info, one line where it ends.
+    assert worker_events == ["done"]
     assert "log me" not in worker_log, "prompts are logged only at debug level"

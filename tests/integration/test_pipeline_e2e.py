@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from imagen import jobs
+from imagen.broker import FINALIZE_QUEUE, GENERATE_QUEUE, SYNC_QUEUE
 from imagen.smoke import TERMINAL
-from tests.integration.conftest import listener_ready
+from tests.integration.conftest import listener_ready, workers_ready
 from tests.waiting import wait_until
 
 
@@ -66,7 +67,31 @@ def test_inserted_job_ends_done_with_image_row_object_and_owner(
         assert img.size == (96, 64)
     usage = query(db_url, "SELECT owner_user_id, backend, ok FROM imagen.usage WHERE job_id = %s", job_id)
     assert usage == [(owner, "mock", True)]
-    assert set(done["stage_times"]) >= {"queued", "generating", "syncing", "finalizing", "done"}
+    # One worker consumes every queue, so sync and finalize ran chained in the generation message.
+    stamps = done["stage_times"]
+    assert set(stamps) == {"queued", "generating", "syncing", "done"}
+    assert stamps["queued"] <= stamps["generating"] <= stamps["syncing"] <= stamps["done"]
+
+
+def test_workers_split_by_queue_pass_the_image_through_the_hand_off(db_url: str, pipeline: Any) -> None:
+    # Generation on one worker, sync and finalize on another, as on separate hosts.
+    procs = pipeline(workers=0)
+    for queues in ([GENERATE_QUEUE], [SYNC_QUEUE, FINALIZE_QUEUE]):
+        w = procs.start_workers(1, 2, "--queues", *queues)
+        wait_until(lambda w=w: workers_ready(w), timeout=30, message=f"workers ready\n{procs.logs()}")
+    job_id = submit(db_url, "split across hosts", {"backend": "mock", "size": "32x32"})
+    done = wait_terminal(db_url, job_id, procs)
+    assert done["status"] == "done", done["error"]
+    assert {"generating", "syncing", "finalizing", "done"} <= set(done["stage_times"])
+    assert query(db_url, "SELECT count(*) FROM imagen.images WHERE job_id = %s", job_id) == [(1,)]
+
+
+def test_chaining_turned_off_sends_every_stage_through_its_queue(db_url: str, pipeline: Any) -> None:
+    procs = pipeline(IMAGEN_CHAIN_STAGES="false")
+    job_id = submit(db_url, "three messages", {"backend": "mock", "size": "32x32"})
+    done = wait_terminal(db_url, job_id, procs)
+    assert done["status"] == "done", done["error"]
+    assert {"generating", "syncing", "finalizing", "done"} <= set(done["stage_times"])
 
 
 def test_permanent_failure_fails_at_once_with_readable_error(db_url: str, pipeline: Any) -> None:
@@ -179,10 +204,10 @@ def test_sigterm_listener_and_worker_mid_job_exit_zero_and_job_completes(db_url:
     # while it drains, or on a fresh worker): never a half-written job.
     workers.send(signal.SIGTERM)
     assert workers.wait(30) == 0, workers.tail()
-    assert "generated" in workers.tail(20_000), "the generation in hand finished before the exit"
-    more = pipeline() if row(db_url, job_id)["status"] == "running" else procs
-    done = wait_terminal(db_url, job_id, more, timeout=30)
-    assert done["status"] == "done" and done["attempt"] == 1
+    # The message in hand carries the whole job (its stages run chained on a worker of every queue).
+    done = row(db_url, job_id)
+    assert done["status"] == "done" and done["attempt"] == 1, "the job in hand finished before the exit"
+    assert f"job {job_id} attempt=1 stage=finalizing done" in workers.tail(20_000)
     assert query(db_url, "SELECT count(*) FROM imagen.images WHERE job_id = %s", job_id) == [(1,)]
 
 

@@ -29,6 +29,7 @@ from imagen import jobs
 from imagen.config import Settings
 from imagen.servers import free_port
 from imagen.stages import StageContext, run_finalize, run_generate, run_sync
+from tests.integration.conftest import RecordingBroker
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -432,15 +433,6 @@ def test_sql_in_prompt_and_params_is_stored_verbatim_and_harmless(town: Town) ->
         town.conn.commit()
 
 
-class _RecordingBroker:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, tuple[Any, ...]]] = []
-
-    def enqueue(self, message: Any) -> Any:
-        self.sent.append((message.actor_name, tuple(message.args)))
-        return message
-
-
 def test_path_traversal_in_prompt_and_params_never_reaches_a_path(
     db_url: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -453,7 +445,7 @@ def test_path_traversal_in_prompt_and_params_never_reaches_a_path(
     with psycopg.connect(db_url, autocommit=True) as conn:
         job_id = jobs.submit_job(conn, owner, f"{TRAVERSAL} {SQL_PROMPT} /tmp/x\\..\\..", params)
         (claim,) = jobs.claim_jobs(conn, 1)
-    ctx = StageContext(settings, _RecordingBroker())
+    ctx = StageContext(settings, RecordingBroker())
     try:
         run_generate(ctx, str(job_id), claim.attempt)
         run_sync(ctx, str(job_id), claim.attempt)

@@ -13,22 +13,21 @@ import pytest
 import redis
 
 from imagen import jobs
-from imagen.broker import FINALIZE_ACTOR, GENERATE_ACTOR, SYNC_ACTOR, build_broker
+from imagen.broker import (
+    FINALIZE_ACTOR,
+    FINALIZE_QUEUE,
+    GENERATE_ACTOR,
+    GENERATE_QUEUE,
+    SYNC_ACTOR,
+    SYNC_QUEUE,
+    build_broker,
+)
 from imagen.config import Settings
+from imagen.errors import TransientStorageError
 from imagen.handoff import handoff_key
 from imagen.listener import Listener
 from imagen.stages import StageContext, run_finalize, run_generate, run_sync
-
-
-class RecordingBroker:
-    """Captures the messages a stage sends instead of enqueueing them."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, tuple[Any, ...]]] = []
-
-    def enqueue(self, message: Any) -> Any:
-        self.sent.append((message.actor_name, tuple(message.args)))
-        return message
+from tests.integration.conftest import RecordingBroker
 
 
 @pytest.fixture
@@ -204,3 +203,123 @@ def test_rescue_of_a_job_no_worker_started_never_fails_it(db_url: str) -> None:
             (rescued,) = jobs.rescue_expired(conn, lease_seconds=600, max_attempts=3)
             assert rescued.status == "pending"
         assert claim.attempt == 5
+
+
+class FlakyStorage:
+    """Wraps the real storage: runs `before_put` first, and fails the first `failures` uploads (503)."""
+
+    def __init__(self, inner: Any, failures: int = 0, before_put: Any = None) -> None:
+        self.inner, self.failures, self.before_put, self.puts = inner, failures, before_put, 0
+
+    def put(self, path: str, data: bytes, mime: str) -> Any:
+        self.puts += 1
+        if self.before_put:
+            self.before_put()
+        if self.failures:
+            self.failures -= 1
+            raise TransientStorageError("storage upload: 503 Service Unavailable")
+        return self.inner.put(path, data, mime)
+
+    def delete(self, path: str) -> None:
+        self.inner.delete(path)
+
+
+def test_chained_worker_generates_syncs_and_completes_in_one_message_without_hand_off(
+    ctx: Any, db_url: str, settings: Settings, tmp_path: Path
+) -> None:
+    ctx.chain_for_worker(None)  # a worker on every queue
+    claim = claim_one(db_url)
+    run_generate(ctx, str(claim.job_id), claim.attempt)
+    assert ctx.broker.sent == [], "no sync or finalize message"
+    assert redis.Redis.from_url(settings.redis_url).exists(handoff_key(claim.job_id, 1)) == 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = jobs.get_job(conn, claim.job_id)
+    assert row is not None and row["status"] == "done" and row["stage"] is None
+    assert scalar(db_url, "SELECT id FROM imagen.images WHERE job_id = %s", claim.job_id) == row["image_id"]
+    stamps = row["stage_times"]
+    assert stamps["generating"] <= stamps["syncing"] <= stamps["done"]
+    run_generate(ctx, str(claim.job_id), claim.attempt)  # redelivered after done: fenced out
+    assert scalar(db_url, "SELECT count(*) FROM imagen.images WHERE job_id = %s", claim.job_id) == 1
+    assert scalar(db_url, "SELECT count(*) FROM imagen.usage WHERE job_id = %s", claim.job_id) == 1
+    assert len(list((tmp_path / "storage").rglob("*.png"))) == 1
+
+
+def test_chained_upload_failure_hands_the_image_to_the_sync_stage_instead_of_regenerating(
+    ctx: Any, db_url: str, settings: Settings
+) -> None:
+    ctx.chain_for_worker(None)
+    ctx.__dict__["storage"] = FlakyStorage(ctx.storage, failures=1)
+    claim = claim_one(db_url)
+    job_id = str(claim.job_id)
+    run_generate(ctx, job_id, claim.attempt)
+    assert ctx.broker.sent == [(SYNC_ACTOR, (job_id, 1))]
+    assert ctx.broker.delays == [settings.retry_min_backoff_ms], "sent on after a backoff, not at once"
+    assert redis.Redis.from_url(settings.redis_url).exists(handoff_key(claim.job_id, 1)) == 1
+    assert "503" in scalar(db_url, "SELECT last_error FROM imagen.jobs WHERE id = %s", claim.job_id)
+    run_sync(ctx, job_id, claim.attempt)
+    (finalize,) = [args for actor, args in ctx.broker.sent if actor == FINALIZE_ACTOR]
+    run_finalize(ctx, *finalize)
+    assert scalar(db_url, "SELECT status FROM imagen.jobs WHERE id = %s", claim.job_id) == "done"
+    assert scalar(db_url, "SELECT count(*) FROM imagen.usage WHERE job_id = %s", claim.job_id) == 1, (
+        "the provider was called once"
+    )
+
+
+def test_job_cancelled_during_a_chained_upload_keeps_no_image_or_object(
+    ctx: Any, db_url: str, tmp_path: Path
+) -> None:
+    ctx.chain_for_worker(None)
+    claim = claim_one(db_url)
+
+    def cancel() -> None:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            assert jobs.cancel_job(conn, claim.job_id)
+
+    ctx.__dict__["storage"] = FlakyStorage(ctx.storage, before_put=cancel)
+    run_generate(ctx, str(claim.job_id), claim.attempt)
+    assert scalar(db_url, "SELECT status FROM imagen.jobs WHERE id = %s", claim.job_id) == "cancelled"
+    assert scalar(db_url, "SELECT count(*) FROM imagen.images WHERE job_id = %s", claim.job_id) == 0
+    assert not list((tmp_path / "storage").rglob("*.png")), "the uploaded object was removed"
+    assert ctx.broker.sent == []
+
+
+@pytest.mark.parametrize(
+    ("enabled", "queues", "chained"),
+    [
+        (True, None, True),
+        (True, {GENERATE_QUEUE, SYNC_QUEUE, FINALIZE_QUEUE}, True),
+        (True, {GENERATE_QUEUE}, False),
+        (True, {GENERATE_QUEUE, SYNC_QUEUE}, False),
+        (False, None, False),
+    ],
+)
+def test_stages_chain_only_on_a_worker_that_consumes_sync_and_finalize(
+    settings: Settings, enabled: bool, queues: set[str] | None, chained: bool
+) -> None:
+    context = StageContext(settings.model_copy(update={"chain_stages": enabled}), RecordingBroker())
+    context.chain_for_worker(queues)
+    assert context.chain_stages is chained
+
+
+def test_listener_puts_a_batch_back_to_pending_when_forwarding_fails(db_url: str, settings: Settings) -> None:
+    class DownBroker(RecordingBroker):
+        def enqueue_many(self, messages: list[Any]) -> list[Any]:
+            raise redis.ConnectionError("Connection refused")
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for i in range(3):
+            jobs.submit_job(conn, uuid.uuid4(), f"job {i}", {})
+    listener = Listener(settings, broker=DownBroker(), metrics_port=0)
+    listener._connect()
+    try:
+        assert listener.drain() == 3
+    finally:
+        listener._close()
+    assert listener.stats.forward_failures == 3 and listener.stats.claims == 0
+    rows = sorted(scalar_rows(db_url, "SELECT status, attempt, stage FROM imagen.jobs"))
+    assert rows == [("pending", 0, None)] * 3, "released with the attempt they had"
+
+
+def scalar_rows(db_url: str, sql: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        return conn.execute(sql).fetchall()

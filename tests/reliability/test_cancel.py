@@ -41,12 +41,17 @@ def cancel_as_owner(h: Harness, stage: str, limit: int) -> int:
     return cancelled
 
 
-def test_jobs_cancelled_in_every_stage_keep_no_image(harness: Callable[..., Harness]) -> None:
+@pytest.mark.parametrize("chained", [True, False], ids=["stages-chained", "stages-queued"])
+def test_jobs_cancelled_in_every_stage_keep_no_image(harness: Callable[..., Harness], chained: bool) -> None:
     h = harness()
+    if not chained:
+        h.set_env(IMAGEN_CHAIN_STAGES="false")
     h.start_workers(1, threads=8)
     h.start_listener()
     h.insert_backlog(300, MOCK)
-    by_stage = dict.fromkeys(("queued", "generating", "syncing", "finalizing"), 0)
+    # Chained, a job's upload and images row happen while its stage still reads 'generating'.
+    stages = ("queued", "generating") + (() if chained else ("syncing", "finalizing"))
+    by_stage = dict.fromkeys(stages, 0)
     started = time.monotonic()
     while h.unfinished() and time.monotonic() - started < 60:
         for stage in by_stage:
