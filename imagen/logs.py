@@ -77,9 +77,11 @@ _LEVELS = {
 
 def transition(event: str, job_id: object, attempt: int, stage: str | None = None, **fields: Any) -> None:
     """Log one job transition; the message repeats the key fields for plain-text readers."""
+    level = _LEVELS.get(event, logging.INFO)
+    if not TRANSITIONS.isEnabledFor(level):
+        return
     extra = {"event": event, "job_id": str(job_id), "attempt": attempt, "stage": stage, **fields}
     details = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-    level = _LEVELS.get(event, logging.INFO)
     TRANSITIONS.log(
         level,
         "job %s attempt=%s stage=%s %s%s",

@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote
@@ -74,8 +75,12 @@ class LocalStorage:
         self.root = root
         self.bucket = bucket
 
+    @cached_property
+    def _base(self) -> Path:
+        return (self.root / self.bucket).resolve()
+
     def _file(self, path: str) -> Path:
-        base = (self.root / self.bucket).resolve()
+        base = self._base
         target = (base / path).resolve()
         if base not in target.parents:
             raise StorageError(f"object path {path!r} escapes the storage folder")
