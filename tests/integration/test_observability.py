@@ -54,12 +54,15 @@ def test_json_logs_carry_one_line_per_transition_with_job_fields(db_url: str, pi
             events.append(record)
     assert [e["event"] for e in events] == ["claimed"]
     assert events[0]["attempt"] == 1 and events[0]["stage"] == "queued"
-    worker_log = next(p for p in procs.procs if p.name == "workers").log.read_text()
-    worker_events = [
-        json.loads(line)["event"]
-        for line in worker_log.splitlines()
-        if line.startswith("{") and str(job_id) in line
-    ]
+    workers = next(p for p in procs.procs if p.name == "workers")
+
+    def worker_events() -> list[str]:
+        lines = workers.log.read_text().splitlines()
+        return [json.loads(line)["event"] for line in lines if line.startswith("{") and str(job_id) in line]
+
+    # The row is done when the statement commits; the worker logs it just after.
+    wait_until(lambda: "done" in worker_events(), timeout=10, message=f"done line\n{procs.logs()}")
     # A job's steps inside the worker are debug lines: at info, one line where it ends.
-    assert worker_events == ["done"]
+    assert worker_events() == ["done"]
+    worker_log = workers.log.read_text()
     assert "log me" not in worker_log, "prompts are logged only at debug level"
