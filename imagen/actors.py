@@ -29,7 +29,14 @@ from imagen.broker import (
 from imagen.config import load_settings
 from imagen.errors import ConfigError
 from imagen.logs import configure_logging
-from imagen.stages import StageContext, run_exhausted, run_finalize, run_generate, run_sync
+from imagen.stages import (
+    SYNC_TIME_LIMIT_S,
+    StageContext,
+    run_exhausted,
+    run_finalize,
+    run_generate,
+    run_sync,
+)
 
 EXHAUSTED_ACTOR = "stage_exhausted"
 
@@ -68,9 +75,7 @@ class ChainStages(dramatiq.Middleware):
 broker.add_middleware(ChainStages())
 
 _stage_options: dict[str, Any] = {"on_retry_exhausted": EXHAUSTED_ACTOR}
-_short_limit = (
-    120_000  # sync and finalize do I/O only; a stuck upload should not hold a job for the full lease
-)
+_short_limit = SYNC_TIME_LIMIT_S * 1000
 
 
 @dramatiq.actor(actor_name=GENERATE_ACTOR, queue_name=GENERATE_QUEUE, **_stage_options)

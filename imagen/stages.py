@@ -44,6 +44,9 @@ from imagen.usage import DatabaseSink
 log = logging.getLogger(__name__)
 
 STAGE_LABELS = {"generating": "generation", "syncing": "sync", "finalizing": "finalize"}
+# Dramatiq time limit of the sync and finalize actors: they do I/O only, and a stuck upload
+# should not hold a job for the whole lease. A chained sync gets at least as long.
+SYNC_TIME_LIMIT_S = 120
 
 
 class StageContext:
@@ -211,6 +214,7 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
     from imagen.pipeline import generate, seed_for_job
 
     stage = "generating"
+    started = time.monotonic()
     with ctx.pool.connection() as conn:
         job = jobs.begin_stage(conn, job_id, attempt, stage)
     if job is None:
@@ -234,7 +238,10 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
             "model": result.model, "prompt": result.prompt, "preset": result.preset, "params": result.params,
         }  # fmt: skip
         transition("generated", job_id, attempt, stage, backend=result.backend, model=result.model)
-        if not ctx.chain_stages:
+        # Chained, the upload runs under this message's time limit: only with a sync stage's whole
+        # limit left, or a slow provider call could leave the upload too little and cost a rerun.
+        left = ctx.settings.generate_time_limit - (time.monotonic() - started)
+        if not ctx.chain_stages or left < SYNC_TIME_LIMIT_S:
             _hand_off(ctx, job_id, attempt, image.data, meta)
             return
         generated = (image.data, meta)
@@ -265,7 +272,8 @@ def _sync_chained(
     try:
         with guarded(ctx, job_id, attempt, stage):
             path = job_object_path(job.owner_user_id, job.job_id, meta["mime"])
-            stored = ctx.storage.put(path, data, meta["mime"])
+            with heartbeating(ctx, job_id, attempt):
+                stored = ctx.storage.put(path, data, meta["mime"])
             took = time.monotonic() - started
             image_id = _record_image(
                 ctx, job, attempt, stored.bucket, path, len(data), meta, complete_after=took

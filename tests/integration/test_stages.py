@@ -26,7 +26,7 @@ from imagen.config import Settings
 from imagen.errors import TransientStorageError
 from imagen.handoff import handoff_key
 from imagen.listener import Listener
-from imagen.stages import StageContext, run_finalize, run_generate, run_sync
+from imagen.stages import SYNC_TIME_LIMIT_S, StageContext, run_finalize, run_generate, run_sync
 from tests.integration.conftest import RecordingBroker
 
 
@@ -323,3 +323,19 @@ def test_listener_puts_a_batch_back_to_pending_when_forwarding_fails(db_url: str
 def scalar_rows(db_url: str, sql: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(db_url, autocommit=True) as conn:
         return conn.execute(sql).fetchall()
+
+
+def test_generation_that_used_most_of_its_time_limit_hands_the_upload_to_the_sync_stage(
+    db_url: str, settings: Settings
+) -> None:
+    # A generation limit under the sync stage's own: chaining could leave the upload too little time.
+    tight = settings.model_copy(update={"generate_time_limit": SYNC_TIME_LIMIT_S - 1})
+    context = StageContext(tight, RecordingBroker())
+    context.chain_for_worker(None)
+    try:
+        claim = claim_one(db_url)
+        run_generate(context, str(claim.job_id), claim.attempt)
+    finally:
+        context.close()
+    assert context.broker.sent == [(SYNC_ACTOR, (str(claim.job_id), 1))]
+    assert redis.Redis.from_url(settings.redis_url).exists(handoff_key(claim.job_id, 1)) == 1
