@@ -1,0 +1,57 @@
+"""The sizes of one benchmark run and its one error; nothing here starts a process or touches a server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from imagen.errors import ImagenError
+
+Echo = Callable[[str], None]
+DRAMATIQ_THREADS = 8  # what `dramatiq` runs without -t
+JOB_PARAMS = {"backend": "mock", "size": "64x64"}
+
+
+class BenchError(ImagenError):
+    """A phase could not run: a process died, a job failed, a deadline passed."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes of one run.
+
+    Sequential samples are spaced by a random `gap_ms`; the stock-broker reference waits
+    `idle_gap_ms` instead, long enough for Dramatiq's idle backoff to reach its cap, as on
+    a quiet pipeline. A backlog that does not drain within `throughput_timeout` seconds is
+    measured on what finished.
+    """
+
+    jobs: int = 10_000
+    samples: int = 200
+    workers: tuple[int, ...] = (1, 2)
+    stock_samples: int = 15
+    threads: int = DRAMATIQ_THREADS
+    owners: int = 10
+    warmup: int = 32
+    gap_ms: tuple[float, float] = (20.0, 60.0)
+    idle_gap_ms: tuple[float, float] = (500.0, 1500.0)
+    throughput_timeout: float = 45.0
+    quick: bool = False
+
+
+def bench_config(
+    *, quick: bool = False, jobs: int | None = None, samples: int | None = None, workers: Sequence[int] = ()
+) -> BenchConfig:
+    """The default run, or the ~1 minute `--quick` one, with explicit sizes winning."""
+    base = BenchConfig()
+    if quick:
+        base = BenchConfig(
+            jobs=1000, samples=50, stock_samples=5, warmup=16, throughput_timeout=20, quick=True
+        )
+    return replace(
+        base,
+        jobs=jobs or base.jobs,
+        samples=samples or base.samples,
+        stock_samples=min(base.stock_samples, samples or base.stock_samples),
+        workers=tuple(sorted(set(workers))) or base.workers,
+    )

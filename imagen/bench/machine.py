@@ -1,0 +1,47 @@
+"""What a benchmark's figures depend on: the machine, its load and the versions in use (read-only)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+
+def cpu_pressure() -> float | None:
+    """The share of the last 60 s in which some runnable task waited for a CPU (Linux PSI), in %."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    fields = dict(part.split("=", 1) for part in line.split()[1:])
+    return float(fields["avg60"]) if "avg60" in fields else None
+
+
+def describe_machine() -> dict[str, Any]:
+    """What the figures depend on: CPUs, CPU model, memory, load, versions."""
+    import dramatiq
+
+    def first(path: str, prefix: str) -> str | None:
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            return None
+        return None
+
+    mem = first("/proc/meminfo", "MemTotal")
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": first("/proc/cpuinfo", "model name"),
+        "memory_mb": int(mem.split()[0]) // 1024 if mem else None,
+        "loadavg": os.getloadavg(),
+        "cpu_pressure": cpu_pressure(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "dramatiq": dramatiq.__version__,
+        "psycopg": psycopg.__version__,
+    }

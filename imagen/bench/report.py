@@ -1,0 +1,288 @@
+"""The benchmark's figures and how they read: statistics, the report, the table and the JSON.
+
+Pure data and formatting: nothing here starts a process or talks to a server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from imagen.bench.config import BenchConfig
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), interpolating linearly between closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Latency samples in milliseconds."""
+
+    n: int
+    p50: float
+    p99: float
+    max: float
+    mean: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Summary:
+        return cls(
+            len(values),
+            percentile(values, 50),
+            percentile(values, 99),
+            max(values),
+            sum(values) / len(values),
+        )
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Items finished from a backlog, over the time from the backlog's commit to the last finish."""
+
+    items: int
+    seconds: float
+    failed: int = 0
+    capped: bool = False
+
+    @property
+    def per_second(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Memory:
+    """Resident set size in MB: idle before a backlog, and the peak while it drains."""
+
+    rest: float | None = None
+    load: float | None = None
+
+
+@dataclass
+class Report:
+    config: BenchConfig
+    machine: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Summary] = field(default_factory=dict)
+    throughput: dict[str, Throughput] = field(default_factory=dict)
+    memory: dict[str, Memory] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+LATENCY_LABELS = {
+    "raw_notify": "raw INSERT -> NOTIFY received",
+    "raw_claim": "raw INSERT committed -> SKIP LOCKED claim seen",
+    "raw_claim_clock": "raw INSERT committed -> claimed_at (server clock)",
+    "dramatiq_hop": "bare Dramatiq hop, imagen broker",
+    "dramatiq_chain": "bare 3-stage chain, imagen broker",
+    "dramatiq_chain_stock": "bare 3-stage chain, stock broker defaults, idle",
+    "dramatiq_chain_stock_t20": "bare 3-stage chain, stock, worker_timeout=20",
+    "pickup": "pickup: INSERT committed -> claim seen",
+    "pickup_clock": "pickup: INSERT committed -> claimed_at (server clock)",
+    "done": "INSERT -> done (finished_at), mock 64x64",
+    "done_poll": "INSERT -> done seen by polling",
+}
+LATENCY_BASELINE = {
+    "pickup": "raw_claim",
+    "pickup_clock": "raw_claim_clock",
+    "done": "dramatiq_chain",
+    "done_poll": "dramatiq_chain",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table; `ratio` is the figure's p50 (or value) over the baseline's."""
+
+    figure: str
+    unit: str
+    p50: float | None
+    p99: float | None = None
+    max: float | None = None
+    baseline: str | None = None
+    baseline_value: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.p50 is None or self.baseline_value is None or self.baseline_value <= 0:
+            return None
+        return self.p50 / self.baseline_value
+
+
+def build_rows(report: Report) -> list[Row]:
+    """The table: baselines first, then the pipeline's figures each next to its baseline."""
+    thr, mem = report.throughput, report.memory
+    rows: list[Row] = []
+    for key in ("raw_notify", "raw_claim", "raw_claim_clock", "dramatiq_hop", "dramatiq_chain"):
+        rows.extend(_latency_row(report, key))
+    rows.extend(_latency_row(report, "dramatiq_chain_stock", "dramatiq_chain"))
+    rows.extend(_latency_row(report, "dramatiq_chain_stock_t20", "dramatiq_chain"))
+    for n in report.config.workers:
+        chain = thr.get(f"chain_{n}w")
+        if chain:
+            rows.append(Row(f"bare 3-stage chain from a backlog, -p {n}", "chains/s", chain.per_second))
+    for key in ("pickup", "pickup_clock", "done", "done_poll"):
+        rows.extend(_latency_row(report, key, LATENCY_BASELINE[key]))
+    for n in report.config.workers:
+        jobs, chain = thr.get(f"pipeline_{n}w"), thr.get(f"chain_{n}w")
+        if jobs:
+            rows.append(
+                Row(
+                    f"throughput from a backlog, -p {n}", "jobs/s", jobs.per_second,
+                    baseline=f"bare chain -p {n}", baseline_value=chain.per_second if chain else None,
+                )
+            )  # fmt: skip
+    claimer, listener = mem.get("raw_claimer", Memory()), mem.get("listener", Memory())
+    top = max(report.config.workers)
+    ours, bare = _worker_memory(mem, f"worker_{top}w"), _worker_memory(mem, f"dramatiq_{top}w")
+    for figure, value, baseline, baseline_value in (
+        ("listener RSS at rest", listener.rest, "raw claimer", claimer.rest),
+        ("listener RSS under load", listener.load, "raw claimer", claimer.rest),
+        (f"worker process RSS at rest, -p {top}", ours.rest, f"bare worker -p {top}", bare.rest),
+        (f"worker process RSS under load, -p {top}", ours.load, f"bare worker -p {top}", bare.load),
+    ):
+        rows.append(Row(figure, "MB", value, baseline=baseline, baseline_value=baseline_value))
+    return rows
+
+
+def _latency_row(report: Report, key: str, base: str | None = None) -> list[Row]:
+    summary = report.latency.get(key)
+    if summary is None:
+        return []
+    reference = report.latency.get(base) if base else None
+    return [
+        Row(
+            LATENCY_LABELS[key], "ms", summary.p50, summary.p99, summary.max,
+            baseline=LATENCY_LABELS[base] if base and reference else None,
+            baseline_value=reference.p50 if reference else None,
+        )
+    ]  # fmt: skip
+
+
+def _worker_memory(memory: dict[str, Memory], prefix: str) -> Memory:
+    """The largest worker process (not the dramatiq master) of one worker set."""
+    found = [
+        m for name, m in memory.items() if name.startswith(prefix + "_") and not name.endswith("_master")
+    ]
+    rests = [m.rest for m in found if m.rest is not None]
+    loads = [m.load for m in found if m.load is not None]
+    return Memory(max(rests) if rests else None, max(loads) if loads else None)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's targets; `met` is None when the run did not measure it."""
+
+    name: str
+    limit: float
+    unit: str
+    at_most: bool
+    value: float | None
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value <= self.limit if self.at_most else self.value >= self.limit
+
+
+def evaluate_targets(report: Report) -> list[Target]:
+    """Issue 6's targets against this run."""
+    lat, thr = report.latency, report.throughput
+    pickup, done = lat.get("pickup"), lat.get("done")
+    jobs, chain = thr.get("pipeline_2w"), thr.get("chain_2w")
+    listener = report.memory.get("listener", Memory())
+    rss = [v for v in (listener.rest, listener.load) if v is not None]
+    return [
+        Target("pickup p50", 2.0, "ms", True, pickup.p50 if pickup else None),
+        Target("pickup p99", 10.0, "ms", True, pickup.p99 if pickup else None),
+        Target("INSERT -> done p50", 20.0, "ms", True, done.p50 if done else None),
+        Target("INSERT -> done p99", 60.0, "ms", True, done.p99 if done else None),
+        Target("throughput, 2 workers", 400.0, "jobs/s", False, jobs.per_second if jobs else None),
+        Target(
+            "throughput / bare chain, 2 workers",
+            0.7,
+            "x",
+            False,
+            jobs.per_second / chain.per_second if jobs and chain and chain.per_second else None,
+        ),
+        Target("listener RSS", 80.0, "MB", True, max(rss) if rss else None),
+    ]
+
+
+def format_value(value: float | None) -> str:
+    """Three significant digits or so: 0.412, 4.12, 41.2, 412."""
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def format_ratio(value: float | None, baseline: float | None) -> str:
+    """`value / baseline` as `1.23x`; `-` when either side is missing or the baseline is not positive."""
+    if value is None or baseline is None or baseline <= 0:
+        return "-"
+    return f"{value / baseline:.2f}x"
+
+
+def render_table(report: Report) -> str:
+    """figure | p50 | p99 | max | baseline | ratio, then the targets."""
+    header = ("figure", "p50", "p99", "max", "baseline", "ratio")
+    lines = [header]
+    for row in build_rows(report):
+        base = f"{format_value(row.baseline_value)} ({row.baseline})" if row.baseline else "-"
+        lines.append(
+            (
+                f"{row.figure} ({row.unit})", format_value(row.p50), format_value(row.p99),
+                format_value(row.max), base, format_ratio(row.p50, row.baseline_value),
+            )
+        )  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = [
+        " | ".join(
+            cell.ljust(w) if i in (0, 4) else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    out.append("")
+    for target in evaluate_targets(report):
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[target.met]
+        sign = "<=" if target.at_most else ">="
+        out.append(
+            f"target {target.name} {sign} {format_value(target.limit)} {target.unit}: {format_value(target.value)} -> {verdict}"
+        )
+    out.extend(f"note: {note}" for note in report.notes)
+    return "\n".join(out)
+
+
+def report_json(report: Report) -> dict[str, Any]:
+    """The whole report as plain JSON types."""
+    return {
+        "schema": 1,
+        "machine": report.machine,
+        "config": asdict(report.config),
+        "elapsed_s": round(report.elapsed_s, 1),
+        "latency_ms": {key: asdict(value) for key, value in report.latency.items()},
+        "throughput": {
+            key: {**asdict(value), "per_second": value.per_second} for key, value in report.throughput.items()
+        },
+        "memory_mb": {key: asdict(value) for key, value in report.memory.items()},
+        "rows": [{**asdict(row), "ratio": row.ratio} for row in build_rows(report)],
+        "targets": [{**asdict(t), "met": t.met} for t in evaluate_targets(report)],
+        "notes": report.notes,
+    }

@@ -1,0 +1,368 @@
+"""One benchmark run: fresh servers, the baselines' and the pipeline's processes, the phases in order.
+
+Every server, process and folder a run makes is stopped or removed when it
+returns, fails or is interrupted; it must never touch a configured database or Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.message import Message
+from psycopg.types.json import Jsonb
+
+from imagen.bench.baselines import BARE_ACTORS, DONE_KEY, RAW_CLAIMER, RAW_SCHEMA
+from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
+from imagen.bench.machine import cpu_pressure, describe_machine
+from imagen.bench.procs import (
+    _clean_env,
+    _interrupt_on_sigterm,
+    _processes,
+    _ready,
+    _spawn,
+    _text,
+    _wait_for,
+    process_tree,
+)
+from imagen.bench.report import LATENCY_LABELS, Report, Summary
+from imagen.bench.throughput import _Backlogs
+from imagen.broker import WakingRedisBroker
+from imagen.runner import DRAMATIQ_READY, Proc, listeners_listening, pipeline_env
+from imagen.servers import PostgresServer, RedisServer
+
+POLL_CLAIM = 0.0002  # seconds between polls while waiting for a claim
+POLL_DONE = 0.001
+RAW_INSERT = "INSERT INTO bench.raw_jobs DEFAULT VALUES RETURNING id"
+RAW_POLL = "SELECT status, claimed_at, NULL::timestamptz, NULL::text FROM bench.raw_jobs WHERE id = %s"
+JOB_INSERT = "INSERT INTO imagen.jobs (owner_user_id, prompt, params) VALUES (%s, 'bench', %s) RETURNING id"
+JOB_POLL = "SELECT status, claimed_at, finished_at, error FROM imagen.jobs WHERE id = %s"
+
+
+@dataclass
+class _Idle:
+    """Everything the interleaved latency rounds talk to."""
+
+    conn: psycopg.Connection[Any]
+    poller: psycopg.Connection[Any]
+    listen: psycopg.Connection[Any]
+    client: redis.Redis
+    broker: RedisBroker
+    owner: uuid.UUID
+
+
+class _Run(_Backlogs):
+    """The phases of one run; every server, process and folder it makes is on the ExitStack."""
+
+    def __init__(self, config: BenchConfig, echo: Echo, stack: contextlib.ExitStack) -> None:
+        self.config = config
+        self.echo = echo
+        self.report = Report(config)
+        self.random = random.Random(6)
+        self.root = Path(tempfile.mkdtemp(prefix="imagen-bench-"))
+        stack.callback(shutil.rmtree, self.root, ignore_errors=True)
+        self.pg = PostgresServer()
+        stack.callback(self.pg.cleanup)
+        self.redis = RedisServer()
+        stack.callback(self.redis.cleanup)
+        self.bare_folder = self.root / "bare"
+
+    def start_servers(self) -> None:
+        from imagen.db import migrate
+
+        self.echo("starting PostgreSQL and Redis")
+        self.pg.start()
+        self.redis.start()
+        self.db_url = self.pg.url
+        self.bare_url = self.redis.url[: -len("/0")] + "/1"
+        migrate(self.db_url)
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            conn.execute(RAW_SCHEMA.encode())
+            row = conn.execute("SHOW server_version").fetchone()
+        self.report.machine = describe_machine()
+        self.report.machine["postgres"] = row[0] if row else None
+        info = redis.Redis.from_url(self.redis.url).info("server")
+        self.report.machine["redis"] = info.get("redis_version")
+        self.bare_folder.mkdir()
+        (self.bare_folder / "bench_actors.py").write_text(BARE_ACTORS)
+        (self.root / "raw_claimer.py").write_text(RAW_CLAIMER)
+        self.pipeline_env = _clean_env(pipeline_env(self.db_url, self.redis.url, self.root / "pipeline"))
+
+    def _gap(self, gap_ms: tuple[float, float] | None = None) -> None:
+        time.sleep(self.random.uniform(*(gap_ms or self.config.gap_ms)) / 1000)
+
+    # the processes
+
+    @contextlib.contextmanager
+    def _raw_claimer(self) -> Iterator[Proc]:
+        env = _clean_env(BENCH_DATABASE_URL=self.db_url)
+        with _processes(env, self.root / "raw") as procs:
+            proc = _spawn(procs, "raw-claimer", [sys.executable, str(self.root / "raw_claimer.py")])
+            _wait_for(lambda: _ready(proc, "raw claimer ready"), 30, "the raw claimer")
+            yield proc
+
+    @contextlib.contextmanager
+    def _bare_workers(self, kind: str, n: int, **extra: str) -> Iterator[Proc]:
+        env = _clean_env(BENCH_REDIS_URL=self.bare_url, BENCH_BROKER=kind, **extra)
+        argv = [sys.executable, "-m", "dramatiq", "bench_actors", "--path", str(self.bare_folder)]
+        argv += ["-p", str(n), "-t", str(self.config.threads)]
+        with _processes(env, self.bare_folder / f"{kind}-{n}") as procs:
+            proc = _spawn(procs, "bare-workers", argv)
+            _wait_for(lambda: _ready(proc, DRAMATIQ_READY, n), 60, f"{n} bare Dramatiq worker(s)")
+            yield proc
+
+    @contextlib.contextmanager
+    def _pipeline(self, n: int) -> Iterator[tuple[Proc, Proc]]:
+        """`dramatiq imagen.actors -p n` and `imagen listen`, as an operator starts them."""
+        with _processes(self.pipeline_env, self.root / "pipeline" / f"p{n}") as procs:
+            workers = procs.start_workers(processes=n, threads=self.config.threads)
+            _wait_for(lambda: _ready(workers, DRAMATIQ_READY, n), 60, f"{n} imagen worker(s)")
+            listener = procs.start_listener()
+            _wait_for(lambda: listeners_listening(self.db_url) > 0, 30, "the listener's LISTEN")
+            yield listener, workers
+
+    # the phases
+
+    def measure(self) -> None:
+        """Latency rounds and the widest throughput pair with everything up, then the other widths."""
+        widths = sorted(self.config.workers, reverse=True)
+        top = widths[0]
+        client = redis.Redis.from_url(self.bare_url)
+        broker = WakingRedisBroker(url=self.bare_url)
+        try:
+            with (
+                self._raw_claimer() as claimer,
+                self._bare_workers("imagen", top) as bare,
+                self._pipeline(top) as (listener, workers),
+            ):
+                self._warm_chains(client, broker)
+                self._warm_jobs()
+                pids = {"raw_claimer": claimer.popen.pid, "listener": listener.popen.pid}
+                pids |= process_tree(f"dramatiq_{top}w", bare.popen.pid)
+                pids |= process_tree(f"worker_{top}w", workers.popen.pid)
+                self._rest_memory(pids)
+                self._latency_rounds(client, broker)
+                self._chain_throughput(client, broker, bare, top)
+                self._job_throughput(listener, workers, top)
+            for n in widths[1:]:
+                client.flushdb()
+                with self._bare_workers("imagen", n) as bare:
+                    self._warm_chains(client, broker)
+                    self._rest_memory(process_tree(f"dramatiq_{n}w", bare.popen.pid))
+                    self._chain_throughput(client, broker, bare, n)
+                with self._pipeline(n) as (listener, workers):
+                    self._warm_jobs()
+                    self._rest_memory(process_tree(f"worker_{n}w", workers.popen.pid))
+                    self._job_throughput(listener, workers, n)
+            self._stock_references(client)
+        finally:
+            broker.close()
+            client.close()
+
+    def _latency_rounds(self, client: redis.Redis, broker: RedisBroker) -> None:
+        """Sequential samples of every series, interleaved in a shuffled order each round, so a
+        noisy neighbour hits the pipeline and its baselines alike."""
+        n = self.config.samples
+        self.echo(f"latency: {n} rounds of raw NOTIFY, raw claim, bare hop, bare chain and one pipeline job")
+        values: dict[str, list[float]] = {}
+        with (
+            psycopg.connect(self.db_url, autocommit=True) as conn,
+            psycopg.connect(self.db_url, autocommit=True) as poller,
+            psycopg.connect(self.db_url, autocommit=True) as listen,
+        ):
+            listen.execute("LISTEN bench_probe")
+            idle = _Idle(conn, poller, listen, client, broker, uuid.uuid4())
+            samplers: dict[str, Callable[[_Idle, int], dict[str, float]]] = {
+                "raw_notify": self._notify_sample,
+                "raw_claim": self._raw_claim_sample,
+                "dramatiq_hop": self._hop_sample,
+                "dramatiq_chain": self._bare_chain_sample,
+                "pipeline": self._job_sample,
+            }
+            for i in range(n):
+                order = list(samplers)
+                self.random.shuffle(order)
+                for name in order:
+                    for key, value in samplers[name](idle, i).items():
+                        values.setdefault(key, []).append(value * 1000)
+                    self._gap()
+        for key, samples in values.items():
+            self.report.latency[key] = Summary.of(samples)
+
+    def _notify_sample(self, idle: _Idle, i: int) -> dict[str, float]:
+        started = time.perf_counter()
+        idle.conn.execute("INSERT INTO bench.probe DEFAULT VALUES")
+        with contextlib.closing(idle.listen.notifies(timeout=5, stop_after=1)) as stream:
+            if next(stream, None) is None:
+                raise BenchError("no NOTIFY from bench.probe within 5 s")
+        return {"raw_notify": time.perf_counter() - started}
+
+    def _hop_sample(self, idle: _Idle, i: int) -> dict[str, float]:
+        return {"dramatiq_hop": self._chain_sample(idle.client, idle.broker, "bench-hop", "hop", i)}
+
+    def _bare_chain_sample(self, idle: _Idle, i: int) -> dict[str, float]:
+        return {"dramatiq_chain": self._chain_sample(idle.client, idle.broker, "bench-1", "stage1", i)}
+
+    def _raw_claim_sample(self, idle: _Idle, i: int) -> dict[str, float]:
+        probe = self._row_sample(idle, RAW_INSERT, (), RAW_POLL, until_done=False)
+        return {"raw_claim": probe.claim_seen, "raw_claim_clock": probe.claim_clock}
+
+    def _job_sample(self, idle: _Idle, i: int) -> dict[str, float]:
+        probe = self._row_sample(idle, JOB_INSERT, (idle.owner, Jsonb(JOB_PARAMS)), JOB_POLL, until_done=True)
+        assert probe.done_clock is not None and probe.done_seen is not None
+        return {
+            "pickup": probe.claim_seen,
+            "pickup_clock": probe.claim_clock,
+            "done": probe.done_clock,
+            "done_poll": probe.done_seen,
+        }
+
+    def _row_sample(
+        self, idle: _Idle, insert: str, params: tuple[Any, ...], poll: str, *, until_done: bool
+    ) -> _Probe:
+        """Insert one row and poll it (no LISTEN) until claimed, or done.
+
+        `claim_seen`: from the INSERT's commit returning to the first poll that sees the row
+        claimed. `claim_clock`: the server's claimed_at minus the client's commit time (one
+        clock on one host). `done_clock`: finished_at minus the time the INSERT was sent;
+        `done_seen`: from the INSERT sent to the poll that sees it done.
+        """
+        sent_wall, sent = time.time(), time.perf_counter()
+        row = idle.conn.execute(insert, params).fetchone()
+        committed, committed_wall = time.perf_counter(), time.time()
+        assert row is not None
+        seen, claimed_at, finished_at, done_seen = self._watch(idle.poller, poll, row[0], until_done)
+        return _Probe(
+            claim_seen=seen - committed,
+            claim_clock=claimed_at.timestamp() - committed_wall,
+            done_clock=finished_at.timestamp() - sent_wall if finished_at else None,
+            done_seen=done_seen - sent if done_seen else None,
+        )
+
+    def _watch(
+        self, conn: psycopg.Connection[Any], sql: str, row_id: Any, until_done: bool
+    ) -> tuple[float, Any, Any, float | None]:
+        """Poll one row: (claim seen, claimed_at, finished_at, done seen), perf_counter seconds."""
+        seen: float | None = None
+        deadline = time.perf_counter() + 30
+        while True:
+            found = conn.execute(sql, (row_id,), prepare=True).fetchone()
+            now = time.perf_counter()
+            assert found is not None
+            status, claimed_at, finished_at, error = found
+            if seen is None and status != "pending":
+                seen = now
+                if not until_done:
+                    return seen, claimed_at, None, None
+            if status in ("done", "failed", "cancelled"):
+                if status != "done":
+                    raise BenchError(f"job {row_id} ended {status}: {error}")
+                assert seen is not None
+                return seen, claimed_at, finished_at, now
+            if now > deadline:
+                raise BenchError(f"row {row_id} still {status} after 30 s")
+            time.sleep(POLL_CLAIM if seen is None else POLL_DONE)
+
+    def _chain_sample(
+        self, client: redis.Redis, broker: RedisBroker, queue: str, actor: str, i: int
+    ) -> float:
+        """Enqueue one message; seconds until the last actor ran (its time.time(), same host clock)."""
+        started = time.time()
+        broker.enqueue(Message(queue_name=queue, actor_name=actor, args=(i,), kwargs={}, options={}))
+        got = client.blpop([DONE_KEY], timeout=30)
+        if got is None:
+            raise BenchError(f"{actor} message {i} did not finish within 30 s")
+        token, stamp = _text(got[1]).split()
+        if int(token) != i:
+            raise BenchError(f"{actor}: expected token {i}, got {token}")
+        return float(stamp) - started
+
+    def _stock_references(self, client: redis.Redis) -> None:
+        """Stock RedisBroker chains for reference: worker_timeout=20, and the defaults on an idle queue."""
+        top = max(self.config.workers)
+        stock = RedisBroker(url=self.bare_url)
+        try:
+            for key, samples, gap, extra in (
+                (
+                    "dramatiq_chain_stock_t20",
+                    self.config.samples,
+                    self.config.gap_ms,
+                    {"dramatiq_worker_timeout": "20"},
+                ),
+                ("dramatiq_chain_stock", self.config.stock_samples, self.config.idle_gap_ms, {}),
+            ):
+                client.flushdb()
+                self.echo(f"reference: {LATENCY_LABELS[key]} ({samples} samples)")
+                with self._bare_workers("stock", top, **extra):
+                    self._warm_chains(client, stock)
+                    out = []
+                    for i in range(samples):
+                        out.append(self._chain_sample(client, stock, "bench-1", "stage1", i) * 1000)
+                        self._gap(gap)
+                    self.report.latency[key] = Summary.of(out)
+        finally:
+            stock.close()
+
+
+@dataclass
+class _Probe:
+    """One sequential sample in seconds (see `_Run._row_sample`); None where it does not apply."""
+
+    claim_seen: float
+    claim_clock: float
+    done_clock: float | None = None
+    done_seen: float | None = None
+
+
+def run_bench(config: BenchConfig, echo: Echo | None = None) -> Report:
+    """Run every phase on fresh servers; stop all processes and servers however it ends."""
+    started = time.monotonic()
+
+    def say(line: str) -> None:
+        if echo is not None:
+            echo(f"[{time.monotonic() - started:5.1f}s] {line}")
+
+    with _interrupt_on_sigterm(), contextlib.ExitStack() as stack:
+        run = _Run(config, say, stack)
+        try:
+            run.start_servers()
+            run.measure()
+        except BaseException:
+            # A second Ctrl-C must not cut the clean-up short.
+            previous = (
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                if threading.current_thread() is threading.main_thread()
+                else None
+            )
+            try:
+                stack.close()
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGINT, previous)
+            raise
+        run.report.machine["loadavg_end"] = os.getloadavg()
+        run.report.machine["cpu_pressure_end"] = cpu_pressure()
+        busy = run.report.machine["loadavg"][0]
+        if busy > run.report.machine["nproc"]:
+            run.report.notes.append(
+                f"the machine was busy before the run (load average {busy:.1f} on {run.report.machine['nproc']}"
+                " CPUs): other work competed for the CPUs, so figures are inflated; compare ratios and rerun"
+            )
+        run.report.elapsed_s = time.monotonic() - started
+        say("finished")
+        return run.report
