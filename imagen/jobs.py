@@ -1,7 +1,8 @@
 """The job row: claim, stage, heartbeat, complete, fail, rescue, cancel, retry.
 
-All SQL to imagen.jobs lives here, kept together as procrastinate keeps its
-queries. Every write a stage makes is fenced on `status = 'running' AND attempt
+The SQL of the job row lives here, kept together as procrastinate keeps its
+queries; the statements that write or discard a job's image row under its fence
+are in `imagen.job_images`. Every write a stage makes is fenced on `status = 'running' AND attempt
 = <the message's attempt>`: a function returns False (or None) when the fence
 fails, and the caller drops the message. Nothing here commits for a caller that
 passed its own transaction, except where the docstring says so.
@@ -283,142 +284,6 @@ def retry_job(conn: Conn, job_id: UUID | str) -> bool:
 def get_job(conn: Conn, job_id: UUID | str) -> dict[str, Any] | None:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute("SELECT * FROM imagen.jobs WHERE id = %(id)s", {"id": job_id}).fetchone()
-
-
-INSERT_IMAGE = """
-INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
-                           backend, model, params)
-VALUES (%(owner_user_id)s, %(job_id)s, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
-        %(prompt)s, %(backend)s, %(model)s, %(params)s)
-ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
-RETURNING id
-"""
-
-# A job cancelled (or failed) after its image was recorded keeps no image: the row goes, under the
-# job's row lock so a concurrent retry cannot reuse it half-way; the caller removes the object.
-DISCARD_IMAGE = """
-WITH ended AS (
-    SELECT id FROM imagen.jobs WHERE id = %(id)s AND status IN ('cancelled', 'failed') FOR UPDATE
-)
-DELETE FROM imagen.images i USING ended WHERE i.job_id = ended.id
-RETURNING i.bucket, i.path
-"""
-
-IMAGE_FOR_JOB = "SELECT id, bucket, path FROM imagen.images WHERE job_id = %(job_id)s"
-
-# The sync stage's start: fence + stage + heartbeat, and whether an earlier run already wrote the row.
-BEGIN_SYNC = """
-UPDATE imagen.jobs
-SET stage = 'syncing', heartbeat_at = now(),
-    stage_times = stage_times || jsonb_build_object('syncing', now())
-WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-RETURNING id, owner_user_id, prompt, params::text, attempt, created_at, claimed_at,
-          (SELECT i.id FROM imagen.images i WHERE i.job_id = %(id)s)
-"""
-
-# Fence, row and stage in one statement: the UPDATE locks the job row, so the images row is
-# written only while this attempt still holds the job, and a cancel waits for the commit.
-RECORD_JOB_IMAGE = """
-WITH fence AS (
-    UPDATE imagen.jobs
-    SET stage = 'finalizing', heartbeat_at = now(),
-        stage_times = stage_times || jsonb_build_object('finalizing', now())
-    WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
-    RETURNING id
-)
-INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
-                           backend, model, params)
-SELECT %(owner_user_id)s, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
-       %(prompt)s, %(backend)s, %(model)s, %(params)s
-FROM fence
-ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
-RETURNING id
-"""
-
-
-# The chained path's end (sync and finalize run in the generation message): fence, images row and
-# done in one statement. The fence locks the job row first, so a cancel waits for the commit, and
-# the job is linked to the row written here or to the one an earlier run of this attempt wrote.
-# 'syncing' is stamped on the server's clock, `sync_seconds` (the upload, timed by the worker) ago.
-RECORD_AND_COMPLETE = """
-WITH fence AS (
-    SELECT id FROM imagen.jobs
-    WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
-    FOR UPDATE
-),
-image AS (
-    INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
-                               backend, model, params)
-    SELECT %(owner_user_id)s, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s,
-           %(bytes)s, %(prompt)s, %(backend)s, %(model)s, %(params)s
-    FROM fence
-    ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
-    RETURNING id, job_id
-)
-UPDATE imagen.jobs j
-SET status = 'done', image_id = image.id, stage = NULL, error = NULL, last_error = NULL,
-    stage_times = j.stage_times || jsonb_build_object(
-        'syncing', now() - make_interval(secs => %(sync_seconds)s), 'done', now())
-FROM image
-WHERE j.id = image.job_id
-RETURNING image.id
-"""
-
-
-def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:
-    """Insert the images row; a second insert for the same job returns the first row's id."""
-    from psycopg.types.json import Jsonb
-
-    params = dict(values)
-    params["params"] = Jsonb(params.get("params") or {})
-    row = conn.execute(INSERT_IMAGE, params).fetchone()
-    assert row is not None
-    return UUID(str(row[0]))
-
-
-def discard_image(conn: Conn, job_id: UUID | str) -> tuple[str, str] | None:
-    """Delete the images row of a job that ended cancelled or failed; (bucket, path) of its object."""
-    with conn.transaction():
-        row = conn.execute(DISCARD_IMAGE, {"id": job_id}).fetchone()
-    return (row[0], row[1]) if row else None
-
-
-def begin_sync(conn: Conn, job_id: UUID | str, attempt: int) -> tuple[RunningJob | None, UUID | None]:
-    """Start the sync stage (fenced); also the image id if a previous run already recorded it."""
-    row = conn.execute(BEGIN_SYNC, {"id": job_id, "attempt": attempt}).fetchone()
-    if row is None:
-        return None, None
-    job = RunningJob(
-        job_id=row[0], owner_user_id=row[1], prompt=row[2], params_json=row[3], attempt=row[4],
-        created_at=row[5], claimed_at=row[6],
-    )  # fmt: skip
-    return job, (UUID(str(row[7])) if row[7] else None)
-
-
-def record_job_image(
-    conn: Conn, attempt: int, values: dict[str, Any], *, complete_after: float | None = None
-) -> UUID | None:
-    """Write a job's images row (once per job) if `attempt` still holds it; None when the fence failed.
-
-    With `complete_after` (seconds the sync took so far), the same statement also marks the
-    job done and links the row: the chained path's last write.
-    """
-    from psycopg.types.json import Jsonb
-
-    params = dict(values)
-    params["params"] = Jsonb(params.get("params") or {})
-    params["attempt"] = attempt
-    if complete_after is None:
-        row = conn.execute(RECORD_JOB_IMAGE, params).fetchone()
-    else:
-        params["sync_seconds"] = max(0.0, complete_after)
-        row = conn.execute(RECORD_AND_COMPLETE, params).fetchone()
-    return UUID(str(row[0])) if row else None
-
-
-def image_for_job(conn: Conn, job_id: UUID | str) -> tuple[UUID, str, str] | None:
-    row = conn.execute(IMAGE_FOR_JOB, {"job_id": job_id}).fetchone()
-    return (UUID(str(row[0])), row[1], row[2]) if row else None
 
 
 SUBMIT_AS_OWNER = """

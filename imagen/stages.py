@@ -23,7 +23,7 @@ from uuid import UUID
 import psycopg
 import redis
 
-from imagen import jobs
+from imagen import job_images, jobs
 from imagen.broker import (
     FINALIZE_ACTOR,
     FINALIZE_QUEUE,
@@ -291,7 +291,7 @@ def run_sync(ctx: StageContext, job_id: str, attempt: int) -> None:
     """Cloud-sync stage: upload at the job's one path (upsert), write the images row once."""
     stage = "syncing"
     with ctx.pool.connection() as conn:
-        job, existing = jobs.begin_sync(conn, job_id, attempt)
+        job, existing = job_images.begin_sync(conn, job_id, attempt)
     if job is None:
         # This attempt is over (cancelled, rescued or ended): its hand-off can never be used.
         ctx.handoff.drop(job_id, attempt)
@@ -332,7 +332,7 @@ def _record_image(
 ) -> UUID | None:
     job_id = str(job.job_id)
     with ctx.pool.connection() as conn:
-        image_id = jobs.record_job_image(
+        image_id = job_images.record_job_image(
             conn,
             attempt,
             {
@@ -346,7 +346,7 @@ def _record_image(
         if image_id is not None:
             return image_id
         state = jobs.job_state(conn, job_id)
-        has_image = jobs.image_for_job(conn, job_id) is not None
+        has_image = job_images.image_for_job(conn, job_id) is not None
     # The job moved on while we uploaded. Remove our object only when nobody can still want it:
     # a newer attempt of a running job writes the very same path.
     if state and state[0] in ("cancelled", "failed") and not has_image:
@@ -362,7 +362,7 @@ def run_finalize(ctx: StageContext, job_id: str, attempt: int, image_id: str) ->
     """Final stage: done + image_id in one conditional UPDATE."""
     with ctx.pool.connection() as conn:
         done = jobs.complete_job(conn, job_id, attempt, image_id)
-        discarded = None if done else jobs.discard_image(conn, job_id)
+        discarded = None if done else job_images.discard_image(conn, job_id)
     if done:
         transition("done", job_id, attempt, "finalizing", image_id=image_id)
         return

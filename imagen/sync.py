@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
-from imagen import jobs
+from imagen import job_images
 from imagen.config import Settings
 from imagen.pipeline import Generation
 from imagen.storage import cli_object_path, open_storage
@@ -35,7 +35,7 @@ def sync_generation(
         for image in generation.images:
             path = cli_object_path(owner_user_id, image.mime)
             stored = storage.put(path, image.data, image.mime)
-            image_id = jobs.insert_image(
+            image_id = job_images.insert_image(
                 conn,
                 {
                     "owner_user_id": owner_user_id, "job_id": None, "bucket": stored.bucket, "path": path,
