@@ -14,7 +14,6 @@ import io
 import math
 import os
 import re
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +26,7 @@ from google.genai import types
 from PIL import Image
 
 from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
+from imagen.backends.sdk import LazyClient, attach_usage, one_line
 from imagen.backends.sizes import parse_aspect
 from imagen.config import Settings
 from imagen.errors import (
@@ -65,7 +65,6 @@ BLOCKING_FINISH_REASONS = frozenset(
 TRANSIENT_CODES = frozenset({408, 500, 502, 503, 504})
 _SAFETY_WORDS = re.compile(r"safety|prohibited|blocklist|responsible ai|content polic", re.IGNORECASE)
 _KEY_LIKE = re.compile(r"AIza[0-9A-Za-z_\-]{10,}")
-_MAX_MESSAGE = 300
 
 
 def nearest_aspect_ratio(width: int, height: int) -> str:
@@ -114,11 +113,6 @@ def _redact(text: str, secret: str | None) -> str:
     if secret:
         text = text.replace(secret, "***")
     return _KEY_LIKE.sub("***", text)
-
-
-def _one_line(text: str | None) -> str:
-    flat = " ".join((text or "").split())
-    return flat if len(flat) <= _MAX_MESSAGE else flat[: _MAX_MESSAGE - 1] + "…"
 
 
 def _enum_value(value: Any) -> str | None:
@@ -244,13 +238,6 @@ class _CallLedger:
         )
 
 
-def _attach_usage(error: ImagenError, usage: Usage) -> ImagenError:
-    """Let the pipeline record a failed call: the error carries what the calls so far consumed."""
-    carrier: Any = error
-    carrier.usage = usage
-    return error
-
-
 class GeminiBackend:
     """Gemini image models via `generate_content`, with an API key or Vertex credentials."""
 
@@ -258,8 +245,7 @@ class GeminiBackend:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._client: genai.Client | None = None
-        self._lock = threading.Lock()
+        self._client = LazyClient(self._build_client)
 
     def default_model(self) -> str:
         return self._settings.gemini_model
@@ -267,12 +253,6 @@ class GeminiBackend:
     def _secret(self) -> str | None:
         key = self._settings.gemini_api_key
         return key.get_secret_value() if key else None
-
-    def _get_client(self) -> genai.Client:
-        with self._lock:
-            if self._client is None:
-                self._client = self._build_client()
-            return self._client
 
     def _build_client(self) -> genai.Client:
         vertex = vertex_enabled()
@@ -296,7 +276,7 @@ class GeminiBackend:
             raise AuthError(
                 "gemini backend (Vertex): no usable credentials; set GOOGLE_CLOUD_PROJECT and "
                 "GOOGLE_CLOUD_LOCATION with application default credentials, or GOOGLE_API_KEY "
-                f"for express mode ({_one_line(_redact(str(exc), self._secret()))})"
+                f"for express mode ({one_line(_redact(str(exc), self._secret()))})"
             ) from None
 
     def generate(self, request: ImageRequest) -> ImageResult:
@@ -309,7 +289,7 @@ class GeminiBackend:
         warnings.extend(
             f"gemini ignores option {key!r}" for key in request.options if key not in IMAGE_CONFIG_OPTIONS
         )
-        client = self._get_client()
+        client = self._client.get()
         ledger = _CallLedger(self.name, model)
         images: list[GeneratedImage] = []
         echoed_model = model
@@ -320,7 +300,7 @@ class GeminiBackend:
                 response = client.models.generate_content(model=model, contents=request.prompt, config=config)
             except Exception as exc:
                 error = self._translate(exc, model)
-                raise _attach_usage(error, ledger.usage(error=str(error))) from None
+                raise attach_usage(error, ledger.usage(error=str(error))) from None
             ledger.record(response.usage_metadata)
             echoed_model = response.model_version or echoed_model
             data, mime, width, height, seen = self._image_from(response, model, ledger)
@@ -362,7 +342,7 @@ class GeminiBackend:
         ]
         if not found:
             error = self._no_image_error(response, model)
-            raise _attach_usage(error, ledger.usage(error=str(error)))
+            raise attach_usage(error, ledger.usage(error=str(error)))
         blob = found[0]
         data = blob.data or b""
         try:
@@ -371,7 +351,7 @@ class GeminiBackend:
                 mime = blob.mime_type or Image.MIME.get(img.format or "", "image/png")
         except Exception:
             bad = NoImage(f"gemini model {model}: returned image bytes that do not decode")
-            raise _attach_usage(bad, ledger.usage(error=str(bad))) from None
+            raise attach_usage(bad, ledger.usage(error=str(bad))) from None
         return data, mime, width, height, len(found)
 
     @staticmethod
@@ -380,7 +360,7 @@ class GeminiBackend:
         block = _enum_value(feedback.block_reason) if feedback else None
         if block and block != "BLOCKED_REASON_UNSPECIFIED":
             detail = (
-                f": {_one_line(feedback.block_reason_message)}"
+                f": {one_line(feedback.block_reason_message)}"
                 if feedback and feedback.block_reason_message
                 else ""
             )
@@ -389,7 +369,7 @@ class GeminiBackend:
             )
         candidate = response.candidates[0] if response.candidates else None
         finish = _enum_value(candidate.finish_reason) if candidate else None
-        message = _one_line(candidate.finish_message) if candidate and candidate.finish_message else ""
+        message = one_line(candidate.finish_message) if candidate and candidate.finish_message else ""
         detail = f": {message}" if message else ""
         if finish in BLOCKING_FINISH_REASONS:
             return ContentBlocked(
@@ -412,23 +392,23 @@ class GeminiBackend:
                 f"gemini model {model}: no answer within the timeout ({type(exc).__name__})"
             )
         if isinstance(exc, httpx2.TransportError):
-            detail = _one_line(_redact(str(exc), secret))
+            detail = one_line(_redact(str(exc), secret))
             return TransientError(f"gemini: connection failed ({type(exc).__name__}: {detail})")
         if isinstance(exc, genai_errors.UnknownApiResponseError):
-            return TransientError(f"gemini: unreadable response ({_one_line(_redact(str(exc), secret))})")
+            return TransientError(f"gemini: unreadable response ({one_line(_redact(str(exc), secret))})")
         try:
             from google.auth import exceptions as auth_exceptions
         except ImportError:  # pragma: no cover - google-auth ships with google-genai
             auth_exceptions = None  # type: ignore[assignment]
         if auth_exceptions is not None and isinstance(exc, auth_exceptions.GoogleAuthError):
-            return AuthError(f"gemini (Vertex): credentials failed ({_one_line(_redact(str(exc), secret))})")
+            return AuthError(f"gemini (Vertex): credentials failed ({one_line(_redact(str(exc), secret))})")
         raise exc
 
     @staticmethod
     def _translate_api_error(exc: genai_errors.APIError, model: str, secret: str | None) -> ImagenError:
         code = exc.code
         status = exc.status or ""
-        message = _one_line(_redact(exc.message or "", secret))
+        message = one_line(_redact(exc.message or "", secret))
         details = _error_details(exc.details)
         label = f"{code} {status}".strip()
         headers = getattr(exc.response, "headers", None)

@@ -14,7 +14,6 @@ import binascii
 import io
 import math
 import re
-import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ import openai
 from PIL import Image
 
 from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
+from imagen.backends.sdk import LazyClient, attach_usage, one_line
 from imagen.backends.sizes import parse_aspect
 from imagen.config import Settings
 from imagen.errors import (
@@ -47,7 +47,6 @@ PASSTHROUGH_OPTIONS = ("quality", "background", "moderation")
 BLOCKED_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
 QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 _KEY_LIKE = re.compile(r"sk-[0-9A-Za-z_*\-]{4,}")
-_MAX_MESSAGE = 300
 
 
 def choose_size(request: ImageRequest) -> tuple[str, list[str]]:
@@ -75,11 +74,6 @@ def _redact(text: str, secret: str | None) -> str:
     return _KEY_LIKE.sub("sk-***", text)
 
 
-def _one_line(text: str | None) -> str:
-    flat = " ".join((text or "").split())
-    return flat if len(flat) <= _MAX_MESSAGE else flat[: _MAX_MESSAGE - 1] + "…"
-
-
 def _retry_after(headers: Any) -> float | None:
     """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
     if headers is None:
@@ -102,13 +96,6 @@ def _retry_after(headers: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _attach_usage(error: ImagenError, usage: Usage) -> ImagenError:
-    """Let the pipeline record a failed call: the error carries what the calls so far consumed."""
-    carrier: Any = error
-    carrier.usage = usage
-    return error
 
 
 class _CallLedger:
@@ -164,8 +151,7 @@ class OpenAIBackend:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._client: openai.OpenAI | None = None
-        self._lock = threading.Lock()
+        self._client = LazyClient(self._build_client)
 
     def default_model(self) -> str:
         return self._settings.openai_model
@@ -174,19 +160,16 @@ class OpenAIBackend:
         key = self._settings.openai_api_key
         return key.get_secret_value() if key else None
 
-    def _get_client(self) -> openai.OpenAI:
-        with self._lock:
-            if self._client is None:
-                key = self._secret()
-                if not key:
-                    raise AuthError("openai backend: no API key; set OPENAI_API_KEY")
-                self._client = openai.OpenAI(
-                    api_key=key,
-                    base_url=self._settings.openai_base_url or None,
-                    max_retries=0,
-                    timeout=self._settings.provider_timeout,
-                )
-            return self._client
+    def _build_client(self) -> openai.OpenAI:
+        key = self._secret()
+        if not key:
+            raise AuthError("openai backend: no API key; set OPENAI_API_KEY")
+        return openai.OpenAI(
+            api_key=key,
+            base_url=self._settings.openai_base_url or None,
+            max_retries=0,
+            timeout=self._settings.provider_timeout,
+        )
 
     def generate(self, request: ImageRequest) -> ImageResult:
         """Make `request.n` images; the per-call timeout is `request.timeout_s`."""
@@ -200,7 +183,7 @@ class OpenAIBackend:
         warnings.extend(
             f"openai ignores option {key!r}" for key in request.options if key not in PASSTHROUGH_OPTIONS
         )
-        client = self._get_client().with_options(timeout=request.timeout_s, max_retries=0)
+        client = self._client.get().with_options(timeout=request.timeout_s, max_retries=0)
         ledger = _CallLedger(self.name, model)
         images: list[GeneratedImage] = []
         while len(images) < request.n:
@@ -217,7 +200,7 @@ class OpenAIBackend:
                 response = raw.parse()
             except Exception as exc:
                 error = self._translate(exc, model)
-                raise _attach_usage(error, ledger.usage(error=str(error))) from None
+                raise attach_usage(error, ledger.usage(error=str(error))) from None
             ledger.record(response.usage, raw.headers.get("x-request-id"))
             decoded = self._decode(response, model, ledger, first_index=len(images))
             images.extend(decoded)
@@ -237,7 +220,7 @@ class OpenAIBackend:
                     mime = Image.MIME.get(img.format or "", "image/png")
             except (binascii.Error, ValueError, OSError):
                 bad = NoImage(f"openai model {model}: returned image data that does not decode")
-                raise _attach_usage(bad, ledger.usage(error=str(bad))) from None
+                raise attach_usage(bad, ledger.usage(error=str(bad))) from None
             images.append(
                 GeneratedImage(
                     data=data, mime=mime, width=width, height=height, index=first_index + len(images)
@@ -245,7 +228,7 @@ class OpenAIBackend:
             )
         if not images:
             error = NoImage(f"openai model {model}: the response held no image data")
-            raise _attach_usage(error, ledger.usage(error=str(error)))
+            raise attach_usage(error, ledger.usage(error=str(error)))
         return images
 
     def _translate(self, exc: Exception, model: str) -> ImagenError:
@@ -257,7 +240,7 @@ class OpenAIBackend:
             return ProviderTimeout(f"openai model {model}: no answer within the timeout")
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__ or exc
-            detail = _one_line(_redact(f"{type(cause).__name__}: {cause}", secret))
+            detail = one_line(_redact(f"{type(cause).__name__}: {cause}", secret))
             return TransientError(f"openai: connection failed ({detail})")
         if isinstance(exc, openai.APIStatusError):
             return self._translate_status(exc, model, secret)
@@ -269,7 +252,7 @@ class OpenAIBackend:
         code = exc.code or ""
         label = f"{status} {code}".strip()
         body = exc.body if isinstance(exc.body, Mapping) else {}
-        message = _one_line(_redact(str(body.get("message") or exc.message), secret))
+        message = one_line(_redact(str(body.get("message") or exc.message), secret))
         request_id = f" (request id {exc.request_id})" if exc.request_id else ""
         if code in BLOCKED_CODES:
             return ContentBlocked(
