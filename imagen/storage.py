@@ -19,6 +19,7 @@ from uuid import UUID, uuid4
 
 from imagen.config import Settings
 from imagen.errors import ConfigError, StorageError, TransientStorageError
+from imagen.writer import write_all
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,10 @@ class LocalStorage:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
             try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
+                try:
+                    write_all(fd, data)
+                finally:
+                    os.close(fd)
                 os.replace(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

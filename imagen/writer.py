@@ -203,15 +203,27 @@ def _replace_atomically(path: Path, data: bytes, *, durable: bool = True) -> Non
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        try:
+            write_all(fd, data)
             if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to a raw descriptor.
+
+    Not os.fdopen: a buffered file object costs three more system calls per file
+    (fstat, an isatty ioctl, lseek), and the pipeline writes three files a job.
+    """
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _unlink_quietly(path: Path) -> None:
