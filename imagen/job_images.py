@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from imagen.jobs import Conn, RunningJob
+from imagen.jobs import Conn, RunningJob, execute_once
 
 INSERT_IMAGE = """
 INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
@@ -101,21 +101,20 @@ def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:
 
     params = dict(values)
     params["params"] = Jsonb(params.get("params") or {})
-    row = conn.execute(INSERT_IMAGE, params).fetchone()
+    row = execute_once(conn, INSERT_IMAGE, params).fetchone()
     assert row is not None
     return UUID(str(row[0]))
 
 
 def discard_image(conn: Conn, job_id: UUID | str) -> tuple[str, str] | None:
     """Delete the images row of a job that ended cancelled or failed; (bucket, path) of its object."""
-    with conn.transaction():
-        row = conn.execute(DISCARD_IMAGE, {"id": job_id}).fetchone()
+    row = execute_once(conn, DISCARD_IMAGE, {"id": job_id}).fetchone()
     return (row[0], row[1]) if row else None
 
 
 def begin_sync(conn: Conn, job_id: UUID | str, attempt: int) -> tuple[RunningJob | None, UUID | None]:
     """Start the sync stage (fenced); also the image id if a previous run already recorded it."""
-    row = conn.execute(BEGIN_SYNC, {"id": job_id, "attempt": attempt}).fetchone()
+    row = execute_once(conn, BEGIN_SYNC, {"id": job_id, "attempt": attempt}).fetchone()
     if row is None:
         return None, None
     job = RunningJob(
@@ -139,10 +138,10 @@ def record_job_image(
     params["params"] = Jsonb(params.get("params") or {})
     params["attempt"] = attempt
     if complete_after is None:
-        row = conn.execute(RECORD_JOB_IMAGE, params).fetchone()
+        row = execute_once(conn, RECORD_JOB_IMAGE, params).fetchone()
     else:
         params["sync_seconds"] = max(0.0, complete_after)
-        row = conn.execute(RECORD_AND_COMPLETE, params).fetchone()
+        row = execute_once(conn, RECORD_AND_COMPLETE, params).fetchone()
     return UUID(str(row[0])) if row else None
 
 

@@ -2,10 +2,11 @@
 
 The SQL of the job row lives here, kept together as procrastinate keeps its
 queries; the statements that write or discard a job's image row under its fence
-are in `imagen.job_images`. Every write a stage makes is fenced on `status = 'running' AND attempt
-= <the message's attempt>`: a function returns False (or None) when the fence
-fails, and the caller drops the message. Nothing here commits for a caller that
-passed its own transaction, except where the docstring says so.
+are in `imagen.job_images`. Every write a stage makes is fenced on `status =
+'running' AND attempt = <the message's attempt>`: a function returns False (or
+None) when the fence fails, and the caller drops the message. Every write is one
+statement run by `execute_once`, so it is committed when the function returns,
+unless the caller holds a transaction open, which it then joins.
 """
 
 from __future__ import annotations
@@ -173,17 +174,24 @@ class Rescued:
     attempt: int
 
 
-def claim_jobs(conn: Conn, limit: int, *, max_owners: int = 1000) -> list[Claim]:
-    """Claim up to `limit` pending jobs fairly across owners and commit.
+def execute_once(conn: Conn, query: str, params: Any = None) -> psycopg.Cursor[Any]:
+    """Run one statement so that it is committed on return, or joins the caller's open transaction.
 
-    One statement: on an autocommit connection it commits by itself, without the
-    BEGIN and COMMIT round trips that would sit between a NOTIFY and a visible claim.
+    On an autocommit connection with no transaction open (the listener's, the
+    actors' pool) the statement commits by itself: BEGIN and COMMIT would be two
+    round trips for nothing, on the claim path between a NOTIFY and a visible
+    claim and on every stage write. Otherwise it runs in `conn.transaction()`,
+    which commits at the end, or is a savepoint inside the caller's transaction.
     """
     if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-        rows = conn.execute(CLAIM, {"limit": limit, "max_owners": max_owners}).fetchall()
-    else:
-        with conn.transaction():
-            rows = conn.execute(CLAIM, {"limit": limit, "max_owners": max_owners}).fetchall()
+        return conn.execute(query, params)
+    with conn.transaction():
+        return conn.execute(query, params)
+
+
+def claim_jobs(conn: Conn, limit: int, *, max_owners: int = 1000) -> list[Claim]:
+    """Claim up to `limit` pending jobs fairly across owners, committed on return."""
+    rows = execute_once(conn, CLAIM, {"limit": limit, "max_owners": max_owners}).fetchall()
     # UPDATE ... RETURNING has no order: forward in claim order, every owner's first job first.
     rows.sort(key=lambda r: (r[5], r[3], r[0]))
     return [
@@ -198,24 +206,21 @@ def count_running(conn: Conn) -> int:
 
 def release_claim(conn: Conn, job_id: UUID, attempt: int) -> bool:
     """Put a claimed job back to pending after its forward failed (the attempt did not happen)."""
-    with conn.transaction():
-        return conn.execute(RELEASE, {"id": job_id, "attempt": attempt}).rowcount == 1
+    return execute_once(conn, RELEASE, {"id": job_id, "attempt": attempt}).rowcount == 1
 
 
 def rescue_expired(
     conn: Conn, *, lease_seconds: float, max_attempts: int, limit: int = 1000
 ) -> list[Rescued]:
     """Running jobs whose heartbeat is older than the lease: back to pending, or failed at max attempts."""
-    with conn.transaction():
-        rows = conn.execute(
-            RESCUE, {"lease": float(lease_seconds), "max_attempts": max_attempts, "limit": limit}
-        ).fetchall()
+    params = {"lease": float(lease_seconds), "max_attempts": max_attempts, "limit": limit}
+    rows = execute_once(conn, RESCUE, params).fetchall()
     return [Rescued(job_id=r[0], status=r[1], attempt=r[2]) for r in rows]
 
 
 def begin_stage(conn: Conn, job_id: UUID | str, attempt: int, stage: str) -> RunningJob | None:
     """Fence, mark the stage and refresh the heartbeat; None when the job is no longer ours."""
-    row = conn.execute(BEGIN_STAGE, {"id": job_id, "attempt": attempt, "stage": stage}).fetchone()
+    row = execute_once(conn, BEGIN_STAGE, {"id": job_id, "attempt": attempt, "stage": stage}).fetchone()
     if row is None:
         return None
     return RunningJob(
@@ -245,23 +250,25 @@ def heartbeat_many(conn: Conn, keys: list[tuple[str, int]]) -> int:
     """Refresh the heartbeat of several (job_id, attempt) pairs in one statement; returns how many held."""
     ids = [k[0] for k in keys]
     attempts = [k[1] for k in keys]
-    return conn.execute(HEARTBEAT_MANY, {"ids": ids, "attempts": attempts}).rowcount
+    return execute_once(conn, HEARTBEAT_MANY, {"ids": ids, "attempts": attempts}).rowcount
 
 
 def note_transient(conn: Conn, job_id: UUID | str, attempt: int, error: str) -> bool:
     """Remember the latest transient error, so a job that runs out of retries can say why."""
     return (
-        conn.execute(NOTE_TRANSIENT, {"id": job_id, "attempt": attempt, "error": error[:2000]}).rowcount == 1
+        execute_once(conn, NOTE_TRANSIENT, {"id": job_id, "attempt": attempt, "error": error[:2000]}).rowcount
+        == 1
     )
 
 
 def fail_job(conn: Conn, job_id: UUID | str, attempt: int, error: str) -> bool:
-    return conn.execute(FAIL, {"id": job_id, "attempt": attempt, "error": error[:4000]}).rowcount == 1
+    return execute_once(conn, FAIL, {"id": job_id, "attempt": attempt, "error": error[:4000]}).rowcount == 1
 
 
 def complete_job(conn: Conn, job_id: UUID | str, attempt: int, image_id: UUID | str) -> bool:
     """Mark done and link the image in one conditional UPDATE."""
-    return conn.execute(COMPLETE, {"id": job_id, "attempt": attempt, "image_id": image_id}).rowcount == 1
+    params = {"id": job_id, "attempt": attempt, "image_id": image_id}
+    return execute_once(conn, COMPLETE, params).rowcount == 1
 
 
 def job_state(conn: Conn, job_id: UUID | str) -> tuple[str, int] | None:
@@ -271,14 +278,12 @@ def job_state(conn: Conn, job_id: UUID | str) -> tuple[str, int] | None:
 
 def cancel_job(conn: Conn, job_id: UUID | str) -> bool:
     """Operator cancel: pending or running -> cancelled (a running one stops at its next stage)."""
-    with conn.transaction():
-        return conn.execute(CANCEL, {"id": job_id}).fetchone() is not None
+    return execute_once(conn, CANCEL, {"id": job_id}).fetchone() is not None
 
 
 def retry_job(conn: Conn, job_id: UUID | str) -> bool:
     """Operator retry: failed or cancelled -> pending; the attempt count carries on."""
-    with conn.transaction():
-        return conn.execute(RETRY, {"id": job_id}).fetchone() is not None
+    return execute_once(conn, RETRY, {"id": job_id}).fetchone() is not None
 
 
 def get_job(conn: Conn, job_id: UUID | str) -> dict[str, Any] | None:
