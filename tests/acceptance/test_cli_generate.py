@@ -6,9 +6,7 @@ import base64
 import hashlib
 import io
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +15,10 @@ from typing import Any
 import pytest
 from PIL import Image, ImageChops
 
-from tests.fake_providers import PROVIDER_ENV_VARS, FakeProvider, ScriptedResponse, fake_provider, png_bytes
+from tests.cli import clean_env, explain, run_imagen
+from tests.fake_providers import FakeProvider, ScriptedResponse, fake_provider, png_bytes
 
 PROMPT = "a lighthouse at dusk"
-DROPPED_PREFIXES = ("IMAGEN_", "OPENAI_", "GEMINI_", "GOOGLE_", "SUPABASE_")
 OPENAI_KEY = "sk-test"
 OPENAI_USAGE = {
     "input_tokens": 9,
@@ -31,33 +29,14 @@ OPENAI_USAGE = {
 }
 
 
-def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The parent's environment without imagen, provider, Supabase or proxy variables, plus `extra`."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(DROPPED_PREFIXES) and name not in PROVIDER_ENV_VARS
-    }
-    env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
-    env["NO_PROXY"] = "127.0.0.1,localhost"
-    env.update(extra)
-    return env
+def user_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A clean environment with a private data folder and no proxy for the local fake servers."""
+    return clean_env(XDG_DATA_HOME=str(tmp_path / "xdg"), NO_PROXY="127.0.0.1,localhost", **extra)
 
 
 def imagen(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """Run `python -m imagen ARGS` in tmp_path (so no .env is read) and wait for it."""
-    return subprocess.run(
-        [sys.executable, "-m", "imagen", *args],
-        cwd=tmp_path,
-        env=clean_env(tmp_path, **env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def explain(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return run_imagen(*args, env=user_env(tmp_path, **env), cwd=tmp_path, timeout=60)
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:

@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import psycopg
 
+from tests.cli import clean_env, run_imagen
 from tests.fake_storage import DEFAULT_BUCKET, DEFAULT_KEY, fake_storage
-
-
-def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "imagen", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
-    )
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("IMAGEN_", "SUPABASE_", "OPENAI_", "GEMINI_"))
-    }
-    env.update(extra)
-    return env
 
 
 def test_generate_sync_uploads_and_inserts_row_owned_by_the_fallback_owner(
@@ -34,15 +16,14 @@ def test_generate_sync_uploads_and_inserts_row_owned_by_the_fallback_owner(
 ) -> None:
     owner = uuid.uuid4()
     with fake_storage() as storage:
-        env = base_env(
+        env = clean_env(
             IMAGEN_DATABASE_URL=db_url, SUPABASE_URL=storage.url, SUPABASE_SERVICE_ROLE_KEY=DEFAULT_KEY,
             IMAGEN_OWNER_USER_ID=str(owner),
         )  # fmt: skip
-        result = run(
-            ["generate", "a synced fox", "--size", "64x64", "--seed", "3", "--sync", "--out", "out"],
-            env,
-            tmp_path,
-        )
+        result = run_imagen(
+            "generate", "a synced fox", "--size", "64x64", "--seed", "3", "--sync", "--out", "out",
+            env=env, cwd=tmp_path,
+        )  # fmt: skip
         assert result.returncode == 0, result.stderr
         (key,) = storage.objects
         assert key[0] == DEFAULT_BUCKET and key[1].startswith(f"{owner}/cli-") and key[1].endswith(".png")
@@ -60,16 +41,15 @@ def test_generate_sync_owner_option_overrides_the_fallback_and_local_storage_wor
     db_url: str, tmp_path: Path
 ) -> None:
     fallback, explicit = uuid.uuid4(), uuid.uuid4()
-    env = base_env(
+    env = clean_env(
         IMAGEN_DATABASE_URL=db_url,
         IMAGEN_STORAGE_DIR=str(tmp_path / "storage"),
         IMAGEN_OWNER_USER_ID=str(fallback),
     )
-    result = run(
-        ["generate", "a local fox", "--size", "32x32", "--sync", "--owner", str(explicit), "--json"],
-        env,
-        tmp_path,
-    )
+    result = run_imagen(
+        "generate", "a local fox", "--size", "32x32", "--sync", "--owner", str(explicit), "--json",
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     import json
 
@@ -84,7 +64,7 @@ def test_generate_sync_owner_option_overrides_the_fallback_and_local_storage_wor
 
 
 def test_generate_sync_without_database_is_a_one_line_config_error(tmp_path: Path) -> None:
-    result = run(["generate", "a fox", "--size", "32x32", "--sync"], base_env(), tmp_path)
+    result = run_imagen("generate", "a fox", "--size", "32x32", "--sync", env=clean_env(), cwd=tmp_path)
     assert result.returncode == 78
     assert result.stderr.strip().startswith("imagen: IMAGEN_DATABASE_URL is not set")
     assert "Traceback" not in result.stderr

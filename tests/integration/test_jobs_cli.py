@@ -24,6 +24,7 @@ from psycopg.types.json import Jsonb
 
 from imagen import jobs
 from imagen.smoke import TERMINAL
+from tests.cli import clean_env, explain, run_imagen
 from tests.waiting import wait_until
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -36,24 +37,10 @@ def imagen_jobs(db_url: str, tmp_path: Path) -> Run:
     """Run `python -m imagen jobs ARGS` with only IMAGEN_DATABASE_URL set (cwd without a .env)."""
 
     def run(*args: str, input: str | None = None, database: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEN_")}
-        if database:
-            env["IMAGEN_DATABASE_URL"] = db_url
-        return subprocess.run(
-            [sys.executable, "-m", "imagen", "jobs", *args],
-            cwd=tmp_path,
-            env=env,
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        env = clean_env(IMAGEN_DATABASE_URL=db_url) if database else clean_env()
+        return run_imagen("jobs", *args, env=env, cwd=tmp_path, timeout=60, input=input)
 
     return run
-
-
-def explain(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("IMAGEN_", "SUPABASE_", "OPENAI_", "GEMINI_"))
-    }
-    env.update(extra)
-    return env
-
-
-def imagen(
-    *args: str, env: dict[str, str], cwd: Path, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "imagen", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.cli import clean_env, run_imagen
 
 
 def test_smoke_prints_pickup_and_total_and_exits_zero_when_done(
     db_url: str, pipeline: Any, tmp_path: Path
 ) -> None:
     pipeline()
-    result = imagen("smoke", env=clean_env(IMAGEN_DATABASE_URL=db_url), cwd=tmp_path)
+    result = run_imagen("smoke", env=clean_env(IMAGEN_DATABASE_URL=db_url), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
     assert lines["status"].split()[1] == "done"
@@ -50,7 +26,7 @@ def test_smoke_exits_one_with_the_jobs_error_when_it_fails(
     db_url: str, pipeline: Any, tmp_path: Path
 ) -> None:
     pipeline()
-    result = imagen(
+    result = run_imagen(
         "smoke", "--params", '{"backend": "mock", "fail": "permanent"}',
         env=clean_env(IMAGEN_DATABASE_URL=db_url), cwd=tmp_path,
     )  # fmt: skip
@@ -60,7 +36,7 @@ def test_smoke_exits_one_with_the_jobs_error_when_it_fails(
 
 
 def test_demo_runs_the_whole_pipeline_with_no_configuration(tmp_path: Path) -> None:
-    result = imagen(
+    result = run_imagen(
         "demo", "--jobs", "3", "--workdir", str(tmp_path / "demo"), env=clean_env(), cwd=tmp_path, timeout=180
     )
     assert result.returncode == 0, result.stdout + result.stderr
