@@ -22,9 +22,9 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from imagen import jobs
 from imagen.smoke import TERMINAL
 from tests.cli import clean_env, explain, run_imagen
+from tests.integration.rows import job_row, scalar
 from tests.waiting import wait_until
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -67,18 +67,6 @@ def seed(db_url: str, **fields: Any) -> uuid.UUID:
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(f"INSERT INTO imagen.jobs ({columns}) VALUES ({placeholders})", values)
     return values["id"]
-
-
-def job_row(db_url: str, job_id: uuid.UUID) -> dict[str, Any] | None:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        return jobs.get_job(conn, job_id)
-
-
-def scalar(db_url: str, sql: str, *args: Any) -> Any:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        row = conn.execute(sql, args).fetchone()
-    assert row is not None
-    return row[0]
 
 
 def test_ls_filters_by_status_owner_and_since_with_table_and_json(db_url: str, imagen_jobs: Run) -> None:

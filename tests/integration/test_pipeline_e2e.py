@@ -15,6 +15,7 @@ from imagen import jobs
 from imagen.broker import FINALIZE_QUEUE, GENERATE_QUEUE, SYNC_QUEUE
 from imagen.smoke import TERMINAL
 from tests.integration.conftest import listener_ready, workers_ready
+from tests.integration.rows import job_row, query
 from tests.waiting import wait_until
 
 
@@ -24,8 +25,7 @@ def submit(db_url: str, prompt: str, params: dict[str, Any], owner: uuid.UUID | 
 
 
 def row(db_url: str, job_id: uuid.UUID) -> dict[str, Any]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        found = jobs.get_job(conn, job_id)
+    found = job_row(db_url, job_id)
     assert found is not None
     return found
 
@@ -36,11 +36,6 @@ def wait_terminal(db_url: str, job_id: uuid.UUID, procs: Any, timeout: float = 3
         timeout=timeout,
         message=f"job {job_id} terminal\n{procs.logs()}",
     )
-
-
-def query(db_url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        return conn.execute(sql, args).fetchall()
 
 
 def test_inserted_job_ends_done_with_image_row_object_and_owner(

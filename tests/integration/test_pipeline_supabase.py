@@ -10,7 +10,8 @@ import psycopg
 import pytest
 
 from tests.fake_storage import DEFAULT_BUCKET, DEFAULT_KEY, fake_storage
-from tests.integration.test_pipeline_e2e import query, submit, wait_terminal
+from tests.integration.rows import query
+from tests.integration.test_pipeline_e2e import submit, wait_terminal
 
 
 def test_job_syncs_to_supabase_storage_with_upsert_at_its_deterministic_path(

@@ -28,6 +28,7 @@ from imagen.handoff import handoff_key
 from imagen.listener import Listener
 from imagen.stages import SYNC_TIME_LIMIT_S, StageContext, run_finalize, run_generate, run_sync
 from tests.integration.conftest import RecordingBroker
+from tests.integration.rows import query, scalar
 
 
 @pytest.fixture
@@ -50,12 +51,6 @@ def claim_one(db_url: str, prompt: str = "a cat", params: dict[str, Any] | None 
         jobs.submit_job(conn, uuid.uuid4(), prompt, params or {"backend": "mock", "size": "32x32"})
         (claim,) = jobs.claim_jobs(conn, 1)
     return claim
-
-
-def scalar(db_url: str, sql: str, *args: Any) -> Any:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        row = conn.execute(sql, args).fetchone()
-    return row[0] if row else None
 
 
 def test_redelivered_sync_message_writes_one_image_row_and_one_object(
@@ -316,13 +311,8 @@ def test_listener_puts_a_batch_back_to_pending_when_forwarding_fails(db_url: str
     finally:
         listener._close()
     assert listener.stats.forward_failures == 3 and listener.stats.claims == 0
-    rows = sorted(scalar_rows(db_url, "SELECT status, attempt, stage FROM imagen.jobs"))
+    rows = sorted(query(db_url, "SELECT status, attempt, stage FROM imagen.jobs"))
     assert rows == [("pending", 0, None)] * 3, "released with the attempt they had"
-
-
-def scalar_rows(db_url: str, sql: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        return conn.execute(sql).fetchall()
 
 
 def test_generation_that_used_most_of_its_time_limit_hands_the_upload_to_the_sync_stage(
