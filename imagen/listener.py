@@ -31,7 +31,8 @@ log = logging.getLogger("imagen.listener")
 
 CHANNEL = "imagen_jobs"
 HEALTH_INTERVAL = 10.0
-SATURATED_POLL = 0.01
+SATURATED_POLL = 0.01  # the shortest wait between counts while the in-flight cap is reached
+SATURATED_POLL_MAX = 0.25  # the longest, while nothing finishes
 MAX_BACKOFF = 5.0
 
 
@@ -95,6 +96,8 @@ class Listener:
         self._listen_conn: psycopg.Connection[Any] | None = None
         self._work_conn: psycopg.Connection[Any] | None = None
         self._saturated = False
+        self._saturated_wait = SATURATED_POLL
+        self._last_count: tuple[float, int] | None = None  # (when, running) at the last count at the cap
         self._refill = max(1, min(settings.claim_batch, settings.max_in_flight // 8))
         port = settings.listener_metrics_port if metrics_port is None else metrics_port
         self._metrics = _Metrics(port, settings.metrics_addr) if port else None
@@ -177,7 +180,7 @@ class Listener:
             now = time.monotonic()
             deadline = min(next_poll, next_health)
             if self._saturated:
-                deadline = min(deadline, now + SATURATED_POLL)
+                deadline = min(deadline, now + self._saturated_wait)
             notified = self._wait(max(0.0, deadline - now))
             if self.stopping:
                 return
@@ -226,11 +229,14 @@ class Listener:
         assert conn is not None
         total = 0
         while not self.stopping:
-            room = self.settings.max_in_flight - jobs.count_running(conn)
+            running = jobs.count_running(conn)
+            room = self.settings.max_in_flight - running
             if room <= 0 or (self._saturated and room < self._refill):
                 # Saturated: claim again once a batch worth a round trip fits, not a job or two per tick.
                 self._saturated = True
+                self._saturated_wait = self._refill_wait(running, room)
                 break
+            self._last_count = None
             want = min(self.settings.claim_batch, room)
             claims = jobs.claim_jobs(conn, want)
             self._saturated = False
@@ -240,10 +246,34 @@ class Listener:
             if not self._forward(conn, claims):
                 break
             if len(claims) < want:
+                break  # the backlog is drained: the next claim waits for a notification or the poll
+            if want == room:
+                # The cap is reached: count again after the shortest wait, then at the pace jobs finish.
+                self._saturated = True
+                self._saturated_wait = SATURATED_POLL
+                self._last_count = (time.monotonic(), self.settings.max_in_flight)
                 break
         if total:
             self.on_event("drained")
         return total
+
+    def _refill_wait(self, running: int, room: int) -> float:
+        """How long to wait before counting again at the cap: the time the pace since the last count
+        needs to free a refill's worth, within [SATURATED_POLL, SATURATED_POLL_MAX].
+
+        Each count is a scan of the running rows; a fixed 10 ms tick cost PostgreSQL a hundred of them
+        a second for as long as the cap held, however slowly jobs finished. A refill that comes a
+        little late costs nothing: the jobs already queued in Redis keep the workers busy meanwhile.
+        """
+        now = time.monotonic()
+        last, self._last_count = self._last_count, (now, running)
+        if last is None:
+            return SATURATED_POLL
+        freed = last[1] - running  # nothing was claimed since that count
+        if freed <= 0:
+            return min(self._saturated_wait * 2, SATURATED_POLL_MAX)
+        pace = freed / max(now - last[0], 1e-3)
+        return min(max((self._refill - room) / pace, SATURATED_POLL), SATURATED_POLL_MAX)
 
     def _forward(self, conn: psycopg.Connection[Any], claims: list[jobs.Claim]) -> bool:
         """Send the batch to the generation queue in one round trip; on a broker failure put it back."""

@@ -25,7 +25,7 @@ from imagen.broker import (
 from imagen.config import Settings
 from imagen.errors import TransientStorageError
 from imagen.handoff import handoff_key
-from imagen.listener import Listener
+from imagen.listener import SATURATED_POLL, SATURATED_POLL_MAX, Listener
 from imagen.stages import SYNC_TIME_LIMIT_S, StageContext, run_finalize, run_generate, run_sync
 from tests.integration.conftest import RecordingBroker
 from tests.integration.rows import query, scalar
@@ -172,6 +172,102 @@ def test_two_listeners_claim_each_of_1000_jobs_exactly_once(db_url: str, setting
     assert sum(lst.stats.claims for lst in listeners) == 1000
     assert all(lst.stats.claims > 0 for lst in listeners), "both listeners took part"
     assert scalar(db_url, "SELECT count(*) FROM imagen.jobs WHERE status = 'running' AND attempt = 1") == 1000
+
+
+def finish_running(db_url: str, n: int) -> None:
+    """End n running jobs, as workers would."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE imagen.jobs SET status = 'done', finished_at = now() WHERE id IN"
+            " (SELECT id FROM imagen.jobs WHERE status = 'running' ORDER BY id LIMIT %s)",
+            (n,),
+        )
+
+
+def test_listener_at_the_in_flight_cap_claims_a_refill_at_a_time(
+    db_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 80 in flight: a refill is 80 // 8 = 10 jobs. Every claim is a scan of the pending rows and a
+    # round trip to Redis, so the few jobs that finish while a batch is forwarded must not each
+    # cost one: workers finish 3 jobs during every claim here.
+    import imagen.listener as listener_module
+
+    claim_jobs = jobs.claim_jobs
+    sizes = []
+
+    def claim_while_3_finish(conn: Any, limit: int, **kw: Any) -> list[jobs.Claim]:
+        claims = claim_jobs(conn, limit, **kw)
+        sizes.append(len(claims))
+        finish_running(db_url, 3)
+        return claims
+
+    monkeypatch.setattr(listener_module.jobs, "claim_jobs", claim_while_3_finish)
+    tuned = settings.model_copy(update={"max_in_flight": 80, "claim_batch": 100})
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt) SELECT %s, 'job ' || i FROM generate_series(1, 200) i",
+            (uuid.uuid4(),),
+        )
+    listener = Listener(tuned, broker=RecordingBroker(), metrics_port=0)
+    listener._connect()
+    try:
+        assert listener.drain() == 80, "claims up to the cap, then stops"
+        assert listener.drain() == 0, "3 free slots are not worth a claim"
+        finish_running(db_url, 7)
+        assert listener.drain() == 10, "a refill's worth is"
+    finally:
+        listener._close()
+    assert sizes == [80, 10]
+
+
+def test_listener_at_the_cap_counts_again_at_the_pace_jobs_finish(
+    db_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each check at the cap counts the running rows. A fixed 10 ms tick made that a hundred counts
+    # a second however slowly jobs finished; the wait now follows how fast slots free up.
+    import imagen.listener as listener_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(listener_module.time, "monotonic", lambda: clock[0])
+    tuned = settings.model_copy(update={"max_in_flight": 80, "claim_batch": 100})
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt) SELECT %s, 'job ' || i FROM generate_series(1, 200) i",
+            (uuid.uuid4(),),
+        )
+    listener = Listener(tuned, broker=RecordingBroker(), metrics_port=0)
+    listener._connect()
+    waits = []
+    try:
+        listener.drain()
+        waits.append(listener._saturated_wait)  # just filled: check again soon
+        for _ in range(6):  # nothing finishes: back off, to a bound
+            clock[0] += listener._saturated_wait
+            listener.drain()
+            waits.append(listener._saturated_wait)
+        finish_running(db_url, 5)  # 5 in 0.5 s: 10 a second, 5 more make a refill: 0.5 s, capped
+        clock[0] += 0.5
+        listener.drain()
+        waits.append(listener._saturated_wait)
+        finish_running(db_url, 2)  # 2 in 0.1 s: 20 a second, 3 more: 0.15 s
+        clock[0] += 0.1
+        listener.drain()
+        waits.append(listener._saturated_wait)
+    finally:
+        listener._close()
+    assert waits == pytest.approx(
+        [
+            SATURATED_POLL,
+            0.02,
+            0.04,
+            0.08,
+            0.16,
+            SATURATED_POLL_MAX,
+            SATURATED_POLL_MAX,
+            SATURATED_POLL_MAX,
+            0.15,
+        ]
+    )
 
 
 def test_claim_order_interleaves_owners(db_url: str) -> None:
