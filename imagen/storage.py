@@ -8,8 +8,6 @@ built only from UUIDs and a fixed extension: nothing a user typed reaches them.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +17,7 @@ from uuid import UUID, uuid4
 
 from imagen.config import Settings
 from imagen.errors import ConfigError, StorageError, TransientStorageError
-from imagen.writer import write_all
+from imagen.writer import replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +70,12 @@ class Storage(Protocol):
 class LocalStorage:
     """Objects as files under `root/bucket/`, written atomically (temp file + rename)."""
 
+    MAX_FOLDERS = 4096  # folders whose check `put` remembers; forgotten all at once past this
+
     def __init__(self, root: Path, bucket: str) -> None:
         self.root = root
         self.bucket = bucket
+        self._folders: dict[str, Path] = {}
 
     @cached_property
     def _base(self) -> Path:
@@ -87,22 +88,44 @@ class LocalStorage:
             raise StorageError(f"object path {path!r} escapes the storage folder")
         return target
 
+    def _folder(self, folder: str) -> Path:
+        """The object folder, resolved, checked to be inside the bucket and created, once per process.
+
+        Resolving follows every symlink on the way (a system call per component), and a job's
+        object lands in its owner's folder: `put` would pay that for the same few folders on
+        every job. Only the folder needs it: the rename replaces a link at the file's own name
+        rather than following it.
+        """
+        known = self._folders.get(folder)
+        if known is not None:
+            return known
+        base = self._base
+        resolved = (base / folder).resolve() if folder else base
+        if resolved != base and base not in resolved.parents:
+            raise StorageError(f"object path folder {folder!r} escapes the storage folder")
+        resolved.mkdir(parents=True, exist_ok=True)
+        if len(self._folders) >= self.MAX_FOLDERS:
+            self._folders.clear()
+        self._folders[folder] = resolved
+        return resolved
+
     def put(self, path: str, data: bytes, mime: str) -> StoredObject:
-        target = self._file(path)
+        folder, _, name = path.rpartition("/")
+        if name in ("", ".", "..") or path.startswith("/"):
+            raise StorageError(f"object path {path!r} escapes the storage folder")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+            target = self._folder(folder) / name
             try:
-                try:
-                    write_all(fd, data)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+                replace_atomically(target, data, durable=False, prefix=".upload-")
+            except FileNotFoundError:
+                # The folder went away since it was checked (pruned by hand): check and create it again.
+                self._folders.pop(folder, None)
+                target = self._folder(folder) / name
+                replace_atomically(target, data, durable=False, prefix=".upload-")
         except OSError as exc:
-            raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from None
+            raise StorageError(
+                f"cannot write {self.root / self.bucket / path}: {exc.strerror or exc}"
+            ) from None
         return StoredObject(bucket=self.bucket, path=path, bytes=len(data))
 
     def delete(self, path: str) -> None:

@@ -150,8 +150,8 @@ def _write_job_image(path: Path, data: bytes, meta: Mapping[str, Any]) -> Path:
     No fsync: a job's local copy is a convenience (storage holds the image), and two
     fsyncs per job would cost the pipeline more than the whole mock generation.
     """
-    _replace_atomically(path, data, durable=False)
-    _replace_atomically(_sidecar(path), _sidecar_bytes(path, meta), durable=False)
+    replace_atomically(path, data, durable=False)
+    replace_atomically(_sidecar(path), _sidecar_bytes(path, meta), durable=False)
     return path
 
 
@@ -179,7 +179,7 @@ def _write_new_image(out_dir: Path, base: str, ext: str, data: bytes, meta: Mapp
                 if is_claimed:
                     fh.write(data)
             if is_claimed:
-                _replace_atomically(sidecar, _sidecar_bytes(path, meta))
+                replace_atomically(sidecar, _sidecar_bytes(path, meta))
         except BaseException:
             _unlink_quietly(path)
             if is_claimed:
@@ -192,15 +192,16 @@ def _write_new_image(out_dir: Path, base: str, ext: str, data: bytes, meta: Mapp
     raise StorageError(f"no free file name for {base}.{ext} in {out_dir} after {_MAX_COLLISIONS} tries")
 
 
-def _replace_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
+def replace_atomically(path: Path, data: bytes, *, durable: bool = True, prefix: str = ".") -> None:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename over `path`.
 
     os.replace within one directory is atomic on POSIX, so a reader (or a crash)
     sees the old file or the new one, never half of one. The fsync keeps a power
-    loss from leaving a renamed but empty file. Not tempfile.mkstemp: it creates
-    mode 0600, which the rename would carry over to the image.
+    loss from leaving a renamed but empty file. The temporary name starts with
+    `prefix`. Not tempfile.mkstemp: it creates mode 0600, which the rename would
+    carry over to the image, and costs two more system calls a file.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(f"{prefix}{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:

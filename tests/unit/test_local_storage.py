@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -126,6 +127,20 @@ def test_a_symlink_pointing_outside_the_bucket_is_refused(storage: LocalStorage,
         storage.put("link/x.png", b"x", "image/png")
 
     assert list(outside.iterdir()) == []
+
+
+def test_put_into_a_folder_removed_since_the_last_put_creates_it_again(
+    storage: LocalStorage, tmp_path: Path
+) -> None:
+    # put checks and creates a folder once per process; an operator pruning folders by hand
+    # must not make the next upload fail.
+    storage.put(PATH, b"first", "image/png")
+    shutil.rmtree(storage.local_path(PATH).parent)
+
+    storage.put(PATH, b"second", "image/png")
+
+    assert storage.local_path(PATH).read_bytes() == b"second"
+    assert leftovers(tmp_path) == []
 
 
 def test_a_failed_write_raises_storage_error_and_leaves_no_temporary_file(
