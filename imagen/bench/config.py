@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from imagen.errors import ImagenError
 
@@ -23,7 +26,8 @@ class BenchConfig:
     Sequential samples are spaced by a random `gap_ms`; the stock-broker reference waits
     `idle_gap_ms` instead, long enough for Dramatiq's idle backoff to reach its cap, as on
     a quiet pipeline. A backlog that does not drain within `throughput_timeout` seconds is
-    measured on what finished.
+    measured on what finished. The pipeline's images (its storage folder and local copies)
+    go under `scratch`, `default_scratch()` when None.
     """
 
     jobs: int = 10_000
@@ -37,10 +41,49 @@ class BenchConfig:
     idle_gap_ms: tuple[float, float] = (500.0, 1500.0)
     throughput_timeout: float = 45.0
     quick: bool = False
+    scratch: Path | None = None
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem `path` is on (the longest mount point above it), from /proc/mounts."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    resolved = str(path.resolve())
+    best: tuple[int, str] | None = None
+    for fields in mounts:
+        if len(fields) < 3:
+            continue
+        point = fields[1]
+        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > best[0]):
+            best = (len(point), fields[2])
+    return best[1] if best else None
+
+
+def default_scratch() -> Path:
+    """/dev/shm when it is a writable tmpfs, else the system's temporary folder.
+
+    The run's PostgreSQL has fsync off for the same reason: the figures are the pipeline's,
+    not the disk's. On ext4 the file creations of 10,000 jobs (three files each) cost more
+    the more files were deleted on it in the minutes before (the inode allocator skips
+    recently freed inodes one by one; perf shows it), so on disk a run depends on what ran
+    before it. `--scratch` puts the images on the disk to measure that too.
+    """
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and filesystem_type(shm) == "tmpfs":
+        return shm
+    return Path(tempfile.gettempdir())
 
 
 def bench_config(
-    *, quick: bool = False, jobs: int | None = None, samples: int | None = None, workers: Sequence[int] = ()
+    *,
+    quick: bool = False,
+    jobs: int | None = None,
+    samples: int | None = None,
+    workers: Sequence[int] = (),
+    scratch: Path | None = None,
 ) -> BenchConfig:
     """The default run, or the ~1 minute `--quick` one, with explicit sizes winning."""
     base = BenchConfig()
@@ -54,4 +97,5 @@ def bench_config(
         samples=samples or base.samples,
         stock_samples=min(base.stock_samples, samples or base.stock_samples),
         workers=tuple(sorted(set(workers))) or base.workers,
+        scratch=scratch,
     )

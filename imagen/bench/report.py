@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from imagen.bench.config import BenchConfig
@@ -275,7 +276,7 @@ def report_json(report: Report) -> dict[str, Any]:
     return {
         "schema": 1,
         "machine": report.machine,
-        "config": asdict(report.config),
+        "config": {k: str(v) if isinstance(v, PurePath) else v for k, v in asdict(report.config).items()},
         "elapsed_s": round(report.elapsed_s, 1),
         "latency_ms": {key: asdict(value) for key, value in report.latency.items()},
         "throughput": {

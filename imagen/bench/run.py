@@ -28,7 +28,7 @@ from dramatiq.message import Message
 from psycopg.types.json import Jsonb
 
 from imagen.bench.baselines import BARE_ACTORS, DONE_KEY, RAW_CLAIMER, RAW_SCHEMA
-from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
+from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo, default_scratch, filesystem_type
 from imagen.bench.machine import cpu_pressure, describe_machine
 from imagen.bench.procs import (
     _clean_env,
@@ -76,6 +76,10 @@ class _Run(_Backlogs):
         self.random = random.Random(6)
         self.root = Path(tempfile.mkdtemp(prefix="imagen-bench-"))
         stack.callback(shutil.rmtree, self.root, ignore_errors=True)
+        self.files = Path(
+            tempfile.mkdtemp(prefix="imagen-bench-files-", dir=config.scratch or default_scratch())
+        )
+        stack.callback(shutil.rmtree, self.files, ignore_errors=True)
         self.pg = PostgresServer()
         stack.callback(self.pg.cleanup)
         self.redis = RedisServer()
@@ -98,10 +102,11 @@ class _Run(_Backlogs):
         self.report.machine["postgres"] = row[0] if row else None
         info = redis.Redis.from_url(self.redis.url).info("server")
         self.report.machine["redis"] = info.get("redis_version")
+        self.report.machine["scratch"] = f"{self.files.parent} ({filesystem_type(self.files) or 'unknown'})"
         self.bare_folder.mkdir()
         (self.bare_folder / "bench_actors.py").write_text(BARE_ACTORS)
         (self.root / "raw_claimer.py").write_text(RAW_CLAIMER)
-        self.pipeline_env = _clean_env(pipeline_env(self.db_url, self.redis.url, self.root / "pipeline"))
+        self.pipeline_env = _clean_env(pipeline_env(self.db_url, self.redis.url, self.files))
 
     def _gap(self, gap_ms: tuple[float, float] | None = None) -> None:
         time.sleep(self.random.uniform(*(gap_ms or self.config.gap_ms)) / 1000)

@@ -40,20 +40,32 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
     callback=_workers,
     help="worker process counts for throughput",
 )
+@click.option(
+    "--scratch",
+    type=click.Path(file_okay=False, exists=True, writable=True, path_type=Path),
+    help="folder for the images the pipeline writes  [default: /dev/shm if a tmpfs, else the temp folder]",
+)
 @handle_errors
 def bench(
-    quick: bool, json_path: Path | None, jobs: int | None, samples: int | None, workers: tuple[int, ...]
+    quick: bool,
+    json_path: Path | None,
+    jobs: int | None,
+    samples: int | None,
+    workers: tuple[int, ...],
+    scratch: Path | None,
 ) -> None:
     """Measure pickup, INSERT -> done, throughput and memory against baselines from the same run.
 
     Starts its own throwaway PostgreSQL and Redis (nothing configured is touched), the
     raw PostgreSQL and bare Dramatiq baselines, then `imagen listen` and
     `dramatiq imagen.actors -p N` with the settings we ship. Prints a table of each
-    figure next to its baseline, then the targets of issue 6.
+    figure next to its baseline, then the targets of issue 6. The images the pipeline
+    writes go to a tmpfs when there is one, as PostgreSQL runs with fsync off: the
+    figures are the pipeline's, not the disk's (see docs/benchmarks.md).
     """
     from imagen.bench import bench_config, render_table, report_json, run_bench
 
-    config = bench_config(quick=quick, jobs=jobs, samples=samples, workers=workers)
+    config = bench_config(quick=quick, jobs=jobs, samples=samples, workers=workers, scratch=scratch)
     report = run_bench(config, echo=lambda line: click.echo(f"bench: {line}", err=True))
     click.echo(render_table(report))
     if json_path is not None:

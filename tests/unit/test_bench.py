@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from imagen.bench import (
     render_table,
     report_json,
 )
+from imagen.bench.config import default_scratch, filesystem_type
 from imagen.cli import main
 
 
@@ -108,6 +111,18 @@ def test_quick_config_is_smaller_and_explicit_sizes_win() -> None:
     assert bench_config().workers == (1, 2) and bench_config().jobs == 10_000
 
 
+def test_scratch_defaults_to_a_tmpfs_when_the_machine_has_one(tmp_path: Path) -> None:
+    # Like PostgreSQL's fsync=off: the disk must not be part of a figure meant to be the pipeline's.
+    assert filesystem_type(Path("/proc/self")) == "proc"
+    chosen = default_scratch()
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and filesystem_type(shm) == "tmpfs":
+        assert chosen == shm
+    else:
+        assert chosen == Path(tempfile.gettempdir())
+    assert bench_config(scratch=tmp_path).scratch == tmp_path
+
+
 def test_each_pipeline_figure_sits_next_to_its_baseline() -> None:
     report = make_report(pickup=1.0, raw_claim=0.5, done=12.0, dramatiq_chain=3.0)
     rows = {row.figure: row for row in build_rows(report)}
@@ -182,15 +197,20 @@ def test_workers_option_refuses_a_bad_list() -> None:
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server and PostgreSQL binaries")
 def test_quick_bench_end_to_end_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     argv = [sys.executable, "-m", "imagen", "bench", "--quick", "--jobs", "200", "--samples", "5"]
+    argv += ["--scratch", str(scratch)]
     result = subprocess.run([*argv, "--json", str(out)], capture_output=True, text=True, timeout=150)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(scratch.iterdir()) == [], "the images of the run are removed with it"
     assert "target pickup p50" in result.stdout
     data = json.loads(out.read_text())
     assert set(data["latency_ms"]) == set(LATENCY_LABELS)
     assert all(data["latency_ms"][key]["n"] >= 5 for key in LATENCY_LABELS if key != "dramatiq_chain_stock")
     assert set(data["throughput"]) == {"chain_1w", "chain_2w", "pipeline_1w", "pipeline_2w"}
     assert all(t["items"] == 200 and t["failed"] == 0 for t in data["throughput"].values())
+    assert data["machine"]["scratch"].startswith(f"{scratch} (")
     assert data["memory_mb"]["listener"]["rest"] and data["memory_mb"]["listener"]["load"]
     assert data["memory_mb"]["worker_2w_1"]["load"] and data["memory_mb"]["dramatiq_2w_1"]["load"]
     assert all(row["p50"] is not None for row in data["rows"])
