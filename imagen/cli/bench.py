@@ -23,7 +23,7 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="smaller sizes: about a minute instead of three to four")
+@click.option("--quick", is_flag=True, help="smaller sizes: about a minute instead of two and a half to four")
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write the report here"
 )
