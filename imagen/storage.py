@@ -114,14 +114,12 @@ class LocalStorage:
         if name in ("", ".", "..") or path.startswith("/"):
             raise StorageError(f"object path {path!r} escapes the storage folder")
         try:
-            target = self._folder(folder) / name
             try:
-                replace_atomically(target, data, durable=False, prefix=".upload-")
+                replace_atomically(self._folder(folder) / name, data, durable=False, prefix=".upload-")
             except FileNotFoundError:
                 # The folder went away since it was checked (pruned by hand): check and create it again.
                 self._folders.pop(folder, None)
-                target = self._folder(folder) / name
-                replace_atomically(target, data, durable=False, prefix=".upload-")
+                replace_atomically(self._folder(folder) / name, data, durable=False, prefix=".upload-")
         except OSError as exc:
             raise StorageError(
                 f"cannot write {self.root / self.bucket / path}: {exc.strerror or exc}"

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from imagen.bench.machine import filesystem_type
 from imagen.errors import ImagenError
 
 Echo = Callable[[str], None]
@@ -42,24 +43,6 @@ class BenchConfig:
     throughput_timeout: float = 45.0
     quick: bool = False
     scratch: Path | None = None
-
-
-def filesystem_type(path: Path) -> str | None:
-    """The type of the filesystem `path` is on (the longest mount point above it), from /proc/mounts."""
-    try:
-        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return None
-    resolved = str(path.resolve())
-    best: tuple[int, str] | None = None
-    for fields in mounts:
-        if len(fields) < 3:
-            continue
-        point = fields[1]
-        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
-        if inside and (best is None or len(point) > best[0]):
-            best = (len(point), fields[2])
-    return best[1] if best else None
 
 
 def default_scratch() -> Path:

@@ -10,6 +10,24 @@ from typing import Any
 import psycopg
 
 
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem `path` is on (the longest mount point above it), from /proc/mounts."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    resolved = str(path.resolve())
+    best: tuple[int, str] | None = None
+    for fields in mounts:
+        if len(fields) < 3:
+            continue
+        point = fields[1]
+        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > best[0]):
+            best = (len(point), fields[2])
+    return best[1] if best else None
+
+
 def cpu_pressure() -> float | None:
     """The share of the last 60 s in which some runnable task waited for a CPU (Linux PSI), in %."""
     try:

@@ -28,8 +28,8 @@ from dramatiq.message import Message
 from psycopg.types.json import Jsonb
 
 from imagen.bench.baselines import BARE_ACTORS, DONE_KEY, RAW_CLAIMER, RAW_SCHEMA
-from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo, default_scratch, filesystem_type
-from imagen.bench.machine import cpu_pressure, describe_machine
+from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo, default_scratch
+from imagen.bench.machine import cpu_pressure, describe_machine, filesystem_type
 from imagen.bench.procs import (
     _clean_env,
     _interrupt_on_sigterm,

@@ -184,6 +184,19 @@ def finish_running(db_url: str, n: int) -> None:
         )
 
 
+def listener_over_a_backlog(db_url: str, settings: Settings) -> Listener:
+    """A connected listener capped at 80 in flight (a refill is 10), over 200 pending jobs."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt) SELECT %s, 'job ' || i FROM generate_series(1, 200) i",
+            (uuid.uuid4(),),
+        )
+    tuned = settings.model_copy(update={"max_in_flight": 80, "claim_batch": 100})
+    listener = Listener(tuned, broker=RecordingBroker(), metrics_port=0)
+    listener._connect()
+    return listener
+
+
 def test_listener_at_the_in_flight_cap_claims_a_refill_at_a_time(
     db_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -202,14 +215,7 @@ def test_listener_at_the_in_flight_cap_claims_a_refill_at_a_time(
         return claims
 
     monkeypatch.setattr(listener_module.jobs, "claim_jobs", claim_while_3_finish)
-    tuned = settings.model_copy(update={"max_in_flight": 80, "claim_batch": 100})
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO imagen.jobs (owner_user_id, prompt) SELECT %s, 'job ' || i FROM generate_series(1, 200) i",
-            (uuid.uuid4(),),
-        )
-    listener = Listener(tuned, broker=RecordingBroker(), metrics_port=0)
-    listener._connect()
+    listener = listener_over_a_backlog(db_url, settings)
     try:
         assert listener.drain() == 80, "claims up to the cap, then stops"
         assert listener.drain() == 0, "3 free slots are not worth a claim"
@@ -229,14 +235,7 @@ def test_listener_at_the_cap_counts_again_at_the_pace_jobs_finish(
 
     clock = [1000.0]
     monkeypatch.setattr(listener_module.time, "monotonic", lambda: clock[0])
-    tuned = settings.model_copy(update={"max_in_flight": 80, "claim_batch": 100})
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO imagen.jobs (owner_user_id, prompt) SELECT %s, 'job ' || i FROM generate_series(1, 200) i",
-            (uuid.uuid4(),),
-        )
-    listener = Listener(tuned, broker=RecordingBroker(), metrics_port=0)
-    listener._connect()
+    listener = listener_over_a_backlog(db_url, settings)
     waits = []
     try:
         listener.drain()

@@ -30,7 +30,8 @@ from imagen.bench import (
     render_table,
     report_json,
 )
-from imagen.bench.config import default_scratch, filesystem_type
+from imagen.bench.config import default_scratch
+from imagen.bench.machine import filesystem_type
 from imagen.cli import main
 
 
