@@ -45,6 +45,18 @@ class BenchConfig:
     scratch: Path | None = None
 
 
+def size_note(config: BenchConfig) -> str | None:
+    """Why a smaller run's target lines are indicative only, or None for the issue's sizes."""
+    full = BenchConfig()
+    if config.jobs >= full.jobs and config.samples >= full.samples:
+        return None
+    return (
+        f"backlog {config.jobs} and {config.samples} samples: the targets are set for a backlog of"
+        f" {full.jobs} and {full.samples} samples, so this run's verdicts are indicative only"
+        " (a small backlog drains before the pipeline's tables and queues fill up)"
+    )
+
+
 def default_scratch() -> Path:
     """/dev/shm when it is a writable tmpfs, else the system's temporary folder.
 

@@ -28,7 +28,7 @@ from dramatiq.message import Message
 from psycopg.types.json import Jsonb
 
 from imagen.bench.baselines import BARE_ACTORS, DONE_KEY, RAW_CLAIMER, RAW_SCHEMA
-from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo, default_scratch
+from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo, default_scratch, size_note
 from imagen.bench.machine import cpu_pressure, describe_machine, filesystem_type
 from imagen.bench.procs import (
     _clean_env,
@@ -368,6 +368,9 @@ def run_bench(config: BenchConfig, echo: Echo | None = None) -> Report:
                 f"the machine was busy before the run (load average {busy:.1f} on {run.report.machine['nproc']}"
                 " CPUs): other work competed for the CPUs, so figures are inflated; compare ratios and rerun"
             )
+        note = size_note(config)
+        if note:
+            run.report.notes.append(note)
         run.report.elapsed_s = time.monotonic() - started
         say("finished")
         return run.report

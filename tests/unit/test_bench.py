@@ -30,7 +30,7 @@ from imagen.bench import (
     render_table,
     report_json,
 )
-from imagen.bench.config import default_scratch
+from imagen.bench.config import default_scratch, size_note
 from imagen.bench.machine import filesystem_type
 from imagen.cli import main
 
@@ -110,6 +110,12 @@ def test_quick_config_is_smaller_and_explicit_sizes_win() -> None:
     sized = bench_config(quick=True, jobs=300, samples=3, workers=[2, 1, 2])
     assert (sized.jobs, sized.samples, sized.stock_samples, sized.workers) == (300, 3, 3, (1, 2))
     assert bench_config().workers == (1, 2) and bench_config().jobs == 10_000
+
+
+def test_a_smaller_run_says_its_target_verdicts_are_indicative_only() -> None:
+    assert size_note(bench_config()) is None
+    note = size_note(bench_config(quick=True))
+    assert note is not None and "backlog 1000 and 50 samples" in note and "indicative only" in note
 
 
 def test_scratch_defaults_to_a_tmpfs_when_the_machine_has_one(tmp_path: Path) -> None:
