@@ -98,6 +98,7 @@ class Listener:
         self._saturated = False
         self._saturated_wait = SATURATED_POLL
         self._last_count: tuple[float, int] | None = None  # (when, running) at the last count at the cap
+        self._pace: float | None = None  # slots freed per second at the cap, from the last refill
         self._refill = max(1, min(settings.claim_batch, settings.max_in_flight // 8))
         port = settings.listener_metrics_port if metrics_port is None else metrics_port
         self._metrics = _Metrics(port, settings.metrics_addr) if port else None
@@ -236,6 +237,8 @@ class Listener:
                 self._saturated = True
                 self._saturated_wait = self._refill_wait(running, room)
                 break
+            if self._last_count is not None:
+                self._note_pace(running)
             self._last_count = None
             want = min(self.settings.claim_batch, room)
             claims = jobs.claim_jobs(conn, want)
@@ -248,9 +251,9 @@ class Listener:
             if len(claims) < want:
                 break  # the backlog is drained: the next claim waits for a notification or the poll
             if want == room:
-                # The cap is reached: count again after the shortest wait, then at the pace jobs finish.
+                # The cap is reached: count again when the last refill's pace has freed the next one.
                 self._saturated = True
-                self._saturated_wait = SATURATED_POLL
+                self._saturated_wait = self._wait_for(self._refill)
                 self._last_count = (time.monotonic(), self.settings.max_in_flight)
                 break
         if total:
@@ -265,15 +268,34 @@ class Listener:
         a second for as long as the cap held, however slowly jobs finished. A refill that comes a
         little late costs nothing: the jobs already queued in Redis keep the workers busy meanwhile.
         """
-        now = time.monotonic()
-        last, self._last_count = self._last_count, (now, running)
+        last = self._last_count
         if last is None:
+            self._last_count = (time.monotonic(), running)
             return SATURATED_POLL
-        freed = last[1] - running  # nothing was claimed since that count
-        if freed <= 0:
+        if last[1] - running <= 0:  # nothing was claimed since that count, and nothing finished
+            self._last_count = (time.monotonic(), running)
             return min(self._saturated_wait * 2, SATURATED_POLL_MAX)
-        pace = freed / max(now - last[0], 1e-3)
-        return min(max((self._refill - room) / pace, SATURATED_POLL), SATURATED_POLL_MAX)
+        self._note_pace(running)
+        return self._wait_for(self._refill - room)
+
+    def _note_pace(self, running: int) -> None:
+        """Slots freed per second since the last count at the cap; that count becomes this one."""
+        now = time.monotonic()
+        assert self._last_count is not None
+        last, self._last_count = self._last_count, (now, running)
+        freed = last[1] - running
+        if freed > 0:
+            self._pace = freed / max(now - last[0], 1e-3)
+
+    def _wait_for(self, slots: int) -> float:
+        """The time `slots` take to free at the last pace seen, within the bounds; the shortest if unknown.
+
+        Carried across refills, so a steady backlog costs one count per claim, not a count right
+        after each claim (when almost nothing has finished yet) and another once a refill fits.
+        """
+        if self._pace is None:
+            return SATURATED_POLL
+        return min(max(slots / self._pace, SATURATED_POLL), SATURATED_POLL_MAX)
 
     def _forward(self, conn: psycopg.Connection[Any], claims: list[jobs.Claim]) -> bool:
         """Send the batch to the generation queue in one round trip; on a broker failure put it back."""

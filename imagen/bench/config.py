@@ -41,6 +41,9 @@ class BenchConfig:
     gap_ms: tuple[float, float] = (20.0, 60.0)
     idle_gap_ms: tuple[float, float] = (500.0, 1500.0)
     throughput_timeout: float = 45.0
+    # Backlog rounds per width, each the bare chain then the pipeline: the machine is shared, and
+    # one pair of backlogs a few seconds apart can see it at two different speeds.
+    rounds: int = 3
     quick: bool = False
     scratch: Path | None = None
 
@@ -79,12 +82,13 @@ def bench_config(
     samples: int | None = None,
     workers: Sequence[int] = (),
     scratch: Path | None = None,
+    rounds: int | None = None,
 ) -> BenchConfig:
     """The default run, or the ~1 minute `--quick` one, with explicit sizes winning."""
     base = BenchConfig()
     if quick:
         base = BenchConfig(
-            jobs=1000, samples=50, stock_samples=5, warmup=16, throughput_timeout=20, quick=True
+            jobs=1000, samples=50, stock_samples=5, warmup=16, throughput_timeout=20, rounds=1, quick=True
         )
     return replace(
         base,
@@ -93,4 +97,5 @@ def bench_config(
         stock_samples=min(base.stock_samples, samples or base.stock_samples),
         workers=tuple(sorted(set(workers))) or base.workers,
         scratch=scratch,
+        rounds=rounds or base.rounds,
     )

@@ -6,7 +6,7 @@ Pure data and formatting: nothing here starts a process or talks to a server.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -59,6 +59,11 @@ class Throughput:
         return self.items / self.seconds if self.seconds > 0 else 0.0
 
 
+def rate(rounds: Sequence[Throughput]) -> float | None:
+    """The median rate of a figure's rounds, None when it has none."""
+    return percentile([r.per_second for r in rounds], 50) if rounds else None
+
+
 @dataclass
 class Memory:
     """Resident set size in MB: idle before a backlog, and the peak while it drains."""
@@ -72,7 +77,8 @@ class Report:
     config: BenchConfig
     machine: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, Summary] = field(default_factory=dict)
-    throughput: dict[str, Throughput] = field(default_factory=dict)
+    # Every round of each backlog figure, in the order run; the table shows their median.
+    throughput: dict[str, list[Throughput]] = field(default_factory=dict)
     memory: dict[str, Memory] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -127,18 +133,18 @@ def build_rows(report: Report) -> list[Row]:
     rows.extend(_latency_row(report, "dramatiq_chain_stock", "dramatiq_chain"))
     rows.extend(_latency_row(report, "dramatiq_chain_stock_t20", "dramatiq_chain"))
     for n in report.config.workers:
-        chain = thr.get(f"chain_{n}w")
-        if chain:
-            rows.append(Row(f"bare 3-stage chain from a backlog, -p {n}", "chains/s", chain.per_second))
+        chain = rate(thr.get(f"chain_{n}w", []))
+        if chain is not None:
+            rows.append(Row(f"bare 3-stage chain from a backlog, -p {n}", "chains/s", chain))
     for key in ("pickup", "pickup_clock", "done", "done_poll"):
         rows.extend(_latency_row(report, key, LATENCY_BASELINE[key]))
     for n in report.config.workers:
-        jobs, chain = thr.get(f"pipeline_{n}w"), thr.get(f"chain_{n}w")
-        if jobs:
+        jobs, chain = rate(thr.get(f"pipeline_{n}w", [])), rate(thr.get(f"chain_{n}w", []))
+        if jobs is not None:
             rows.append(
                 Row(
-                    f"throughput from a backlog, -p {n}", "jobs/s", jobs.per_second,
-                    baseline=f"bare chain -p {n}", baseline_value=chain.per_second if chain else None,
+                    f"throughput from a backlog, -p {n}", "jobs/s", jobs,
+                    baseline=f"bare chain -p {n}", baseline_value=chain,
                 )
             )  # fmt: skip
     claimer, listener = mem.get("raw_claimer", Memory()), mem.get("listener", Memory())
@@ -199,7 +205,7 @@ def evaluate_targets(report: Report) -> list[Target]:
     """Issue 6's targets against this run."""
     lat, thr = report.latency, report.throughput
     pickup, done = lat.get("pickup"), lat.get("done")
-    jobs, chain = thr.get("pipeline_2w"), thr.get("chain_2w")
+    jobs, chain = rate(thr.get("pipeline_2w", [])), rate(thr.get("chain_2w", []))
     listener = report.memory.get("listener", Memory())
     rss = [v for v in (listener.rest, listener.load) if v is not None]
     return [
@@ -207,13 +213,13 @@ def evaluate_targets(report: Report) -> list[Target]:
         Target("pickup p99", 10.0, "ms", True, pickup.p99 if pickup else None),
         Target("INSERT -> done p50", 20.0, "ms", True, done.p50 if done else None),
         Target("INSERT -> done p99", 60.0, "ms", True, done.p99 if done else None),
-        Target("throughput, 2 workers", 400.0, "jobs/s", False, jobs.per_second if jobs else None),
+        Target("throughput, 2 workers", 400.0, "jobs/s", False, jobs),
         Target(
             "throughput / bare chain, 2 workers",
             0.7,
             "x",
             False,
-            jobs.per_second / chain.per_second if jobs and chain and chain.per_second else None,
+            jobs / chain if jobs is not None and chain else None,
         ),
         Target("listener RSS", 80.0, "MB", True, max(rss) if rss else None),
     ]
@@ -267,20 +273,45 @@ def render_table(report: Report) -> str:
         out.append(
             f"target {target.name} {sign} {format_value(target.limit)} {target.unit}: {format_value(target.value)} -> {verdict}"
         )
+    out.extend(round_lines(report))
     out.extend(f"note: {note}" for note in report.notes)
     return "\n".join(out)
+
+
+def round_lines(report: Report) -> list[str]:
+    """Each width's backlog rounds side by side: the spread behind the medians in the table."""
+    lines = []
+    for n in report.config.workers:
+        jobs, chains = report.throughput.get(f"pipeline_{n}w", []), report.throughput.get(f"chain_{n}w", [])
+        if len(jobs) < 2 and len(chains) < 2:
+            continue
+        ratios = [j.per_second / c.per_second for j, c in zip(jobs, chains, strict=False) if c.per_second]
+        lines.append(
+            f"rounds -p {n}: pipeline {_series(j.per_second for j in jobs)} jobs/s,"
+            f" bare chain {_series(c.per_second for c in chains)} chains/s,"
+            f" ratio round by round {' / '.join(f'{r:.2f}' for r in ratios)}"
+        )
+    return lines
+
+
+def _series(values: Iterable[float]) -> str:
+    return " / ".join(format_value(v) for v in values)
 
 
 def report_json(report: Report) -> dict[str, Any]:
     """The whole report as plain JSON types."""
     return {
-        "schema": 1,
+        "schema": 2,
         "machine": report.machine,
         "config": {k: str(v) if isinstance(v, PurePath) else v for k, v in asdict(report.config).items()},
         "elapsed_s": round(report.elapsed_s, 1),
         "latency_ms": {key: asdict(value) for key, value in report.latency.items()},
         "throughput": {
-            key: {**asdict(value), "per_second": value.per_second} for key, value in report.throughput.items()
+            key: {
+                "per_second": rate(rounds),
+                "rounds": [{**asdict(r), "per_second": r.per_second} for r in rounds],
+            }
+            for key, rounds in report.throughput.items()
         },
         "memory_mb": {key: asdict(value) for key, value in report.memory.items()},
         "rows": [{**asdict(row), "ratio": row.ratio} for row in build_rows(report)],

@@ -162,18 +162,15 @@ class _Run(_Backlogs):
                 pids |= process_tree(f"worker_{top}w", workers.popen.pid)
                 self._rest_memory(pids)
                 self._latency_rounds(client, broker)
-                self._chain_throughput(client, broker, bare, top)
-                self._job_throughput(listener, workers, top)
+                self._backlog_rounds(client, broker, bare, listener, workers, top)
             for n in widths[1:]:
                 client.flushdb()
-                with self._bare_workers("imagen", n) as bare:
+                with self._bare_workers("imagen", n) as bare, self._pipeline(n) as (listener, workers):
                     self._warm_chains(client, broker)
-                    self._rest_memory(process_tree(f"dramatiq_{n}w", bare.popen.pid))
-                    self._chain_throughput(client, broker, bare, n)
-                with self._pipeline(n) as (listener, workers):
                     self._warm_jobs()
+                    self._rest_memory(process_tree(f"dramatiq_{n}w", bare.popen.pid))
                     self._rest_memory(process_tree(f"worker_{n}w", workers.popen.pid))
-                    self._job_throughput(listener, workers, n)
+                    self._backlog_rounds(client, broker, bare, listener, workers, n)
             self._stock_references(client)
         finally:
             broker.close()

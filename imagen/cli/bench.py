@@ -23,7 +23,7 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="smaller sizes: about a minute instead of two and a half to four")
+@click.option("--quick", is_flag=True, help="smaller sizes: about a minute instead of about four")
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="also write the report here"
 )
@@ -41,6 +41,12 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
     help="worker process counts for throughput",
 )
 @click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    help="backlog rounds per width, the bare chain then the pipeline each time; the table shows"
+    " the medians  [default: 3; 1 quick]",
+)
+@click.option(
     "--scratch",
     type=click.Path(file_okay=False, exists=True, writable=True, path_type=Path),
     help="folder for the images the pipeline writes  [default: /dev/shm if a tmpfs, else the temp folder]",
@@ -52,6 +58,7 @@ def bench(
     jobs: int | None,
     samples: int | None,
     workers: tuple[int, ...],
+    rounds: int | None,
     scratch: Path | None,
 ) -> None:
     """Measure pickup, INSERT -> done, throughput and memory against baselines from the same run.
@@ -65,7 +72,9 @@ def bench(
     """
     from imagen.bench import bench_config, render_table, report_json, run_bench
 
-    config = bench_config(quick=quick, jobs=jobs, samples=samples, workers=workers, scratch=scratch)
+    config = bench_config(
+        quick=quick, jobs=jobs, samples=samples, workers=workers, scratch=scratch, rounds=rounds
+    )
     report = run_bench(config, echo=lambda line: click.echo(f"bench: {line}", err=True))
     click.echo(render_table(report))
     if json_path is not None:

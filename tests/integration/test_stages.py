@@ -269,6 +269,42 @@ def test_listener_at_the_cap_counts_again_at_the_pace_jobs_finish(
     )
 
 
+def test_listener_on_a_steady_backlog_counts_once_per_refill(
+    db_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Workers finish 100 jobs a second. Once a refill has shown that pace, a claim that fills the
+    # cap waits for the next refill's worth (10 jobs: 0.1 s), so the count that follows finds room
+    # and claims: one count per claim, not a count right after the claim and another once it fits.
+    import imagen.listener as listener_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(listener_module.time, "monotonic", lambda: clock[0])
+    count_running = jobs.count_running
+    counts = [0]
+
+    def counting(conn: Any) -> int:
+        counts[0] += 1
+        return count_running(conn)
+
+    monkeypatch.setattr(listener_module.jobs, "count_running", counting)
+    listener = listener_over_a_backlog(db_url, settings)
+    claimed, waits = [], []
+    try:
+        claimed.append(listener.drain())  # fills the cap; no pace known yet
+        waits.append(listener._saturated_wait)
+        for _ in range(4):
+            clock[0] += 0.1
+            finish_running(db_url, 10)
+            counts[0] = 0
+            claimed.append(listener.drain())
+            waits.append(listener._saturated_wait)
+            assert counts[0] == 1, "one count, then the claim"
+    finally:
+        listener._close()
+    assert claimed == [80, 10, 10, 10, 10]
+    assert waits == pytest.approx([SATURATED_POLL, 0.1, 0.1, 0.1, 0.1])
+
+
 def test_claim_order_interleaves_owners(db_url: str) -> None:
     big, small = uuid.uuid4(), uuid.uuid4()
     with psycopg.connect(db_url, autocommit=True) as conn:

@@ -42,10 +42,10 @@ def make_report(**latency_p50: float) -> Report:
         p50 = latency_p50.get(key, float(index))
         report.latency[key] = Summary(n=200, p50=p50, p99=p50 * 3, max=p50 * 4, mean=p50 * 1.1)
     report.throughput = {
-        "chain_1w": Throughput(10_000, 20.0),
-        "chain_2w": Throughput(10_000, 10.0),
-        "pipeline_1w": Throughput(10_000, 40.0),
-        "pipeline_2w": Throughput(10_000, 25.0),
+        "chain_1w": [Throughput(10_000, 20.0)],
+        "chain_2w": [Throughput(10_000, 10.0)],
+        "pipeline_1w": [Throughput(10_000, 40.0)],
+        "pipeline_2w": [Throughput(10_000, 25.0)],
     }
     report.memory = {
         "listener": Memory(50.0, 55.0),
@@ -193,6 +193,25 @@ def test_json_has_every_figure_and_is_plain_json() -> None:
     assert len(data["targets"]) == 7 and all(t["met"] is not None for t in data["targets"])
 
 
+def test_backlog_rounds_show_their_medians_and_every_round_side_by_side() -> None:
+    # Three rounds, the second slow for both series (a busy neighbour): the table shows the
+    # medians (and their ratio), and a line under it shows what each round measured.
+    report = make_report()
+    report.throughput["chain_2w"] = [Throughput(10_000, s) for s in (8.0, 12.5, 10.0)]
+    report.throughput["pipeline_2w"] = [Throughput(10_000, s) for s in (11.0, 20.0, 12.5)]
+    (row,) = [r for r in build_rows(report) if r.figure == "throughput from a backlog, -p 2"]
+    assert (row.p50, row.baseline_value) == (800.0, 1000.0)
+    (target,) = [t for t in evaluate_targets(report) if t.unit == "x"]
+    assert target.value == pytest.approx(0.8) and target.met
+    table = render_table(report)
+    assert "rounds -p 2: pipeline 909 / 500 / 800 jobs/s, bare chain 1250 / 800 / 1000 chains/s," in table
+    assert "ratio round by round 0.73 / 0.62 / 0.80" in table
+    assert "rounds -p 1" not in table, "one round: nothing more to show"
+    data = json.loads(json.dumps(report_json(report)))
+    assert data["throughput"]["pipeline_2w"]["per_second"] == 800.0
+    assert [r["seconds"] for r in data["throughput"]["pipeline_2w"]["rounds"]] == [11.0, 20.0, 12.5]
+
+
 def test_workers_option_refuses_a_bad_list() -> None:
     result = CliRunner().invoke(main, ["bench", "--workers", "one,2"])
     assert result.exit_code == 2 and "comma-separated" in result.output
@@ -206,7 +225,19 @@ def test_quick_bench_end_to_end_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    argv = [sys.executable, "-m", "imagen", "bench", "--quick", "--jobs", "200", "--samples", "5"]
+    argv = [
+        sys.executable,
+        "-m",
+        "imagen",
+        "bench",
+        "--quick",
+        "--jobs",
+        "200",
+        "--samples",
+        "5",
+        "--rounds",
+        "2",
+    ]
     argv += ["--scratch", str(scratch)]
     result = subprocess.run([*argv, "--json", str(out)], capture_output=True, text=True, timeout=150)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -216,7 +247,9 @@ def test_quick_bench_end_to_end_writes_every_figure(tmp_path: Path) -> None:
     assert set(data["latency_ms"]) == set(LATENCY_LABELS)
     assert all(data["latency_ms"][key]["n"] >= 5 for key in LATENCY_LABELS if key != "dramatiq_chain_stock")
     assert set(data["throughput"]) == {"chain_1w", "chain_2w", "pipeline_1w", "pipeline_2w"}
-    assert all(t["items"] == 200 and t["failed"] == 0 for t in data["throughput"].values())
+    rounds = [r for figure in data["throughput"].values() for r in figure["rounds"]]
+    assert len(rounds) == 8 and all(r["items"] == 200 and r["failed"] == 0 for r in rounds)
+    assert "rounds -p 2: pipeline" in result.stdout
     assert data["machine"]["scratch"].startswith(f"{scratch} (")
     assert data["memory_mb"]["listener"]["rest"] and data["memory_mb"]["listener"]["load"]
     assert data["memory_mb"]["worker_2w_1"]["load"] and data["memory_mb"]["dramatiq_2w_1"]["load"]
