@@ -18,6 +18,7 @@ import redis
 
 from imagen.broker import GENERATE_QUEUE
 from tests.reliability.harness import Harness
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +30,16 @@ def _running_ids(h: Harness) -> list[Any]:
 
 
 def test_listener_sigkill_mid_drain_loses_no_job(harness: Callable[..., Harness]) -> None:
-    # One big claim batch per drain, and no workers yet: the listener spends its time
+    # Big claim batches and no workers yet: the listener spends its time claiming and
     # forwarding, so the kill lands between a committed claim and the end of its forwards.
-    h = harness(max_in_flight=1000, claim_batch=200)
+    # 3,000 jobs and a 2 ms watch: on a fast machine 600 jobs were all forwarded within
+    # the 50 ms it took to notice the first claim.
+    h = harness(max_in_flight=5000, claim_batch=200)
     listener = h.start_listener()
-    ids = h.insert_backlog(600, MOCK)
-    h.wait(lambda: h.counts()["running"] >= 1, 15, "first claims committed")
+    ids = h.insert_backlog(3000, MOCK)
+    wait_until(
+        lambda: h.counts()["running"] >= 1, timeout=15, interval=0.002, message="first claims committed"
+    )
     h.kill(listener)
     fault = time.monotonic()
     counts = h.counts()
