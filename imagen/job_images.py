@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from imagen.jobs import Conn, RunningJob, execute_once
+from imagen.usage import UsageRecord, usage_params
 
 INSERT_IMAGE = """
 INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
@@ -95,6 +96,18 @@ RETURNING image.id
 """
 
 
+# The same with the provider call's usage row, written whether or not the fence holds (the call
+# was made and paid either way): one commit for the job's end and its ledger row.
+RECORD_USAGE_AND_COMPLETE = """
+WITH usage AS (
+    INSERT INTO imagen.usage (owner_user_id, job_id, backend, model, images, input_tokens, output_tokens,
+        image_output_tokens, thought_tokens, cost_usd, latency_ms, ok, error, raw, created_at)
+    VALUES (%(u_owner_user_id)s, %(u_job_id)s, %(u_backend)s, %(u_model)s, %(u_images)s, %(u_input_tokens)s,
+        %(u_output_tokens)s, %(u_image_output_tokens)s, %(u_thought_tokens)s, %(u_cost_usd)s,
+        %(u_latency_ms)s, %(u_ok)s, %(u_error)s, %(u_raw)s, %(u_created_at)s)
+),""" + RECORD_AND_COMPLETE.replace("WITH fence AS", "fence AS", 1)
+
+
 def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:
     """Insert the images row; a second insert for the same job returns the first row's id."""
     from psycopg.types.json import Jsonb
@@ -125,12 +138,18 @@ def begin_sync(conn: Conn, job_id: UUID | str, attempt: int) -> tuple[RunningJob
 
 
 def record_job_image(
-    conn: Conn, attempt: int, values: dict[str, Any], *, complete_after: float | None = None
+    conn: Conn,
+    attempt: int,
+    values: dict[str, Any],
+    *,
+    complete_after: float | None = None,
+    usage: UsageRecord | None = None,
 ) -> UUID | None:
     """Write a job's images row (once per job) if `attempt` still holds it; None when the fence failed.
 
     With `complete_after` (seconds the sync took so far), the same statement also marks the
-    job done and links the row: the chained path's last write.
+    job done and links the row: the chained path's last write. With `usage` too, it also
+    writes that usage row, fence or not.
     """
     from psycopg.types.json import Jsonb
 
@@ -141,7 +160,11 @@ def record_job_image(
         row = execute_once(conn, RECORD_JOB_IMAGE, params).fetchone()
     else:
         params["sync_seconds"] = max(0.0, complete_after)
-        row = execute_once(conn, RECORD_AND_COMPLETE, params).fetchone()
+        query = RECORD_AND_COMPLETE
+        if usage is not None:
+            params.update(usage_params(usage, "u_"))
+            query = RECORD_USAGE_AND_COMPLETE
+        row = execute_once(conn, query, params).fetchone()
     return UUID(str(row[0])) if row else None
 
 

@@ -39,7 +39,7 @@ from imagen.handoff import Handoff
 from imagen.logs import transition
 from imagen.params import spec_from_params
 from imagen.storage import Storage, job_object_path, open_storage
-from imagen.usage import DatabaseSink
+from imagen.usage import DatabaseSink, HeldSink
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,6 @@ def heartbeating(ctx: StageContext, job_id: str, attempt: int) -> Iterator[None]
 
 def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
     """Generation stage: fence, validate, run the pipeline, then sync (chained) or hand the image on."""
-    from imagen.pipeline import generate, seed_for_job
 
     stage = "generating"
     started = time.monotonic()
@@ -221,6 +220,22 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
         _drop(ctx, job_id, attempt, stage)
         return
     transition("started", job_id, attempt, stage)
+    # Chained, a successful call's usage row goes with the statement that ends the job; whatever
+    # is still held when the stage ends another way is written on its own (the `finally`).
+    held = HeldSink() if ctx.chain_stages else None
+    try:
+        _generate(ctx, job, attempt, started, held)
+    finally:
+        if held is not None:
+            held.release(ctx.usage_sink)
+
+
+def _generate(
+    ctx: StageContext, job: jobs.RunningJob, attempt: int, started: float, held: HeldSink | None
+) -> None:
+    from imagen.pipeline import generate, seed_for_job
+
+    job_id, stage = str(job.job_id), "generating"
     generated: tuple[bytes, dict[str, Any]] | None = None
     with guarded(ctx, job_id, attempt, stage):
         spec = spec_from_params(job.prompt, jobs.load_params(job.params_json))
@@ -229,7 +244,7 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
         out_dir = ctx.settings.output_dir / "jobs" if ctx.settings.keep_local_copy else None
         with heartbeating(ctx, job_id, attempt):
             result = generate(
-                spec, ctx.settings, sink=ctx.usage_sink, out_dir=out_dir,
+                spec, ctx.settings, sink=held or ctx.usage_sink, out_dir=out_dir,
                 owner_user_id=job.owner_user_id, job_id=job.job_id, presets=ctx.presets, backends=ctx.backends,
             )  # fmt: skip
         image = result.images[0]
@@ -246,7 +261,7 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
             return
         generated = (image.data, meta)
     if generated is not None:
-        _sync_chained(ctx, job, attempt, *generated)
+        _sync_chained(ctx, job, attempt, *generated, held=held)
 
 
 def _hand_off(
@@ -257,7 +272,13 @@ def _hand_off(
 
 
 def _sync_chained(
-    ctx: StageContext, job: jobs.RunningJob, attempt: int, data: bytes, meta: dict[str, Any]
+    ctx: StageContext,
+    job: jobs.RunningJob,
+    attempt: int,
+    data: bytes,
+    meta: dict[str, Any],
+    *,
+    held: HeldSink | None = None,
 ) -> None:
     """Sync and finalize in the generation message: no hand-off, two hops and two fenced writes fewer.
 
@@ -276,7 +297,7 @@ def _sync_chained(
                 stored = ctx.storage.put(path, data, meta["mime"])
             took = time.monotonic() - started
             image_id = _record_image(
-                ctx, job, attempt, stored.bucket, path, len(data), meta, complete_after=took
+                ctx, job, attempt, stored.bucket, path, len(data), meta, complete_after=took, held=held
             )
             if image_id is not None:
                 transition("synced", job_id, attempt, stage, image_id=image_id)
@@ -329,8 +350,10 @@ def _record_image(
     meta: dict[str, Any],
     *,
     complete_after: float | None = None,
+    held: HeldSink | None = None,
 ) -> UUID | None:
     job_id = str(job.job_id)
+    usage = held.records[0] if held is not None and len(held.records) == 1 else None
     with ctx.pool.connection() as conn:
         image_id = job_images.record_job_image(
             conn,
@@ -342,7 +365,10 @@ def _record_image(
                 "model": meta["model"], "params": meta["params"],
             },
             complete_after=complete_after,
+            usage=usage,
         )  # fmt: skip
+        if held is not None and usage is not None:
+            held.records.clear()  # written, fence or not
         if image_id is not None:
             return image_id
         state = jobs.job_state(conn, job_id)

@@ -127,16 +127,41 @@ class DatabaseSink:
 
     def record(self, record: UsageRecord) -> None:
         import psycopg
-        from psycopg.types.json import Jsonb
 
-        # Not asdict(): it deep-copies `raw` on every record only for Jsonb to wrap it.
-        params = {f.name: getattr(record, f.name) for f in fields(record)}
-        params["raw"] = Jsonb(record.raw)
         try:
             with self.connect() as conn:
-                conn.execute(self.INSERT, params)
+                conn.execute(self.INSERT, usage_params(record))
         except psycopg.Error as exc:
             log.warning("usage: could not insert into imagen.usage: %s", exc)
+
+
+def usage_params(record: UsageRecord, prefix: str = "") -> dict[str, Any]:
+    """The parameters of `DatabaseSink.INSERT` (named `prefix` + field) for one record."""
+    from psycopg.types.json import Jsonb
+
+    # Not asdict(): it deep-copies `raw` on every record only for Jsonb to wrap it.
+    params = {prefix + f.name: getattr(record, f.name) for f in fields(record)}
+    params[prefix + "raw"] = Jsonb(record.raw)
+    return params
+
+
+class HeldSink:
+    """Keeps records for the caller to write with its next statement, or to pass on with `release`.
+
+    The chained stage writes a successful call's row in the statement that ends the job (one
+    commit fewer per job); every other way out of the stage releases it to the real sink at once.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def record(self, record: UsageRecord) -> None:
+        self.records.append(record)
+
+    def release(self, sink: UsageSink) -> None:
+        records, self.records = self.records, []
+        for record in records:
+            sink.record(record)
 
 
 class MultiSink:

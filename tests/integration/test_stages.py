@@ -12,7 +12,7 @@ import psycopg
 import pytest
 import redis
 
-from imagen import jobs
+from imagen import job_images, jobs
 from imagen.broker import (
     FINALIZE_ACTOR,
     FINALIZE_QUEUE,
@@ -368,6 +368,41 @@ def test_chained_worker_generates_syncs_and_completes_in_one_message_without_han
     assert scalar(db_url, "SELECT count(*) FROM imagen.images WHERE job_id = %s", claim.job_id) == 1
     assert scalar(db_url, "SELECT count(*) FROM imagen.usage WHERE job_id = %s", claim.job_id) == 1
     assert len(list((tmp_path / "storage").rglob("*.png"))) == 1
+    # The call's usage row was written by the statement that ended the job: one commit, not two.
+    same = "SELECT u.xmin = j.xmin FROM imagen.usage u JOIN imagen.jobs j ON j.id = u.job_id WHERE j.id = %s"
+    assert scalar(db_url, same, claim.job_id) is True
+
+
+def test_chained_job_whose_last_statement_fails_keeps_its_usage_row_and_its_image(
+    ctx: Any, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The usage row rides with the job's last statement; if that statement fails (here the
+    # connection drops), the row is written on its own and the sync stage takes the image on.
+    import imagen.stages as stages_module
+
+    record = job_images.record_job_image
+    calls = []
+
+    def dropped_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("usage"))
+        if len(calls) == 1:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(stages_module.job_images, "record_job_image", dropped_once)
+    ctx.chain_for_worker(None)
+    claim = claim_one(db_url)
+    job_id = str(claim.job_id)
+    run_generate(ctx, job_id, claim.attempt)
+    assert calls[0] is not None, "the usage row was sent with the job's end"
+    usage = "SELECT count(*) FROM imagen.usage WHERE job_id = %s AND ok"
+    assert scalar(db_url, usage, claim.job_id) == 1, "and written on its own when that failed"
+    assert ctx.broker.sent == [(SYNC_ACTOR, (job_id, 1))]
+    run_sync(ctx, job_id, claim.attempt)
+    (finalize,) = [args for actor, args in ctx.broker.sent if actor == FINALIZE_ACTOR]
+    run_finalize(ctx, *finalize)
+    assert scalar(db_url, "SELECT status FROM imagen.jobs WHERE id = %s", claim.job_id) == "done"
+    assert scalar(db_url, "SELECT count(*) FROM imagen.usage WHERE job_id = %s", claim.job_id) == 1
 
 
 def test_chained_upload_failure_hands_the_image_to_the_sync_stage_instead_of_regenerating(
@@ -407,6 +442,8 @@ def test_job_cancelled_during_a_chained_upload_keeps_no_image_or_object(
     assert scalar(db_url, "SELECT count(*) FROM imagen.images WHERE job_id = %s", claim.job_id) == 0
     assert not list((tmp_path / "storage").rglob("*.png")), "the uploaded object was removed"
     assert ctx.broker.sent == []
+    usage = "SELECT count(*) FROM imagen.usage WHERE job_id = %s AND ok"
+    assert scalar(db_url, usage, claim.job_id) == 1, "the provider call was made: its usage row stays"
 
 
 @pytest.mark.parametrize(
