@@ -220,8 +220,9 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
         _drop(ctx, job_id, attempt, stage)
         return
     transition("started", job_id, attempt, stage)
-    # Chained, a successful call's usage row goes with the statement that ends the job; whatever
-    # is still held when the stage ends another way is written on its own (the `finally`).
+    # Chained, a successful call's usage row goes with the statement that ends the job; on any other
+    # way out it is written on its own before the job's state changes (`_usage_first`, the hand-off),
+    # and the `finally` is the last resort.
     held = HeldSink() if ctx.chain_stages else None
     try:
         _generate(ctx, job, attempt, started, held)
@@ -237,7 +238,7 @@ def _generate(
 
     job_id, stage = str(job.job_id), "generating"
     generated: tuple[bytes, dict[str, Any]] | None = None
-    with guarded(ctx, job_id, attempt, stage):
+    with guarded(ctx, job_id, attempt, stage), _usage_first(ctx, held):
         spec = spec_from_params(job.prompt, jobs.load_params(job.params_json))
         if spec.seed is None:
             spec = replace(spec, seed=seed_for_job(job.job_id))
@@ -257,11 +258,25 @@ def _generate(
         # limit left, or a slow provider call could leave the upload too little and cost a rerun.
         left = ctx.settings.generate_time_limit - (time.monotonic() - started)
         if not ctx.chain_stages or left < SYNC_TIME_LIMIT_S:
+            if held is not None:
+                held.release(ctx.usage_sink)
             _hand_off(ctx, job_id, attempt, image.data, meta)
             return
         generated = (image.data, meta)
     if generated is not None:
         _sync_chained(ctx, job, attempt, *generated, held=held)
+
+
+@contextmanager
+def _usage_first(ctx: StageContext, held: HeldSink | None) -> Iterator[None]:
+    """On an error, write the held usage row before the error is handled (the job failed or retried),
+    so whoever sees the job's new state also sees what its provider call cost."""
+    try:
+        yield
+    except BaseException:
+        if held is not None:
+            held.release(ctx.usage_sink)
+        raise
 
 
 def _hand_off(
@@ -291,7 +306,7 @@ def _sync_chained(
     stage = "syncing"
     started = time.monotonic()
     try:
-        with guarded(ctx, job_id, attempt, stage):
+        with guarded(ctx, job_id, attempt, stage), _usage_first(ctx, held):
             path = job_object_path(job.owner_user_id, job.job_id, meta["mime"])
             with heartbeating(ctx, job_id, attempt):
                 stored = ctx.storage.put(path, data, meta["mime"])

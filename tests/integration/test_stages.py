@@ -23,7 +23,7 @@ from imagen.broker import (
     build_broker,
 )
 from imagen.config import Settings
-from imagen.errors import TransientStorageError
+from imagen.errors import TransientError, TransientStorageError
 from imagen.handoff import handoff_key
 from imagen.listener import SATURATED_POLL, SATURATED_POLL_MAX, Listener
 from imagen.stages import SYNC_TIME_LIMIT_S, StageContext, run_finalize, run_generate, run_sync
@@ -371,6 +371,34 @@ def test_chained_worker_generates_syncs_and_completes_in_one_message_without_han
     # The call's usage row was written by the statement that ended the job: one commit, not two.
     same = "SELECT u.xmin = j.xmin FROM imagen.usage u JOIN imagen.jobs j ON j.id = u.job_id WHERE j.id = %s"
     assert scalar(db_url, same, claim.job_id) is True
+
+
+@pytest.mark.parametrize("fail", ["permanent", "transient"])
+def test_chained_job_whose_provider_fails_has_its_usage_row_before_its_state_changes(
+    ctx: Any, db_url: str, monkeypatch: pytest.MonkeyPatch, fail: str
+) -> None:
+    # Whoever sees the job failed (or its retry noted) must also see what the call cost.
+    import imagen.stages as stages_module
+
+    usage = "SELECT count(*) FROM imagen.usage WHERE job_id = %s AND NOT ok"
+    seen = []
+    for name in ("fail_job", "note_transient"):
+        original = getattr(jobs, name)
+
+        def checking(conn: Any, job_id: Any, *args: Any, _original: Any = original) -> Any:
+            seen.append(scalar(db_url, usage, job_id))
+            return _original(conn, job_id, *args)
+
+        monkeypatch.setattr(stages_module.jobs, name, checking)
+    ctx.chain_for_worker(None)
+    claim = claim_one(db_url, params={"backend": "mock", "fail": fail})
+    if fail == "transient":
+        with pytest.raises(TransientError):
+            run_generate(ctx, str(claim.job_id), claim.attempt)
+    else:
+        run_generate(ctx, str(claim.job_id), claim.attempt)
+    assert seen == [1]
+    assert scalar(db_url, usage, claim.job_id) == 1
 
 
 def test_chained_job_whose_last_statement_fails_keeps_its_usage_row_and_its_image(
