@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from imagen import db
+from imagen import db, jobs
 
 pytestmark = pytest.mark.integration
 
@@ -242,7 +242,28 @@ def test_claim_queue_indexes_exist(db_url: str) -> None:
         "(owner_user_id, created_at, id) WHERE (status = 'pending'::text)"
     )
     assert indexes["jobs_owner_idx"].endswith("(owner_user_id, created_at DESC)")
-    assert indexes["jobs_running_idx"].endswith("(heartbeat_at) WHERE (status = 'running'::text)")
+    assert indexes["jobs_running_idx"].endswith("(claimed_at) WHERE (status = 'running'::text)")
+
+
+def test_stage_starts_and_heartbeats_of_a_running_job_are_hot_updates(db_url: str) -> None:
+    # The in-flight count scans the running jobs' index. Updates of a running job that touch no
+    # indexed column are HOT: they add no index entry, so the count does not slow down with every
+    # stage start and heartbeat until the next vacuum.
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        job_id = jobs.submit_job(conn, uuid.uuid4(), "hot", {})
+        (claim,) = jobs.claim_jobs(conn, 1)
+        updates = (
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
+            " WHERE schemaname = 'imagen' AND relname = 'jobs'"
+        )
+        with conn.transaction():  # the counts are this backend's, unflushed: exact within it
+            before = conn.execute(updates).fetchone()
+            assert jobs.begin_stage(conn, job_id, claim.attempt, "generating") is not None
+            assert jobs.heartbeat_many(conn, [(str(job_id), claim.attempt)]) == 1
+            assert jobs.note_transient(conn, job_id, claim.attempt, "503 from the provider")
+            after = conn.execute(updates).fetchone()
+    assert before is not None and after is not None
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 3), "three updates, all HOT"
 
 
 def _published(url: str) -> list[tuple[str, str]]:
