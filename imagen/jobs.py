@@ -45,21 +45,25 @@ candidates AS (
     ) c
     WHERE o.owner IS NOT NULL
 ),
+chosen AS (
+    SELECT id, owner_rank FROM candidates ORDER BY owner_rank, created_at, id LIMIT %(limit)s
+),
 picked AS (
-    SELECT j.id, c.owner_rank
-    FROM imagen.jobs j
-    JOIN (SELECT id, owner_rank, created_at FROM candidates
-          ORDER BY owner_rank, created_at, id LIMIT %(limit)s) c ON c.id = j.id
-    WHERE j.status = 'pending'
+    -- The chosen rows, locked through the primary key and nothing else: with the status test
+    -- here, a plan made while the statistics showed no pending rows (a burst on a table of done
+    -- jobs) walked every pending row for each claim. The lock returns the row as it is now, so
+    -- a row another claim took meanwhile shows its new status and is left out below.
+    SELECT j.id, j.status FROM imagen.jobs j
+    WHERE j.id = ANY (ARRAY(SELECT id FROM chosen))
     FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE imagen.jobs j
 SET status = 'running', stage = 'queued', attempt = j.attempt + 1, claimed_at = now(),
     heartbeat_at = now(), error = NULL, last_error = NULL,
     stage_times = jsonb_build_object('queued', now())
-FROM picked
-WHERE j.id = picked.id
-RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, picked.owner_rank
+FROM picked JOIN chosen ON chosen.id = picked.id
+WHERE j.id = picked.id AND picked.status = 'pending'
+RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, chosen.owner_rank
 """
 
 COUNT_RUNNING = "SELECT count(*) FROM imagen.jobs WHERE status = 'running'"

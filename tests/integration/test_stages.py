@@ -317,6 +317,41 @@ def test_claim_order_interleaves_owners(db_url: str) -> None:
     assert small in [c.owner_user_id for c in first[:2]]
 
 
+def test_claim_reads_the_rows_it_takes_not_the_backlog_even_with_stale_statistics(db_url: str) -> None:
+    # A burst of 3,000 jobs on a table whose statistics (last ANALYZE) show only done jobs: the
+    # plan the server caches for the claim must still lock the chosen rows by primary key. The
+    # old query's plan walked every pending row for each claim (90 ms per claim at 10,000).
+    owners = [uuid.uuid4() for _ in range(10)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt, status)"
+            " SELECT (%s::uuid[])[1 + i %% 10], 'old ' || i, 'done' FROM generate_series(1, 300) i",
+            (owners,),
+        )
+        conn.execute("ANALYZE imagen.jobs")
+        conn.execute(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt)"
+            " SELECT (%s::uuid[])[1 + i %% 10], 'new ' || i FROM generate_series(1, 3000) i",
+            (owners,),
+        )
+        claim = jobs.CLAIM.replace("%(limit)s", "$1").replace("%(max_owners)s", "$2")
+        conn.execute(f"PREPARE claim(int, int) AS {claim}")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        with conn.transaction(force_rollback=True):
+            row = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim(40, 1000)").fetchone()
+    assert row is not None
+
+    def rows_read(node: dict[str, Any]) -> int:
+        own = 0
+        if node.get("Relation Name") == "jobs":
+            own = node["Actual Rows"] * node["Actual Loops"] + node.get("Rows Removed by Filter", 0)
+        return own + sum(rows_read(child) for child in node.get("Plans", []))
+
+    plan = row[0][0]["Plan"]
+    assert plan["Actual Rows"] == 40, "claimed 40"
+    assert rows_read(plan) < 1000, f"read {rows_read(plan)} job rows to claim 40 of 3,000"
+
+
 def test_rescue_of_a_job_no_worker_started_never_fails_it(db_url: str) -> None:
     """Workers down (or Redis lost the message): a 'queued' job cycles back to pending, not to failed."""
     with psycopg.connect(db_url, autocommit=True) as conn:
