@@ -14,7 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from imagen.jobs import Conn, RunningJob, execute_once
-from imagen.usage import UsageRecord, usage_params
+from imagen.usage import UsageRecord, usage_insert, usage_params
 
 INSERT_IMAGE = """
 INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
@@ -98,14 +98,9 @@ RETURNING image.id
 
 # The same with the provider call's usage row, written whether or not the fence holds (the call
 # was made and paid either way): one commit for the job's end and its ledger row.
-RECORD_USAGE_AND_COMPLETE = """
-WITH usage AS (
-    INSERT INTO imagen.usage (owner_user_id, job_id, backend, model, images, input_tokens, output_tokens,
-        image_output_tokens, thought_tokens, cost_usd, latency_ms, ok, error, raw, created_at)
-    VALUES (%(u_owner_user_id)s, %(u_job_id)s, %(u_backend)s, %(u_model)s, %(u_images)s, %(u_input_tokens)s,
-        %(u_output_tokens)s, %(u_image_output_tokens)s, %(u_thought_tokens)s, %(u_cost_usd)s,
-        %(u_latency_ms)s, %(u_ok)s, %(u_error)s, %(u_raw)s, %(u_created_at)s)
-),""" + RECORD_AND_COMPLETE.replace("WITH fence AS", "fence AS", 1)
+RECORD_USAGE_AND_COMPLETE = f"WITH usage AS ({usage_insert('u_')}),\n" + RECORD_AND_COMPLETE.replace(
+    "WITH fence AS", "fence AS", 1
+)
 
 
 def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:

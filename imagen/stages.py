@@ -211,6 +211,7 @@ def heartbeating(ctx: StageContext, job_id: str, attempt: int) -> Iterator[None]
 
 def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
     """Generation stage: fence, validate, run the pipeline, then sync (chained) or hand the image on."""
+    from imagen.pipeline import generate, seed_for_job
 
     stage = "generating"
     started = time.monotonic()
@@ -220,23 +221,9 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
         _drop(ctx, job_id, attempt, stage)
         return
     transition("started", job_id, attempt, stage)
-    # Chained, a successful call's usage row goes with the statement that ends the job; on any other
-    # way out it is written on its own before the job's state changes (`_usage_first`, the hand-off),
-    # and the `finally` is the last resort.
+    # Chained, a successful call's usage row goes with the statement that ends the job; any other
+    # way out writes it on its own before the job's state changes (`_usage_first`, the hand-off).
     held = HeldSink() if ctx.chain_stages else None
-    try:
-        _generate(ctx, job, attempt, started, held)
-    finally:
-        if held is not None:
-            held.release(ctx.usage_sink)
-
-
-def _generate(
-    ctx: StageContext, job: jobs.RunningJob, attempt: int, started: float, held: HeldSink | None
-) -> None:
-    from imagen.pipeline import generate, seed_for_job
-
-    job_id, stage = str(job.job_id), "generating"
     generated: tuple[bytes, dict[str, Any]] | None = None
     with guarded(ctx, job_id, attempt, stage), _usage_first(ctx, held):
         spec = spec_from_params(job.prompt, jobs.load_params(job.params_json))
@@ -368,7 +355,7 @@ def _record_image(
     held: HeldSink | None = None,
 ) -> UUID | None:
     job_id = str(job.job_id)
-    usage = held.records[0] if held is not None and len(held.records) == 1 else None
+    usage = held.sole() if held is not None else None
     with ctx.pool.connection() as conn:
         image_id = job_images.record_job_image(
             conn,
@@ -383,7 +370,7 @@ def _record_image(
             usage=usage,
         )  # fmt: skip
         if held is not None and usage is not None:
-            held.records.clear()  # written, fence or not
+            held.written()  # fence or not
         if image_id is not None:
             return image_id
         state = jobs.job_state(conn, job_id)

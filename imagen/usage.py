@@ -103,16 +103,18 @@ class JsonlSink:
             log.warning("usage: could not append to %s: %s", self.path, exc)
 
 
+def usage_insert(prefix: str = "") -> str:
+    """The INSERT of one usage row, one column per `UsageRecord` field, parameters named `prefix` +
+    field (see `usage_params`); a prefix lets it sit in a larger statement."""
+    names = [f.name for f in fields(UsageRecord)]
+    values = ", ".join(f"%({prefix}{name})s" for name in names)
+    return f"INSERT INTO imagen.usage ({', '.join(names)}) VALUES ({values})"
+
+
 class DatabaseSink:
     """Inserts rows into imagen.usage through a connection factory (one short transaction each)."""
 
-    INSERT = """
-        INSERT INTO imagen.usage (owner_user_id, job_id, backend, model, images, input_tokens,
-            output_tokens, image_output_tokens, thought_tokens, cost_usd, latency_ms, ok, error, raw, created_at)
-        VALUES (%(owner_user_id)s, %(job_id)s, %(backend)s, %(model)s, %(images)s, %(input_tokens)s,
-            %(output_tokens)s, %(image_output_tokens)s, %(thought_tokens)s, %(cost_usd)s, %(latency_ms)s,
-            %(ok)s, %(error)s, %(raw)s, %(created_at)s)
-    """
+    INSERT = usage_insert()
 
     def __init__(self, connect: Callable[[], AbstractContextManager[Any]]) -> None:
         # `connect` is a pool's `connection` method or a function opening one connection:
@@ -136,7 +138,7 @@ class DatabaseSink:
 
 
 def usage_params(record: UsageRecord, prefix: str = "") -> dict[str, Any]:
-    """The parameters of `DatabaseSink.INSERT` (named `prefix` + field) for one record."""
+    """The parameters of `usage_insert(prefix)` for one record."""
     from psycopg.types.json import Jsonb
 
     # Not asdict(): it deep-copies `raw` on every record only for Jsonb to wrap it.
@@ -157,6 +159,14 @@ class HeldSink:
 
     def record(self, record: UsageRecord) -> None:
         self.records.append(record)
+
+    def sole(self) -> UsageRecord | None:
+        """The one record held (a provider call's), or None; it stays held until `written`."""
+        return self.records[0] if len(self.records) == 1 else None
+
+    def written(self) -> None:
+        """The caller's statement wrote what is held."""
+        self.records.clear()
 
     def release(self, sink: UsageSink) -> None:
         records, self.records = self.records, []

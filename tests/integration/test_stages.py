@@ -130,14 +130,25 @@ def test_listener_rescue_requeues_and_forwards_expired_job(db_url: str, settings
     assert broker.sent == [(GENERATE_ACTOR, (str(claim.job_id), 2))]
 
 
+def insert_jobs(
+    conn: psycopg.Connection[Any],
+    owners: list[uuid.UUID],
+    n: int,
+    prompt: str = "job",
+    status: str = "pending",
+) -> None:
+    """n jobs in one INSERT, spread round-robin over the owners, prompts `{prompt} {i}`."""
+    conn.execute(
+        "INSERT INTO imagen.jobs (owner_user_id, prompt, status)"
+        " SELECT (%s::uuid[])[1 + i %% %s], %s || ' ' || i, %s FROM generate_series(1, %s) i",
+        (owners, len(owners), prompt, status, n),
+    )
+
+
 def test_two_listeners_claim_each_of_1000_jobs_exactly_once(db_url: str, settings: Settings) -> None:
     owners = [uuid.uuid4() for _ in range(7)]
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO imagen.jobs (owner_user_id, prompt) SELECT (%s::uuid[])[1 + i %% 7], 'job ' || i"
-            " FROM generate_series(1, 1000) i",
-            (owners,),
-        )
+        insert_jobs(conn, owners, 1000)
     brokers = [build_broker(settings), build_broker(settings)]
     tuned = settings.model_copy(update={"max_in_flight": 10_000, "claim_batch": 10})
     listeners = [Listener(tuned, broker=b, metrics_port=0) for b in brokers]
@@ -187,10 +198,7 @@ def finish_running(db_url: str, n: int) -> None:
 def listener_over_a_backlog(db_url: str, settings: Settings) -> Listener:
     """A connected listener capped at 80 in flight (a refill is 10), over 200 pending jobs."""
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO imagen.jobs (owner_user_id, prompt) SELECT %s, 'job ' || i FROM generate_series(1, 200) i",
-            (uuid.uuid4(),),
-        )
+        insert_jobs(conn, [uuid.uuid4()], 200)
     tuned = settings.model_copy(update={"max_in_flight": 80, "claim_batch": 100})
     listener = Listener(tuned, broker=RecordingBroker(), metrics_port=0)
     listener._connect()
@@ -308,10 +316,7 @@ def test_listener_on_a_steady_backlog_counts_once_per_refill(
 def test_claim_order_interleaves_owners(db_url: str) -> None:
     big, small = uuid.uuid4(), uuid.uuid4()
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO imagen.jobs (owner_user_id, prompt) SELECT %s, 'a' || i FROM generate_series(1, 500) i",
-            (big,),
-        )
+        insert_jobs(conn, [big], 500, prompt="a")
         conn.execute("INSERT INTO imagen.jobs (owner_user_id, prompt) VALUES (%s, 'b')", (small,))
         first = jobs.claim_jobs(conn, 10)
     assert small in [c.owner_user_id for c in first[:2]]
@@ -323,17 +328,9 @@ def test_claim_reads_the_rows_it_takes_not_the_backlog_even_with_stale_statistic
     # old query's plan walked every pending row for each claim (90 ms per claim at 10,000).
     owners = [uuid.uuid4() for _ in range(10)]
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO imagen.jobs (owner_user_id, prompt, status)"
-            " SELECT (%s::uuid[])[1 + i %% 10], 'old ' || i, 'done' FROM generate_series(1, 300) i",
-            (owners,),
-        )
+        insert_jobs(conn, owners, 300, prompt="old", status="done")
         conn.execute("ANALYZE imagen.jobs")
-        conn.execute(
-            "INSERT INTO imagen.jobs (owner_user_id, prompt)"
-            " SELECT (%s::uuid[])[1 + i %% 10], 'new ' || i FROM generate_series(1, 3000) i",
-            (owners,),
-        )
+        insert_jobs(conn, owners, 3000, prompt="new")
         claim = jobs.CLAIM.replace("%(limit)s", "$1").replace("%(max_owners)s", "$2")
         conn.execute(f"PREPARE claim(int, int) AS {claim}")
         conn.execute("SET plan_cache_mode = force_generic_plan")
