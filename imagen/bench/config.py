@@ -34,11 +34,11 @@ class BenchConfig:
     jobs: int = 10_000
     samples: int = 200
     workers: tuple[int, ...] = (1, 2)
-    stock_samples: int = 15
+    stock_samples: int = 10
     threads: int = DRAMATIQ_THREADS
     owners: int = 10
     warmup: int = 32
-    gap_ms: tuple[float, float] = (20.0, 60.0)
+    gap_ms: tuple[float, float] = (10.0, 30.0)
     idle_gap_ms: tuple[float, float] = (500.0, 1500.0)
     throughput_timeout: float = 45.0
     # Backlog rounds per width, each the bare chain then the pipeline: the machine is shared, and
