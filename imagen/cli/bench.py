@@ -51,6 +51,12 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
     type=click.Path(file_okay=False, exists=True, writable=True, path_type=Path),
     help="folder for the images the pipeline writes  [default: /dev/shm if a tmpfs, else the temp folder]",
 )
+@click.option(
+    "--peers",
+    is_flag=True,
+    help="instead: our job next to pgqueuer's and procrastinate's no-op jobs, one worker process"
+    " each (needs pip install -e '.[peers]')",
+)
 @handle_errors
 def bench(
     quick: bool,
@@ -60,6 +66,7 @@ def bench(
     workers: tuple[int, ...],
     rounds: int | None,
     scratch: Path | None,
+    peers: bool,
 ) -> None:
     """Measure pickup, INSERT -> done, throughput and memory against baselines from the same run.
 
@@ -75,6 +82,14 @@ def bench(
     config = bench_config(
         quick=quick, jobs=jobs, samples=samples, workers=workers, scratch=scratch, rounds=rounds
     )
+    if peers:
+        from imagen.bench.peers import peers_json, render_peers, run_peers
+
+        peer_report = run_peers(config, echo=lambda line: click.echo(f"bench: {line}", err=True))
+        click.echo(render_peers(peer_report))
+        if json_path is not None:
+            json_path.write_text(json.dumps(peers_json(peer_report), indent=2) + "\n")
+        return
     report = run_bench(config, echo=lambda line: click.echo(f"bench: {line}", err=True))
     click.echo(render_table(report))
     if json_path is not None:

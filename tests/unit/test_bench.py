@@ -255,3 +255,55 @@ def test_quick_bench_end_to_end_writes_every_figure(tmp_path: Path) -> None:
     assert data["memory_mb"]["worker_2w_1"]["load"] and data["memory_mb"]["dramatiq_2w_1"]["load"]
     assert all(row["p50"] is not None for row in data["rows"])
     assert all(target["value"] is not None for target in data["targets"])
+
+
+def test_peers_without_their_packages_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagen.bench import peers
+
+    monkeypatch.setattr(peers, "missing_peer_modules", lambda: ["pgqueuer", "procrastinate"])
+    result = CliRunner().invoke(main, ["bench", "--peers", "--quick"])
+    assert result.exit_code != 0
+    assert "pgqueuer, procrastinate" in result.output and "pip install -e '.[peers]'" in result.output
+
+
+def test_peers_table_puts_ours_over_each_peer() -> None:
+    from imagen.bench.peers import PeersReport, render_peers
+
+    report = PeersReport(bench_config(quick=True))
+    report.latency = {
+        "imagen_start": Summary.of([3.0]),
+        "imagen_done": Summary.of([5.0]),
+        "pgqueuer_start": Summary.of([2.0]),
+        "procrastinate_start": Summary.of([6.0]),
+    }
+    report.throughput = {
+        "imagen": Throughput(600, 1.0),
+        "pgqueuer": Throughput(6000, 1.0),
+        "procrastinate": Throughput(300, 1.0),
+    }
+    lines = {
+        line.split("|")[0].strip(): line.split("|")[-1].strip() for line in render_peers(report).splitlines()
+    }
+    assert lines["pgqueuer: enqueue sent -> no-op job started (ms)"] == "1.50x"
+    assert lines["procrastinate: defer sent -> no-op job started (ms)"] == "0.50x"
+    assert lines["pgqueuer: no-op jobs from a backlog, 1 process (jobs/s)"] == "0.10x"
+    assert lines["procrastinate: no-op jobs from a backlog, 1 process (jobs/s)"] == "2.00x"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server and PostgreSQL binaries")
+def test_peers_bench_runs_ours_pgqueuer_and_procrastinate_on_one_pair_of_servers(tmp_path: Path) -> None:
+    out = tmp_path / "peers.json"
+    argv = [sys.executable, "-m", "imagen", "bench", "--peers", "--quick", "--jobs", "200", "--samples", "5"]
+    result = subprocess.run([*argv, "--json", str(out)], capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["latency_ms"]) == {"imagen_start", "imagen_done", "pgqueuer_start", "procrastinate_start"}
+    assert all(s["n"] == 5 and 0 < s["p50"] < 1000 for s in data["latency_ms"].values())
+    assert data["latency_ms"]["imagen_start"]["p50"] < data["latency_ms"]["imagen_done"]["p50"]
+    assert {k: v["items"] for k, v in data["throughput"].items()} == {
+        "imagen": 200,
+        "pgqueuer": 200,
+        "procrastinate": 200,
+    }
+    assert "procrastinate: no-op jobs from a backlog" in result.stdout

@@ -1,0 +1,371 @@
+"""`imagen bench --peers`: the pipeline next to pgqueuer and procrastinate, on the same fresh servers.
+
+Issue 6 quotes the peers' figures from another 2-core machine; this puts them in
+the same run as ours. Each peer runs a no-op job, registered and started the
+way its docs show, with its defaults; the job pushes its token and `time.time()`
+to a Redis list. Ours runs the real job (mock backend, 64x64: three stages, an
+image file, an images row) through `imagen listen` and `dramatiq imagen.actors
+-p 1`. Every system gets one worker process. The peers are an optional extra
+(`pip install -e '.[peers]'`), not dependencies of imagen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import redis
+from psycopg.types.json import Jsonb
+
+from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
+from imagen.bench.machine import cpu_pressure
+from imagen.bench.procs import _clean_env, _interrupt_on_sigterm, _processes, _spawn, _text, _wait_for
+from imagen.bench.report import Summary, Throughput, format_value
+from imagen.bench.run import JOB_INSERT, _Run
+from imagen.runner import Proc
+
+PEER_MODULES = ("pgqueuer", "asyncpg", "procrastinate")
+STARTED_KEY = "bench:started"
+PEERS = ("pgqueuer", "procrastinate")
+
+PGQUEUER_APP = '''"""pgqueuer's no-op worker (imagen bench --peers), as its docs write one."""
+import asyncio, contextlib, os, time
+import asyncpg, redis
+from pgqueuer import PgQueuer
+from pgqueuer.db import AsyncpgDriver
+from pgqueuer.models import Job
+
+results = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
+
+@contextlib.asynccontextmanager
+async def main():
+    conn = await asyncpg.connect(os.environ["BENCH_DATABASE_URL"])
+    pgq = PgQueuer(AsyncpgDriver(conn))
+
+    @pgq.entrypoint("noop")
+    async def noop(job: Job) -> None:
+        results.rpush("bench:started", "%s %r" % (job.payload.decode(), time.time()))
+
+    try:
+        yield pgq
+    finally:
+        await conn.close()
+
+if __name__ == "__main__":
+    # What `pgq run peer_pgqueuer:main` does. pgqueuer 1.6.0's CLI fails in its logger setup
+    # under typer 0.29 ("'str' object has no attribute 'name'"), so the same call in-process.
+    from pgqueuer import run
+    asyncio.run(run(main))
+'''
+
+PROCRASTINATE_APP = '''"""procrastinate's no-op worker (imagen bench --peers), as its docs write one."""
+import os, time
+import redis
+from procrastinate import App, PsycopgConnector
+
+app = App(connector=PsycopgConnector(conninfo=os.environ["BENCH_DATABASE_URL"]))
+results = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
+
+@app.task(name="noop")
+async def noop(token: str) -> None:
+    results.rpush("bench:started", "%s %r" % (token, time.time()))
+'''
+
+LATENCY_ROWS = (
+    ("imagen_start", "imagen: INSERT sent -> generation stage started (ms)"),
+    ("imagen_done", "imagen: INSERT sent -> done, 3 stages + 64x64 image (ms)"),
+    ("pgqueuer_start", "pgqueuer: enqueue sent -> no-op job started (ms)"),
+    ("procrastinate_start", "procrastinate: defer sent -> no-op job started (ms)"),
+)
+THROUGHPUT_ROWS = (
+    ("imagen", "imagen: full jobs from a backlog, 1 process (jobs/s)"),
+    ("pgqueuer", "pgqueuer: no-op jobs from a backlog, 1 process (jobs/s)"),
+    ("procrastinate", "procrastinate: no-op jobs from a backlog, 1 process (jobs/s)"),
+)
+
+
+def missing_peer_modules() -> list[str]:
+    """The peers' packages this interpreter cannot import."""
+    return [name for name in PEER_MODULES if importlib.util.find_spec(name) is None]
+
+
+@dataclass
+class PeersReport:
+    config: BenchConfig
+    machine: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Summary] = field(default_factory=dict)
+    throughput: dict[str, Throughput] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+class _Enqueuers:
+    """The peers' own client APIs, as an application would call them (sync, autocommit)."""
+
+    def __init__(self, db_url: str) -> None:
+        from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
+        from pgqueuer.queries import SyncQueries
+        from procrastinate import App, SyncPsycopgConnector
+
+        self._conn = psycopg.connect(db_url, autocommit=True)
+        self._pgq = SyncQueries(SyncPsycopgDriver(self._conn))
+        self._app = App(connector=SyncPsycopgConnector(conninfo=db_url))
+        self._app.open()
+        self._noop = self._app.configure_task(name="noop")
+
+    def one(self, peer: str, token: str) -> None:
+        if peer == "pgqueuer":
+            self._pgq.enqueue("noop", token.encode())
+        else:
+            self._noop.defer(token=token)
+
+    def many(self, peer: str, tokens: list[str]) -> None:
+        if peer == "pgqueuer":
+            self._pgq.enqueue(["noop"] * len(tokens), [t.encode() for t in tokens], [0] * len(tokens))
+        else:
+            kwargs: list[dict[str, Any]] = [{"token": t} for t in tokens]
+            self._noop.batch_defer(*kwargs)
+
+    def close(self) -> None:
+        self._app.close()
+        self._conn.close()
+
+
+class _PeersRun(_Run):
+    """Ours and the peers, one worker process each, on the servers `_Run` starts."""
+
+    def __init__(self, config: BenchConfig, echo: Echo, stack: contextlib.ExitStack) -> None:
+        super().__init__(config, echo, stack)
+        self.peer_report = PeersReport(config)
+
+    def install_peers(self) -> None:
+        self.peers_folder = self.root / "peers"
+        self.peers_folder.mkdir()
+        (self.peers_folder / "peer_pgqueuer.py").write_text(PGQUEUER_APP)
+        (self.peers_folder / "peer_procrastinate.py").write_text(PROCRASTINATE_APP)
+        self.peers_env = _clean_env(
+            BENCH_DATABASE_URL=self.db_url,
+            BENCH_REDIS_URL=self.bare_url,
+            PGDSN=self.db_url,
+            PYTHONPATH=str(self.peers_folder),
+        )
+        for name, argv in (
+            ("pgqueuer install", [sys.executable, "-m", "pgqueuer", "install"]),
+            (
+                "procrastinate schema",
+                [sys.executable, "-m", "procrastinate", "--app=peer_procrastinate.app", "schema", "--apply"],
+            ),
+        ):
+            with _processes(self.peers_env, self.peers_folder / "install") as procs:
+                proc = _spawn(procs, name.replace(" ", "-"), argv)
+                if proc.popen.wait(60) != 0:
+                    raise BenchError(f"{name} failed:\n{proc.tail(2000)}")
+
+    @contextlib.contextmanager
+    def _peer(self, peer: str) -> Iterator[Proc]:
+        argv = {
+            "pgqueuer": [sys.executable, str(self.peers_folder / "peer_pgqueuer.py")],
+            "procrastinate": [
+                sys.executable,
+                "-m",
+                "procrastinate",
+                "--app=peer_procrastinate.app",
+                "worker",
+            ],
+        }[peer]
+        with _processes(self.peers_env, self.peers_folder / peer) as procs:
+            yield _spawn(procs, peer, argv)
+
+    def measure(self) -> None:
+        client = redis.Redis.from_url(self.bare_url)
+        enqueue = _Enqueuers(self.db_url)
+        try:
+            with (
+                self._pipeline(1) as (listener, workers),
+                self._peer("pgqueuer") as pgq,
+                self._peer("procrastinate") as proc,
+            ):
+                self._warm_jobs()
+                for peer, worker in (("pgqueuer", pgq), ("procrastinate", proc)):
+                    self._warm_peer(client, enqueue, peer, worker)
+                self._peer_latency(client, enqueue)
+                self._job_throughput(listener, workers, 1)
+                self.peer_report.throughput["imagen"] = self.report.throughput["pipeline_1w"][0]
+                for peer, worker in (("pgqueuer", pgq), ("procrastinate", proc)):
+                    self._peer_throughput(client, enqueue, peer, worker)
+        finally:
+            enqueue.close()
+            client.close()
+
+    def _warm_peer(self, client: redis.Redis, enqueue: _Enqueuers, peer: str, worker: Proc) -> None:
+        """Jobs one by one until one starts within a second: the worker is up and listening."""
+        client.delete(STARTED_KEY)
+
+        def started() -> bool:
+            if not worker.alive():
+                raise BenchError(f"{peer} exited with {worker.popen.returncode}:\n{worker.tail(2000)}")
+            enqueue.one(peer, "warm")
+            return client.blpop([STARTED_KEY], timeout=1) is not None
+
+        _wait_for(started, 60, f"{peer}'s worker")
+        for i in range(self.config.warmup):
+            enqueue.one(peer, f"w{i}")
+        _wait_for(lambda: client.llen(STARTED_KEY) >= self.config.warmup, 60, f"{peer}'s warm-up jobs")
+        time.sleep(0.5)
+        client.delete(STARTED_KEY)
+
+    def _peer_latency(self, client: redis.Redis, enqueue: _Enqueuers) -> None:
+        n = self.config.samples
+        self.echo(f"latency: {n} rounds of one imagen job, one pgqueuer and one procrastinate no-op job")
+        values: dict[str, list[float]] = {key: [] for key, _ in LATENCY_ROWS}
+        samplers: dict[str, Callable[[int], dict[str, float]]] = {
+            "imagen": lambda i: self._imagen_sample(conn, owner),
+            "pgqueuer": lambda i: self._peer_sample(client, enqueue, "pgqueuer", i),
+            "procrastinate": lambda i: self._peer_sample(client, enqueue, "procrastinate", i),
+        }
+        owner = uuid.uuid4()
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            for i in range(n):
+                order = list(samplers)
+                self.random.shuffle(order)
+                for name in order:
+                    for key, value in samplers[name](i).items():
+                        values[key].append(value * 1000)
+                    self._gap()
+        for key, samples in values.items():
+            self.peer_report.latency[key] = Summary.of(samples)
+
+    def _imagen_sample(self, conn: psycopg.Connection[Any], owner: uuid.UUID) -> dict[str, float]:
+        """The generation stage's start and the job's end, both the server's now(), from the INSERT sent."""
+        sent = time.time()
+        row = conn.execute(JOB_INSERT, (owner, Jsonb(JOB_PARAMS))).fetchone()
+        assert row is not None
+        deadline = time.monotonic() + 30
+        while True:
+            found = conn.execute(
+                "SELECT status, (stage_times->>'generating')::timestamptz, finished_at, error"
+                " FROM imagen.jobs WHERE id = %s",
+                (row[0],),
+                prepare=True,
+            ).fetchone()
+            assert found is not None
+            status, generating, finished, error = found
+            if status == "done":
+                return {
+                    "imagen_start": generating.timestamp() - sent,
+                    "imagen_done": finished.timestamp() - sent,
+                }
+            if status in ("failed", "cancelled"):
+                raise BenchError(f"job {row[0]} ended {status}: {error}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"job {row[0]} still {status} after 30 s")
+            time.sleep(0.001)
+
+    def _peer_sample(self, client: redis.Redis, enqueue: _Enqueuers, peer: str, i: int) -> dict[str, float]:
+        sent = time.time()
+        enqueue.one(peer, str(i))
+        got = client.blpop([STARTED_KEY], timeout=30)
+        if got is None:
+            raise BenchError(f"{peer} job {i} did not start within 30 s")
+        token, stamp = _text(got[1]).split()
+        if token != str(i):
+            raise BenchError(f"{peer}: expected token {i}, got {token}")
+        return {f"{peer}_start": float(stamp) - sent}
+
+    def _peer_throughput(self, client: redis.Redis, enqueue: _Enqueuers, peer: str, worker: Proc) -> None:
+        """Time from the backlog's enqueue returning to the last job's start, as for our backlog."""
+        jobs = self.config.jobs
+        self.echo(f"throughput: {peer} from a backlog of {jobs} no-op jobs, 1 process")
+        client.delete(STARTED_KEY)
+        enqueue.many(peer, [f"b{i}" for i in range(jobs)])
+        started = time.time()
+        capped = self._drain(lambda: int(client.llen(STARTED_KEY)) >= jobs, worker, started, peer)
+        stamps = [float(_text(item).split()[1]) for item in client.lrange(STARTED_KEY, 0, -1)]
+        if not stamps:
+            raise BenchError(f"no {peer} job started")
+        end = time.time() if capped else max(stamps)
+        self.peer_report.throughput[peer] = Throughput(len(stamps), end - started, capped=capped)
+
+
+def run_peers(config: BenchConfig, echo: Echo | None = None) -> PeersReport:
+    """Run ours and the peers on fresh servers; stop every process and server however it ends."""
+    missing = missing_peer_modules()
+    if missing:
+        raise BenchError(
+            f"--peers needs {', '.join(missing)}, not installed here: pip install -e '.[peers]'"
+            " (pgqueuer, asyncpg and procrastinate)"
+        )
+    started = time.monotonic()
+
+    def say(line: str) -> None:
+        if echo is not None:
+            echo(f"[{time.monotonic() - started:5.1f}s] {line}")
+
+    with _interrupt_on_sigterm(), contextlib.ExitStack() as stack:
+        run = _PeersRun(config, say, stack)
+        run.start_servers()
+        say("installing pgqueuer's and procrastinate's schemas")
+        run.install_peers()
+        run.measure()
+        report = run.peer_report
+        report.machine = run.report.machine
+        report.machine["loadavg_end"] = os.getloadavg()
+        report.machine["cpu_pressure_end"] = cpu_pressure()
+        report.notes = run.report.notes
+        report.elapsed_s = time.monotonic() - started
+        say("finished")
+        return report
+
+
+def render_peers(report: PeersReport) -> str:
+    """The peers' table: each figure, and ours over it (for latency below 1 is ours faster)."""
+    lines = [f"{'figure':<62} | {'p50':>6} | {'p99':>6} | {'max':>6} | ours / this"]
+    lines.append("-" * len(lines[0]))
+    start = report.latency.get("imagen_start")
+    for key, label in LATENCY_ROWS:
+        s = report.latency.get(key)
+        if s is None:
+            continue
+        ratio = (
+            f"{start.p50 / s.p50:.2f}x" if start and key.endswith("_start") and key != "imagen_start" else "-"
+        )
+        lines.append(
+            f"{label:<62} | {format_value(s.p50):>6} | {format_value(s.p99):>6} | {format_value(s.max):>6} | {ratio}"
+        )
+    ours = report.throughput.get("imagen")
+    for key, label in THROUGHPUT_ROWS:
+        t = report.throughput.get(key)
+        if t is None:
+            continue
+        ratio = f"{ours.per_second / t.per_second:.2f}x" if ours and key != "imagen" and t.per_second else "-"
+        lines.append(f"{label:<62} | {format_value(t.per_second):>6} | {'-':>6} | {'-':>6} | {ratio}")
+    lines.append("")
+    lines.append(
+        "latency ratios: our generation stage's start over the peer's no-op start (below 1: ours starts sooner);"
+        " throughput ratios: our full jobs/s over the peer's no-op jobs/s (above 1: ours drains faster)"
+    )
+    lines += [f"note: {note}" for note in report.notes]
+    return "\n".join(lines)
+
+
+def peers_json(report: PeersReport) -> dict[str, Any]:
+    return {
+        "schema": "imagen-bench-peers-1",
+        "machine": report.machine,
+        "config": {"jobs": report.config.jobs, "samples": report.config.samples},
+        "elapsed_s": round(report.elapsed_s, 1),
+        "latency_ms": {k: vars(v) for k, v in report.latency.items()},
+        "throughput": {
+            k: {"items": t.items, "seconds": t.seconds, "per_second": t.per_second, "capped": t.capped}
+            for k, t in report.throughput.items()
+        },
+        "notes": report.notes,
+    }
