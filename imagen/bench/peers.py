@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -26,15 +23,15 @@ import redis
 from psycopg.types.json import Jsonb
 
 from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
-from imagen.bench.machine import cpu_pressure
-from imagen.bench.procs import _clean_env, _interrupt_on_sigterm, _processes, _spawn, _text, _wait_for
-from imagen.bench.report import Summary, Throughput, format_value
-from imagen.bench.run import JOB_INSERT, _Run
+from imagen.bench.procs import _clean_env, _processes, _spawn, _wait_for
+from imagen.bench.report import Report, Summary, format_value, rate
+from imagen.bench.run import JOB_INSERT, JOB_POLL, _execute, _Run, _stamped
 from imagen.runner import Proc
 
 PEER_MODULES = ("pgqueuer", "asyncpg", "procrastinate")
 STARTED_KEY = "bench:started"
 PEERS = ("pgqueuer", "procrastinate")
+OURS = "pipeline_1w"  # our backlog figure, as `imagen bench` names it
 
 PGQUEUER_APP = '''"""pgqueuer's no-op worker (imagen bench --peers), as its docs write one."""
 import asyncio, contextlib, os, time
@@ -86,7 +83,7 @@ LATENCY_ROWS = (
     ("procrastinate_start", "procrastinate: defer sent -> no-op job started (ms)"),
 )
 THROUGHPUT_ROWS = (
-    ("imagen", "imagen: full jobs from a backlog, 1 process (jobs/s)"),
+    (OURS, "imagen: full jobs from a backlog, 1 process (jobs/s)"),
     ("pgqueuer", "pgqueuer: no-op jobs from a backlog, 1 process (jobs/s)"),
     ("procrastinate", "procrastinate: no-op jobs from a backlog, 1 process (jobs/s)"),
 )
@@ -95,16 +92,6 @@ THROUGHPUT_ROWS = (
 def missing_peer_modules() -> list[str]:
     """The peers' packages this interpreter cannot import."""
     return [name for name in PEER_MODULES if importlib.util.find_spec(name) is None]
-
-
-@dataclass
-class PeersReport:
-    config: BenchConfig
-    machine: dict[str, Any] = field(default_factory=dict)
-    latency: dict[str, Summary] = field(default_factory=dict)
-    throughput: dict[str, Throughput] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    elapsed_s: float = 0.0
 
 
 class _Enqueuers:
@@ -140,11 +127,8 @@ class _Enqueuers:
 
 
 class _PeersRun(_Run):
-    """Ours and the peers, one worker process each, on the servers `_Run` starts."""
-
-    def __init__(self, config: BenchConfig, echo: Echo, stack: contextlib.ExitStack) -> None:
-        super().__init__(config, echo, stack)
-        self.peer_report = PeersReport(config)
+    """Ours and the peers, one worker process each, on the servers `_Run` starts; the figures go
+    into the same `Report`, keyed as in LATENCY_ROWS and THROUGHPUT_ROWS."""
 
     def install_peers(self) -> None:
         self.peers_folder = self.root / "peers"
@@ -185,6 +169,8 @@ class _PeersRun(_Run):
             yield _spawn(procs, peer, argv)
 
     def measure(self) -> None:
+        self.echo("installing pgqueuer's and procrastinate's schemas")
+        self.install_peers()
         client = redis.Redis.from_url(self.bare_url)
         enqueue = _Enqueuers(self.db_url)
         try:
@@ -193,46 +179,53 @@ class _PeersRun(_Run):
                 self._peer("pgqueuer") as pgq,
                 self._peer("procrastinate") as proc,
             ):
+                peers = {"pgqueuer": pgq, "procrastinate": proc}
                 self._warm_jobs()
-                for peer, worker in (("pgqueuer", pgq), ("procrastinate", proc)):
-                    self._warm_peer(client, enqueue, peer, worker)
+                for peer in PEERS:
+                    self._warm_peer(client, enqueue, peer, peers[peer])
                 self._peer_latency(client, enqueue)
                 self._job_throughput(listener, workers, 1)
-                self.peer_report.throughput["imagen"] = self.report.throughput["pipeline_1w"][0]
-                for peer, worker in (("pgqueuer", pgq), ("procrastinate", proc)):
-                    self._peer_throughput(client, enqueue, peer, worker)
+                for peer in PEERS:
+                    self._peer_throughput(client, enqueue, peer, peers[peer])
         finally:
             enqueue.close()
             client.close()
 
     def _warm_peer(self, client: redis.Redis, enqueue: _Enqueuers, peer: str, worker: Proc) -> None:
-        """Jobs one by one until one starts within a second: the worker is up and listening."""
+        """Jobs one by one until one starts within a second (the worker is up and listening), then
+        the warm-up; waits for every one of them, so no late stamp lands in the samples."""
         client.delete(STARTED_KEY)
+        probes = 0
 
         def started() -> bool:
+            nonlocal probes
             if not worker.alive():
                 raise BenchError(f"{peer} exited with {worker.popen.returncode}:\n{worker.tail(2000)}")
             enqueue.one(peer, "warm")
+            probes += 1
             return client.blpop([STARTED_KEY], timeout=1) is not None
 
         _wait_for(started, 60, f"{peer}'s worker")
         for i in range(self.config.warmup):
             enqueue.one(peer, f"w{i}")
-        _wait_for(lambda: client.llen(STARTED_KEY) >= self.config.warmup, 60, f"{peer}'s warm-up jobs")
-        time.sleep(0.5)
+        expected = probes - 1 + self.config.warmup
+        _wait_for(lambda: client.llen(STARTED_KEY) >= expected, 60, f"{peer}'s warm-up jobs")
         client.delete(STARTED_KEY)
 
     def _peer_latency(self, client: redis.Redis, enqueue: _Enqueuers) -> None:
         n = self.config.samples
         self.echo(f"latency: {n} rounds of one imagen job, one pgqueuer and one procrastinate no-op job")
         values: dict[str, list[float]] = {key: [] for key, _ in LATENCY_ROWS}
-        samplers: dict[str, Callable[[int], dict[str, float]]] = {
-            "imagen": lambda i: self._imagen_sample(conn, owner),
-            "pgqueuer": lambda i: self._peer_sample(client, enqueue, "pgqueuer", i),
-            "procrastinate": lambda i: self._peer_sample(client, enqueue, "procrastinate", i),
-        }
         owner = uuid.uuid4()
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
+        with (
+            psycopg.connect(self.db_url, autocommit=True) as conn,
+            psycopg.connect(self.db_url, autocommit=True) as poller,
+        ):
+            samplers: dict[str, Callable[[int], dict[str, float]]] = {
+                "imagen": lambda i: self._imagen_sample(conn, poller, owner),
+                "pgqueuer": lambda i: self._peer_sample(client, enqueue, "pgqueuer", i),
+                "procrastinate": lambda i: self._peer_sample(client, enqueue, "procrastinate", i),
+            }
             for i in range(n):
                 order = list(samplers)
                 self.random.shuffle(order)
@@ -241,61 +234,40 @@ class _PeersRun(_Run):
                         values[key].append(value * 1000)
                     self._gap()
         for key, samples in values.items():
-            self.peer_report.latency[key] = Summary.of(samples)
+            self.report.latency[key] = Summary.of(samples)
 
-    def _imagen_sample(self, conn: psycopg.Connection[Any], owner: uuid.UUID) -> dict[str, float]:
-        """The generation stage's start and the job's end, both the server's now(), from the INSERT sent."""
-        sent = time.time()
-        row = conn.execute(JOB_INSERT, (owner, Jsonb(JOB_PARAMS))).fetchone()
+    def _imagen_sample(
+        self, conn: psycopg.Connection[Any], poller: psycopg.Connection[Any], owner: uuid.UUID
+    ) -> dict[str, float]:
+        """The generation stage's start (`stage_times`, the server's now()) and the job's end, from
+        the INSERT sent."""
+        probe = self._row_sample(
+            conn, poller, JOB_INSERT, (owner, Jsonb(JOB_PARAMS)), JOB_POLL, until_done=True
+        )
+        assert probe.done_clock is not None
+        row = conn.execute(
+            "SELECT (stage_times->>'generating')::timestamptz FROM imagen.jobs WHERE id = %s", (probe.row_id,)
+        ).fetchone()
         assert row is not None
-        deadline = time.monotonic() + 30
-        while True:
-            found = conn.execute(
-                "SELECT status, (stage_times->>'generating')::timestamptz, finished_at, error"
-                " FROM imagen.jobs WHERE id = %s",
-                (row[0],),
-                prepare=True,
-            ).fetchone()
-            assert found is not None
-            status, generating, finished, error = found
-            if status == "done":
-                return {
-                    "imagen_start": generating.timestamp() - sent,
-                    "imagen_done": finished.timestamp() - sent,
-                }
-            if status in ("failed", "cancelled"):
-                raise BenchError(f"job {row[0]} ended {status}: {error}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"job {row[0]} still {status} after 30 s")
-            time.sleep(0.001)
+        return {"imagen_start": row[0].timestamp() - probe.sent_wall, "imagen_done": probe.done_clock}
 
     def _peer_sample(self, client: redis.Redis, enqueue: _Enqueuers, peer: str, i: int) -> dict[str, float]:
-        sent = time.time()
-        enqueue.one(peer, str(i))
-        got = client.blpop([STARTED_KEY], timeout=30)
-        if got is None:
-            raise BenchError(f"{peer} job {i} did not start within 30 s")
-        token, stamp = _text(got[1]).split()
-        if token != str(i):
-            raise BenchError(f"{peer}: expected token {i}, got {token}")
-        return {f"{peer}_start": float(stamp) - sent}
+        return {
+            f"{peer}_start": _stamped(
+                client, STARTED_KEY, lambda: enqueue.one(peer, str(i)), i, f"{peer} job"
+            )
+        }
 
     def _peer_throughput(self, client: redis.Redis, enqueue: _Enqueuers, peer: str, worker: Proc) -> None:
-        """Time from the backlog's enqueue returning to the last job's start, as for our backlog."""
+        """From the backlog's enqueue returning to the last job's start, as for our backlog."""
         jobs = self.config.jobs
         self.echo(f"throughput: {peer} from a backlog of {jobs} no-op jobs, 1 process")
         client.delete(STARTED_KEY)
         enqueue.many(peer, [f"b{i}" for i in range(jobs)])
-        started = time.time()
-        capped = self._drain(lambda: int(client.llen(STARTED_KEY)) >= jobs, worker, started, peer)
-        stamps = [float(_text(item).split()[1]) for item in client.lrange(STARTED_KEY, 0, -1)]
-        if not stamps:
-            raise BenchError(f"no {peer} job started")
-        end = time.time() if capped else max(stamps)
-        self.peer_report.throughput[peer] = Throughput(len(stamps), end - started, capped=capped)
+        self.report.throughput[peer] = [self._stamps_rate(client, STARTED_KEY, jobs, worker, peer)]
 
 
-def run_peers(config: BenchConfig, echo: Echo | None = None) -> PeersReport:
+def run_peers(config: BenchConfig, echo: Echo | None = None) -> Report:
     """Run ours and the peers on fresh servers; stop every process and server however it ends."""
     missing = missing_peer_modules()
     if missing:
@@ -303,29 +275,10 @@ def run_peers(config: BenchConfig, echo: Echo | None = None) -> PeersReport:
             f"--peers needs {', '.join(missing)}, not installed here: pip install -e '.[peers]'"
             " (pgqueuer, asyncpg and procrastinate)"
         )
-    started = time.monotonic()
-
-    def say(line: str) -> None:
-        if echo is not None:
-            echo(f"[{time.monotonic() - started:5.1f}s] {line}")
-
-    with _interrupt_on_sigterm(), contextlib.ExitStack() as stack:
-        run = _PeersRun(config, say, stack)
-        run.start_servers()
-        say("installing pgqueuer's and procrastinate's schemas")
-        run.install_peers()
-        run.measure()
-        report = run.peer_report
-        report.machine = run.report.machine
-        report.machine["loadavg_end"] = os.getloadavg()
-        report.machine["cpu_pressure_end"] = cpu_pressure()
-        report.notes = run.report.notes
-        report.elapsed_s = time.monotonic() - started
-        say("finished")
-        return report
+    return _execute(_PeersRun, config, echo).report
 
 
-def render_peers(report: PeersReport) -> str:
+def render_peers(report: Report) -> str:
     """The peers' table: each figure, and ours over it (for latency below 1 is ours faster)."""
     lines = [f"{'figure':<62} | {'p50':>6} | {'p99':>6} | {'max':>6} | ours / this"]
     lines.append("-" * len(lines[0]))
@@ -340,13 +293,13 @@ def render_peers(report: PeersReport) -> str:
         lines.append(
             f"{label:<62} | {format_value(s.p50):>6} | {format_value(s.p99):>6} | {format_value(s.max):>6} | {ratio}"
         )
-    ours = report.throughput.get("imagen")
+    ours = rate(report.throughput.get(OURS, []))
     for key, label in THROUGHPUT_ROWS:
-        t = report.throughput.get(key)
-        if t is None:
+        per_second = rate(report.throughput.get(key, []))
+        if per_second is None:
             continue
-        ratio = f"{ours.per_second / t.per_second:.2f}x" if ours and key != "imagen" and t.per_second else "-"
-        lines.append(f"{label:<62} | {format_value(t.per_second):>6} | {'-':>6} | {'-':>6} | {ratio}")
+        ratio = f"{ours / per_second:.2f}x" if ours and key != OURS and per_second else "-"
+        lines.append(f"{label:<62} | {format_value(per_second):>6} | {'-':>6} | {'-':>6} | {ratio}")
     lines.append("")
     lines.append(
         "latency ratios: our generation stage's start over the peer's no-op start (below 1: ours starts sooner);"
@@ -356,16 +309,25 @@ def render_peers(report: PeersReport) -> str:
     return "\n".join(lines)
 
 
-def peers_json(report: PeersReport) -> dict[str, Any]:
+def peers_json(report: Report) -> dict[str, Any]:
+    """The peers run as plain JSON types; our backlog figure is "imagen" here."""
+    throughput = {}
+    for key in (OURS, *PEERS):
+        rounds = report.throughput.get(key)
+        if rounds:
+            t = rounds[0]
+            throughput["imagen" if key == OURS else key] = {
+                "items": t.items,
+                "seconds": t.seconds,
+                "per_second": t.per_second,
+                "capped": t.capped,
+            }
     return {
         "schema": "imagen-bench-peers-1",
         "machine": report.machine,
         "config": {"jobs": report.config.jobs, "samples": report.config.samples},
         "elapsed_s": round(report.elapsed_s, 1),
         "latency_ms": {k: vars(v) for k, v in report.latency.items()},
-        "throughput": {
-            k: {"items": t.items, "seconds": t.seconds, "per_second": t.per_second, "capped": t.capped}
-            for k, t in report.throughput.items()
-        },
+        "throughput": throughput,
         "notes": report.notes,
     }

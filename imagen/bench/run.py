@@ -221,11 +221,13 @@ class _Run(_Backlogs):
         return {"dramatiq_chain": self._chain_sample(idle.client, idle.broker, "bench-1", "stage1", i)}
 
     def _raw_claim_sample(self, idle: _Idle, i: int) -> dict[str, float]:
-        probe = self._row_sample(idle, RAW_INSERT, (), RAW_POLL, until_done=False)
+        probe = self._row_sample(idle.conn, idle.poller, RAW_INSERT, (), RAW_POLL, until_done=False)
         return {"raw_claim": probe.claim_seen, "raw_claim_clock": probe.claim_clock}
 
     def _job_sample(self, idle: _Idle, i: int) -> dict[str, float]:
-        probe = self._row_sample(idle, JOB_INSERT, (idle.owner, Jsonb(JOB_PARAMS)), JOB_POLL, until_done=True)
+        probe = self._row_sample(
+            idle.conn, idle.poller, JOB_INSERT, (idle.owner, Jsonb(JOB_PARAMS)), JOB_POLL, until_done=True
+        )
         assert probe.done_clock is not None and probe.done_seen is not None
         return {
             "pickup": probe.claim_seen,
@@ -235,7 +237,14 @@ class _Run(_Backlogs):
         }
 
     def _row_sample(
-        self, idle: _Idle, insert: str, params: tuple[Any, ...], poll: str, *, until_done: bool
+        self,
+        conn: psycopg.Connection[Any],
+        poller: psycopg.Connection[Any],
+        insert: str,
+        params: tuple[Any, ...],
+        poll: str,
+        *,
+        until_done: bool,
     ) -> _Probe:
         """Insert one row and poll it (no LISTEN) until claimed, or done.
 
@@ -245,11 +254,13 @@ class _Run(_Backlogs):
         `done_seen`: from the INSERT sent to the poll that sees it done.
         """
         sent_wall, sent = time.time(), time.perf_counter()
-        row = idle.conn.execute(insert, params).fetchone()
+        row = conn.execute(insert, params).fetchone()
         committed, committed_wall = time.perf_counter(), time.time()
         assert row is not None
-        seen, claimed_at, finished_at, done_seen = self._watch(idle.poller, poll, row[0], until_done)
+        seen, claimed_at, finished_at, done_seen = self._watch(poller, poll, row[0], until_done)
         return _Probe(
+            row_id=row[0],
+            sent_wall=sent_wall,
             claim_seen=seen - committed,
             claim_clock=claimed_at.timestamp() - committed_wall,
             done_clock=finished_at.timestamp() - sent_wall if finished_at else None,
@@ -283,16 +294,9 @@ class _Run(_Backlogs):
     def _chain_sample(
         self, client: redis.Redis, broker: RedisBroker, queue: str, actor: str, i: int
     ) -> float:
-        """Enqueue one message; seconds until the last actor ran (its time.time(), same host clock)."""
-        started = time.time()
-        broker.enqueue(Message(queue_name=queue, actor_name=actor, args=(i,), kwargs={}, options={}))
-        got = client.blpop([DONE_KEY], timeout=30)
-        if got is None:
-            raise BenchError(f"{actor} message {i} did not finish within 30 s")
-        token, stamp = _text(got[1]).split()
-        if int(token) != i:
-            raise BenchError(f"{actor}: expected token {i}, got {token}")
-        return float(stamp) - started
+        """Enqueue one message; seconds until the last actor ran."""
+        message: Message[Any] = Message(queue_name=queue, actor_name=actor, args=(i,), kwargs={}, options={})
+        return _stamped(client, DONE_KEY, lambda: broker.enqueue(message), i, f"{actor} message")
 
     def _stock_references(self, client: redis.Redis) -> None:
         """Stock RedisBroker chains for reference: worker_timeout=20, and the defaults on an idle queue."""
@@ -321,18 +325,23 @@ class _Run(_Backlogs):
             stock.close()
 
 
-@dataclass
-class _Probe:
-    """One sequential sample in seconds (see `_Run._row_sample`); None where it does not apply."""
+def _stamped(client: redis.Redis, key: str, send: Callable[[], object], token: int, what: str) -> float:
+    """Send one job that pushes "<token> <time.time()>" to `key` when it runs: seconds from just
+    before the send to that stamp (one host, one clock)."""
+    started = time.time()
+    send()
+    got = client.blpop([key], timeout=30)
+    if got is None:
+        raise BenchError(f"{what} {token} did not finish within 30 s")
+    seen, stamp = _text(got[1]).split()
+    if seen != str(token):
+        raise BenchError(f"{what}: expected token {token}, got {seen}")
+    return float(stamp) - started
 
-    claim_seen: float
-    claim_clock: float
-    done_clock: float | None = None
-    done_seen: float | None = None
 
-
-def run_bench(config: BenchConfig, echo: Echo | None = None) -> Report:
-    """Run every phase on fresh servers; stop all processes and servers however it ends."""
+def _execute(run_type: type[_Run], config: BenchConfig, echo: Echo | None) -> _Run:
+    """Start a run's servers and measure, timing each line; whatever happens, every process and
+    server it started is stopped before this returns or raises."""
     started = time.monotonic()
 
     def say(line: str) -> None:
@@ -340,7 +349,7 @@ def run_bench(config: BenchConfig, echo: Echo | None = None) -> Report:
             echo(f"[{time.monotonic() - started:5.1f}s] {line}")
 
     with _interrupt_on_sigterm(), contextlib.ExitStack() as stack:
-        run = _Run(config, say, stack)
+        run = run_type(config, say, stack)
         try:
             run.start_servers()
             run.measure()
@@ -359,15 +368,33 @@ def run_bench(config: BenchConfig, echo: Echo | None = None) -> Report:
             raise
         run.report.machine["loadavg_end"] = os.getloadavg()
         run.report.machine["cpu_pressure_end"] = cpu_pressure()
-        busy = run.report.machine["loadavg"][0]
-        if busy > run.report.machine["nproc"]:
-            run.report.notes.append(
-                f"the machine was busy before the run (load average {busy:.1f} on {run.report.machine['nproc']}"
-                " CPUs): other work competed for the CPUs, so figures are inflated; compare ratios and rerun"
-            )
-        note = size_note(config)
-        if note:
-            run.report.notes.append(note)
         run.report.elapsed_s = time.monotonic() - started
         say("finished")
-        return run.report
+        return run
+
+
+@dataclass
+class _Probe:
+    """One sequential sample in seconds (see `_Run._row_sample`); None where it does not apply."""
+
+    row_id: Any
+    sent_wall: float  # time.time() just before the INSERT was sent
+    claim_seen: float
+    claim_clock: float
+    done_clock: float | None = None
+    done_seen: float | None = None
+
+
+def run_bench(config: BenchConfig, echo: Echo | None = None) -> Report:
+    """Run every phase on fresh servers; stop all processes and servers however it ends."""
+    report = _execute(_Run, config, echo).report
+    busy = report.machine["loadavg"][0]
+    if busy > report.machine["nproc"]:
+        report.notes.append(
+            f"the machine was busy before the run (load average {busy:.1f} on {report.machine['nproc']}"
+            " CPUs): other work competed for the CPUs, so figures are inflated; compare ratios and rerun"
+        )
+    note = size_note(config)
+    if note:
+        report.notes.append(note)
+    return report

@@ -86,18 +86,20 @@ class _Backlogs:
         jobs = self.config.jobs
         with MemoryWatch(process_tree(f"dramatiq_{n}w", proc.popen.pid)) as watch:
             self._inject(client, broker, jobs)
-            started = time.time()
-            capped = self._drain(
-                lambda: int(client.llen(DONE_KEY)) >= jobs, proc, started, f"bare chain -p {n}"
-            )
+            rate = self._stamps_rate(client, DONE_KEY, jobs, proc, f"bare chain -p {n}")
         self._load_memory(watch.peaks)
-        stamps = [float(_text(item).split()[1]) for item in client.lrange(DONE_KEY, 0, -1)]
+        self.report.throughput.setdefault(f"chain_{n}w", []).append(rate)
+
+    def _stamps_rate(self, client: redis.Redis, key: str, jobs: int, proc: Proc, label: str) -> Throughput:
+        """Wait for `jobs` stamps ("<token> <time.time()>") in a Redis list; the rate from now, when
+        the backlog is in, to the last stamp (or to the time cap)."""
+        started = time.time()
+        capped = self._drain(lambda: int(client.llen(key)) >= jobs, proc, started, label)
+        stamps = [float(_text(item).split()[1]) for item in client.lrange(key, 0, -1)]
         if not stamps:
-            raise BenchError("no chain finished")
+            raise BenchError(f"{label}: nothing finished")
         end = time.time() if capped else max(stamps)
-        self.report.throughput.setdefault(f"chain_{n}w", []).append(
-            Throughput(len(stamps), end - started, capped=capped)
-        )
+        return Throughput(len(stamps), end - started, capped=capped)
 
     def _job_throughput(self, listener: Proc, workers: Proc, n: int, label: str = "") -> None:
         self.echo(f"throughput: pipeline from a backlog of {self.config.jobs} jobs, -p {n}{label}")

@@ -267,9 +267,9 @@ def test_peers_without_their_packages_says_what_to_install(monkeypatch: pytest.M
 
 
 def test_peers_table_puts_ours_over_each_peer() -> None:
-    from imagen.bench.peers import PeersReport, render_peers
+    from imagen.bench.peers import render_peers
 
-    report = PeersReport(bench_config(quick=True))
+    report = Report(bench_config(quick=True))
     report.latency = {
         "imagen_start": Summary.of([3.0]),
         "imagen_done": Summary.of([5.0]),
@@ -277,9 +277,9 @@ def test_peers_table_puts_ours_over_each_peer() -> None:
         "procrastinate_start": Summary.of([6.0]),
     }
     report.throughput = {
-        "imagen": Throughput(600, 1.0),
-        "pgqueuer": Throughput(6000, 1.0),
-        "procrastinate": Throughput(300, 1.0),
+        "pipeline_1w": [Throughput(600, 1.0)],
+        "pgqueuer": [Throughput(6000, 1.0)],
+        "procrastinate": [Throughput(300, 1.0)],
     }
     lines = {
         line.split("|")[0].strip(): line.split("|")[-1].strip() for line in render_peers(report).splitlines()
