@@ -55,7 +55,8 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
     "--peers",
     is_flag=True,
     help="instead: our job next to pgqueuer's and procrastinate's no-op jobs, one worker process"
-    " each (needs pip install -e '.[peers]')",
+    " each, about a minute; --quick, --jobs, --samples, --scratch and --json apply (needs"
+    " pip install -e '.[peers]')",
 )
 @handle_errors
 def bench(
@@ -76,6 +77,9 @@ def bench(
     figure next to its baseline, then the targets of issue 6. The images the pipeline
     writes go to a tmpfs when there is one, as PostgreSQL runs with fsync off: the
     figures are the pipeline's, not the disk's (see docs/benchmarks.md).
+
+    With --peers it runs our job next to pgqueuer's and procrastinate's instead, on
+    the same fresh servers, and prints each peer's figure with ours over it.
     """
     from imagen.bench import bench_config, render_table, report_json, run_bench
 
@@ -83,6 +87,11 @@ def bench(
         quick=quick, jobs=jobs, samples=samples, workers=workers, scratch=scratch, rounds=rounds
     )
     if peers:
+        source = click.get_current_context().get_parameter_source("workers")
+        if rounds is not None or source is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(
+                "--peers runs one worker process per system, once: drop --workers and --rounds"
+            )
         from imagen.bench.peers import peers_json, render_peers, run_peers
 
         peer_report = run_peers(config, echo=lambda line: click.echo(f"bench: {line}", err=True))

@@ -266,6 +266,13 @@ def test_peers_without_their_packages_says_what_to_install(monkeypatch: pytest.M
     assert "pgqueuer, procrastinate" in result.output and "pip install -e '.[peers]'" in result.output
 
 
+def test_peers_refuses_the_options_it_would_ignore() -> None:
+    for extra in (["--workers", "1,2"], ["--rounds", "2"]):
+        result = CliRunner().invoke(main, ["bench", "--peers", *extra])
+        assert result.exit_code == 2
+        assert "drop --workers and --rounds" in result.output
+
+
 def test_peers_table_puts_ours_over_each_peer() -> None:
     from imagen.bench.peers import render_peers
 
