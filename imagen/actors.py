@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 import dramatiq
-from dramatiq.middleware import Retries, TimeLimit
+from dramatiq.middleware import CurrentMessage, Retries, TimeLimit
 
 from imagen.broker import (
     FINALIZE_ACTOR,
@@ -73,15 +73,18 @@ class ChainStages(dramatiq.Middleware):
 
 
 broker.add_middleware(ChainStages())
+# The generation stage sends its own message again to wait for provider room (imagen.admission),
+# keeping the message's retry count: it needs the message it is running.
+broker.add_middleware(CurrentMessage())
 
 _stage_options: dict[str, Any] = {"on_retry_exhausted": EXHAUSTED_ACTOR}
 _short_limit = SYNC_TIME_LIMIT_S * 1000
 
 
 @dramatiq.actor(actor_name=GENERATE_ACTOR, queue_name=GENERATE_QUEUE, **_stage_options)
-def generate_stage(job_id: str, attempt: int) -> None:
+def generate_stage(job_id: str, attempt: int, throttled_s: float = 0.0) -> None:
     """Generate the job's image with its backend and hand it to the sync stage."""
-    run_generate(context, job_id, attempt)
+    run_generate(context, job_id, attempt, throttled_s=throttled_s)
 
 
 @dramatiq.actor(actor_name=SYNC_ACTOR, queue_name=SYNC_QUEUE, time_limit=_short_limit, **_stage_options)

@@ -24,6 +24,7 @@ import psycopg
 import redis
 
 from imagen import job_images, jobs
+from imagen.admission import Deferred, Gate, GatedBackends, Wait, check_quota, deferral
 from imagen.broker import (
     FINALIZE_ACTOR,
     FINALIZE_QUEUE,
@@ -38,6 +39,7 @@ from imagen.errors import ImagenError
 from imagen.handoff import Handoff
 from imagen.logs import transition
 from imagen.params import spec_from_params
+from imagen.quotas import QuotaBook
 from imagen.storage import Storage, job_object_path, open_storage
 from imagen.usage import DatabaseSink, HeldSink
 
@@ -55,7 +57,6 @@ class StageContext:
     def __init__(self, settings: Settings, broker: Any) -> None:
         self.settings = settings
         self.broker = broker
-        self.backends: dict[str, Any] = {}
         # Set at worker boot (`chain_for_worker`): off until a worker says it consumes every stage's queue.
         self.chain_stages = False
 
@@ -77,6 +78,20 @@ class StageContext:
             # No per-checkout health check: it would add a round trip to every statement. A connection
             # that died with the server fails its next use, the stage is retried, the pool replaces it.
         )
+
+    @cached_property
+    def gate(self) -> Gate:
+        """Provider admission shared with every worker through Redis (imagen.admission)."""
+        return Gate(self.settings, redis.Redis.from_url(self.settings.redis_url))
+
+    @cached_property
+    def backends(self) -> GatedBackends:
+        """Backend instances of this process, each behind the gate."""
+        return GatedBackends(self.gate)
+
+    @cached_property
+    def quota_book(self) -> QuotaBook:
+        return QuotaBook(self.settings.owner_daily_images, self.settings.owner_daily_cost_usd)
 
     @cached_property
     def heartbeater(self) -> Heartbeater:
@@ -209,8 +224,12 @@ def heartbeating(ctx: StageContext, job_id: str, attempt: int) -> Iterator[None]
         yield
 
 
-def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
-    """Generation stage: fence, validate, run the pipeline, then sync (chained) or hand the image on."""
+def run_generate(ctx: StageContext, job_id: str, attempt: int, *, throttled_s: float = 0.0) -> None:
+    """Generation stage: fence, validate, admit, run the pipeline, then sync (chained) or hand the image on.
+
+    `throttled_s` is how long the provider has kept this attempt waiting so far (429s,
+    Retry-After); a job sent again to wait for room carries it (docs/operations.md).
+    """
     from imagen.pipeline import generate, seed_for_job
 
     stage = "generating"
@@ -229,12 +248,23 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
         spec = spec_from_params(job.prompt, jobs.load_params(job.params_json))
         if spec.seed is None:
             spec = replace(spec, seed=seed_for_job(job.job_id))
+        with ctx.pool.connection() as conn:
+            check_quota(ctx.quota_book, conn, job.owner_user_id, spec.n, job_id=job_id, attempt=attempt)
         out_dir = ctx.settings.output_dir / "jobs" if ctx.settings.keep_local_copy else None
         with heartbeating(ctx, job_id, attempt):
-            result = generate(
-                spec, ctx.settings, sink=held or ctx.usage_sink, out_dir=out_dir,
-                owner_user_id=job.owner_user_id, job_id=job.job_id, presets=ctx.presets, backends=ctx.backends,
-            )  # fmt: skip
+            try:
+                result = generate(
+                    spec, ctx.settings, sink=held or ctx.usage_sink, out_dir=out_dir, owner_user_id=job.owner_user_id,
+                    job_id=job.job_id, presets=ctx.presets, backends=ctx.backends,
+                )  # fmt: skip
+            except (Deferred, ImagenError) as exc:
+                wait = deferral(exc, throttled_s, ctx.settings)  # raises ThrottleExhausted past the limit
+                if wait is None:
+                    raise
+                if held is not None:
+                    held.release(ctx.usage_sink)
+                _send_again(ctx, job_id, attempt, wait)
+                return
         image = result.images[0]
         meta = {
             "mime": image.mime, "width": image.width, "height": image.height, "backend": result.backend,
@@ -252,6 +282,27 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
         generated = (image.data, meta)
     if generated is not None:
         _sync_chained(ctx, job, attempt, *generated, held=held)
+
+
+def _send_again(ctx: StageContext, job_id: str, attempt: int, wait: Wait) -> None:
+    """The generation message again after the wait: same job, attempt and retry count, no try used."""
+    from dramatiq.middleware import CurrentMessage
+
+    kwargs: dict[str, object] = {"throttled_s": round(wait.throttled_s, 3)}
+    current = CurrentMessage.get_current_message()
+    if current is not None and current.actor_name == GENERATE_ACTOR:
+        # A copy keeps the message's options, the Retries middleware's count among them.
+        message = current.copy(queue_name=GENERATE_QUEUE, kwargs=kwargs)
+    else:
+        message = stage_message(GENERATE_ACTOR, GENERATE_QUEUE, job_id, attempt, kwargs=kwargs)
+    ctx.broker.enqueue(message, delay=max(1, int(wait.delay_s * 1000)))
+    if wait.is_provider:
+        transition(
+            "throttled", job_id, attempt, "generating", reason=wait.reason,
+            again_in_s=round(wait.delay_s, 1), waited_s=round(wait.throttled_s, 1),
+        )  # fmt: skip
+    else:
+        log.debug("job %s waits %.1f s for room: %s", job_id, wait.delay_s, wait.reason)
 
 
 @contextmanager
