@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -71,6 +71,14 @@ FROM imagen.jobs
 WHERE finished_at >= now() - make_interval(secs => %(window)s)
 """
 
+# Provider spend over the window; a null cost_usd is a call the price table could not cost.
+USAGE_COST = """
+SELECT count(*), coalesce(sum(cost_usd), 0)::float8, count(*) FILTER (WHERE cost_usd IS NULL),
+    coalesce(array_agg(DISTINCT backend || '/' || model) FILTER (WHERE cost_usd IS NULL), '{}')
+FROM imagen.usage
+WHERE created_at >= now() - make_interval(secs => %(window)s)
+"""
+
 IMAGE = """
 SELECT id, bucket, path, mime, width, height, bytes, backend, model, created_at
 FROM imagen.images
@@ -95,8 +103,14 @@ WHERE status = ANY(%(statuses)s::text[]) AND status IN ('done', 'failed', 'cance
 
 COUNT_PRUNABLE = "SELECT count(*) " + _PRUNABLE
 
+# The images rows of the deleted jobs are detached by their foreign key (job_id set to null,
+# sql/006_job_ownership.sql); the count reads the statement's snapshot, taken before that.
 PRUNE = (
-    "DELETE FROM imagen.jobs WHERE id IN (SELECT id " + _PRUNABLE + " LIMIT %(batch)s FOR UPDATE SKIP LOCKED)"
+    "WITH gone AS (DELETE FROM imagen.jobs WHERE id IN (SELECT id "
+    + _PRUNABLE
+    + " LIMIT %(batch)s FOR UPDATE SKIP LOCKED) RETURNING id)"
+    " SELECT (SELECT count(*) FROM gone),"
+    " (SELECT count(*) FROM imagen.images WHERE job_id IN (SELECT id FROM gone))"
 )
 
 
@@ -162,6 +176,10 @@ class JobStats:
     pickup_p95: float | None
     total_p50: float | None
     total_p95: float | None
+    provider_calls: int = 0
+    cost_usd: float = 0.0
+    unpriced_calls: int = 0
+    unpriced_models: list[str] = field(default_factory=list)
 
     @property
     def queue_depth(self) -> int:
@@ -176,6 +194,8 @@ class PruneResult:
     dry_run: bool
     statuses: tuple[str, ...]
     older_than_seconds: float
+    # Images rows kept but no longer linked to a job (their job was deleted); 0 on a dry run.
+    images_detached: int = 0
 
 
 def parse_duration(text: str) -> timedelta:
@@ -250,6 +270,8 @@ def job_stats(conn: Conn, window: timedelta) -> JobStats:
     seconds = window.total_seconds()
     row = conn.execute(WINDOW, {"window": seconds}).fetchone()
     assert row is not None
+    spend = conn.execute(USAGE_COST, {"window": seconds}).fetchone()
+    assert spend is not None
     return JobStats(
         counts=counts,
         running_by_stage=by_stage,
@@ -260,6 +282,10 @@ def job_stats(conn: Conn, window: timedelta) -> JobStats:
         pickup_p95=row[4],
         total_p50=row[5],
         total_p95=row[6],
+        provider_calls=spend[0],
+        cost_usd=spend[1],
+        unpriced_calls=spend[2],
+        unpriced_models=sorted(spend[3]),
     )
 
 
@@ -358,8 +384,10 @@ def prune(
     """Delete terminal jobs that finished more than `older_than` ago (or count them, on a dry run).
 
     Deletes in batches, each its own transaction, so a large prune never holds
-    many row locks for long. Images and usage rows stay: images carry their own
-    job_id, and usage.job_id is set to null by its foreign key.
+    many row locks for long. Images and usage rows stay, detached: their job_id
+    is set to null by its foreign key, so no later job with the same id can
+    ever be handed the image (issue 14). The result says how many images were
+    detached.
     """
     chosen = tuple(s for s in statuses if s in TERMINAL)
     refused = [s for s in statuses if s not in TERMINAL]
@@ -371,14 +399,16 @@ def prune(
     if dry_run:
         row = conn.execute(COUNT_PRUNABLE, params).fetchone()
         return PruneResult(int(row[0]) if row else 0, True, chosen, older_than.total_seconds())
-    deleted = 0
+    deleted = detached = 0
     while True:
         with conn.transaction():
-            n = conn.execute(PRUNE, params).rowcount
+            row = conn.execute(PRUNE, params).fetchone()
+        n, images = (int(row[0]), int(row[1])) if row else (0, 0)
         deleted += n
+        detached += images
         if n < PRUNE_BATCH:
             break
-    return PruneResult(deleted, False, chosen, older_than.total_seconds())
+    return PruneResult(deleted, False, chosen, older_than.total_seconds(), detached)
 
 
 def _as_datetime(value: Any) -> datetime | None:

@@ -334,9 +334,11 @@ def stats(window: timedelta, as_json: bool) -> None:
     pending job's age, and p50/p95 pickup and total over a window.
 
     Pickup is created_at -> claimed_at (the last claim), total created_at ->
-    finished_at, both over done jobs that finished inside the window. Then each
-    owner's usage since 00:00 UTC (images made, estimated cost) against its daily
-    quota (IMAGEN_OWNER_DAILY_IMAGES / _COST_USD or its imagen.owner_quotas row).
+    finished_at, both over done jobs that finished inside the window. Cost is
+    the estimated provider spend of the usage rows written in the window; calls
+    the price table cannot cost are counted and named, not silently left out.
+    Then each owner's usage since 00:00 UTC (images made, estimated cost) against
+    its daily quota (IMAGEN_OWNER_DAILY_IMAGES / _COST_USD or its imagen.owner_quotas row).
     """
     with _connection() as conn:
         result = jobs_admin.job_stats(conn, window)
@@ -361,6 +363,13 @@ def stats(window: timedelta, as_json: bool) -> None:
         "  (created -> claimed, done jobs in the window)",
         f"total       p50 {_duration(result.total_p50)}  p95 {_duration(result.total_p95)}"
         "  (created -> finished, done jobs in the window)",
+        f"cost        ${result.cost_usd:.4f} est. over {result.provider_calls} provider call(s) in the window"
+        + (
+            f"; {result.unpriced_calls} call(s) UNPRICED, not counted "
+            f"({', '.join(result.unpriced_models)}: see usage.cost_basis)"
+            if result.unpriced_calls
+            else ""
+        ),
     ]
     click.echo("\n".join(lines + _quota_lines(owners)))
 
@@ -408,7 +417,9 @@ def prune(older_than: timedelta, prune_statuses: tuple[str, ...], dry_run: bool,
     Deletes terminal jobs that finished more than --older-than ago and prints
     how many; pending and running jobs are never deleted.
 
-    Image and usage rows stay (usage.job_id becomes null); storage objects are untouched.
+    Image and usage rows stay, detached from the deleted job (their job_id
+    becomes null); storage objects are untouched. The output says how many
+    images were detached.
     """
     what = f"{'/'.join(prune_statuses)} job(s) finished more than {_duration(older_than.total_seconds())} ago"
     with _connection() as conn:
@@ -422,4 +433,6 @@ def prune(older_than: timedelta, prune_statuses: tuple[str, ...], dry_run: bool,
                 return
             click.confirm(f"delete {found.count} {what}?", abort=True)
         result = jobs_admin.prune(conn, older_than, prune_statuses)
-    click.echo(f"deleted {result.count} {what}")
+    click.echo(
+        f"deleted {result.count} {what}; kept {result.images_detached} image row(s), detached from their jobs"
+    )

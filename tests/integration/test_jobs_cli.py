@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from imagen.smoke import TERMINAL
 from tests.cli import clean_env, explain, run_imagen
-from tests.integration.rows import job_row, scalar
+from tests.integration.rows import job_row, query, scalar
 from tests.waiting import wait_until
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -53,6 +53,18 @@ def db_now(db_url: str) -> datetime:
         row = conn.execute("SELECT now()").fetchone()
     assert row is not None
     return row[0]
+
+
+def _image(conn: psycopg.Connection[Any], job_id: uuid.UUID, path: str) -> uuid.UUID:
+    """An images row of OWNER_A's job (the job must exist: images.job_id references it)."""
+    row = conn.execute(
+        "INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes,"
+        " prompt, backend) VALUES (%s, %s, 'imagen', %s, 'image/png', 64, 48, 1234, 'p', 'mock')"
+        " RETURNING id",
+        (OWNER_A, job_id, path),
+    ).fetchone()
+    assert row is not None
+    return uuid.UUID(str(row[0]))
 
 
 def seed(db_url: str, **fields: Any) -> uuid.UUID:
@@ -181,27 +193,20 @@ TIMELINE = ("created", "queued", "generating", "syncing", "finalizing", "done", 
 
 def test_show_prints_the_image_row_of_a_done_job(db_url: str, imagen_jobs: Run) -> None:
     t0 = db_now(db_url) - timedelta(minutes=1)
-    job_id = uuid.uuid4()
-    path = f"{OWNER_A}/{job_id}.png"
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        image_id = conn.execute(
-            "INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes,"
-            " prompt, backend) VALUES (%s, %s, 'imagen', %s, 'image/png', 64, 48, 1234, 'p', 'mock')"
-            " RETURNING id",
-            (OWNER_A, job_id, path),
-        ).fetchone()[0]  # type: ignore[index]
     stamps = {name: (t0 + timedelta(milliseconds=ms)).isoformat() for name, ms in STAGE_MS.items()}
-    seed(
+    job_id = seed(
         db_url,
-        id=job_id,
         status="done",
         attempt=1,
-        image_id=image_id,
         stage_times=stamps,
         created_at=t0,
         claimed_at=t0 + timedelta(milliseconds=10),
         finished_at=t0 + timedelta(milliseconds=400),
     )
+    path = f"{OWNER_A}/{job_id}.png"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        image_id = _image(conn, job_id, path)
+        conn.execute("UPDATE imagen.jobs SET image_id = %s WHERE id = %s", (image_id, job_id))
     lines = ok(imagen_jobs("show", str(job_id))).splitlines()
     assert f"image       {image_id} imagen/{path} (image/png, 64x48, 1234 bytes)" in lines
     events = [line.split()[0] for line in lines if line.startswith("  ") and line.split()[0] in TIMELINE]
@@ -344,8 +349,9 @@ def test_stats_reports_counts_depth_oldest_pending_and_percentiles(db_url: str, 
     text = ok(imagen_jobs("stats")).splitlines()
     assert text[0].startswith("pending     2  (queue depth; oldest 5m")
     assert text[1] == "running     3  (generating 2, syncing 1)"
-    assert "pickup      p50 350.0 ms  p95 " in text[-2]
-    assert text[-1].startswith("total       p50 1.20 s  p95 ")
+    assert "pickup      p50 350.0 ms  p95 " in text[-3]
+    assert text[-2].startswith("total       p50 1.20 s  p95 ")
+    assert text[-1] == "cost        $0.0000 est. over 0 provider call(s) in the window"
 
     bad = imagen_jobs("stats", "--window", "soon")
     assert bad.returncode == 2 and "not a duration" in bad.stderr, explain(bad)
@@ -356,6 +362,33 @@ def test_stats_on_an_empty_table_prints_no_latencies(db_url: str, imagen_jobs: R
     assert data["counts"] == dict.fromkeys(("pending", "running", "done", "failed", "cancelled"), 0)
     assert data["oldest_pending_seconds"] is None and data["pickup_p50"] is None
     assert "pickup      p50 -  p95 -" in ok(imagen_jobs("stats"))
+
+
+def test_stats_counts_provider_spend_and_names_calls_the_price_table_cannot_cost(
+    db_url: str, imagen_jobs: Run
+) -> None:
+    rows = [
+        ("gemini", "gemini-2.5-flash-image", 0.0387, "imagen/data/prices.toml gemini-2.5-flash-image ..."),
+        ("openai", "gpt-image-2.5-flare", 0.0060, "imagen/data/prices.toml gpt-image-2.5-flare ..."),
+        ("openai", "gpt-image-9", None, "unpriced: no price for model 'gpt-image-9'"),
+    ]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for backend, model, cost, basis in rows:
+            conn.execute(
+                "INSERT INTO imagen.usage (backend, model, images, ok, cost_usd, cost_basis)"
+                " VALUES (%s, %s, 1, true, %s, %s)",
+                (backend, model, cost, basis),
+            )
+
+    data = json.loads(ok(imagen_jobs("stats", "--json")))
+    text = ok(imagen_jobs("stats"))
+
+    assert data["provider_calls"] == 3
+    assert data["cost_usd"] == pytest.approx(0.0447)
+    assert (data["unpriced_calls"], data["unpriced_models"]) == (1, ["openai/gpt-image-9"])
+    assert "$0.0447 est. over 3 provider call(s)" in text
+    assert "1 call(s) UNPRICED" in text
+    assert "openai/gpt-image-9" in text
 
 
 def test_prune_deletes_only_old_terminal_jobs_and_dry_run_deletes_nothing(
@@ -377,6 +410,7 @@ def test_prune_deletes_only_old_terminal_jobs_and_dry_run_deletes_nothing(
             "INSERT INTO imagen.usage (owner_user_id, job_id, backend, model, ok) VALUES (%s, %s, 'mock', 'm', true)",
             (OWNER_A, old_done),
         )
+        kept_image = _image(conn, old_done, f"{OWNER_A}/{old_done}.png")
 
     def remaining() -> set[uuid.UUID]:
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -393,8 +427,12 @@ def test_prune_deletes_only_old_terminal_jobs_and_dry_run_deletes_nothing(
 
     out = ok(imagen_jobs("prune", "--older-than", "30d", "--status", "done", "--yes")).strip()
     assert out.startswith("deleted 1 done job(s)"), out
+    assert out.endswith("; kept 1 image row(s), detached from their jobs"), out
     assert remaining() == everything - {old_done}
     assert scalar(db_url, "SELECT count(*) FROM imagen.usage WHERE job_id IS NULL") == 1
+    # The image stays its owner's, linked to no job: a later job with that id cannot pick it up.
+    image = query(db_url, "SELECT owner_user_id, job_id FROM imagen.images WHERE id = %s", kept_image)
+    assert image == [(OWNER_A, None)]
 
     confirmed = imagen_jobs("prune", "--older-than", "30d", input="y\n")
     assert confirmed.returncode == 0 and "deleted 2 " in confirmed.stdout, explain(confirmed)
