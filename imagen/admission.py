@@ -297,6 +297,10 @@ class GatedBackend:
     def default_model(self) -> str:
         return self.inner.default_model()
 
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a backend offers (size checks, capabilities) is the provider's own.
+        return getattr(self.inner, name)
+
     def generate(self, request: ImageRequest) -> ImageResult:
         model = request.model or self.inner.default_model()
         if self.gate.is_open() and (self.name == "mock" or not self.gate.pause_left(self.name, model)):
