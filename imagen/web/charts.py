@@ -49,7 +49,7 @@ def _fmt(value: float, unit: str) -> str:
         if value < 1:
             return f"{value * 1000:.0f} ms"
         return f"{value:.3g} s"
-    return f"{value:.0f}"
+    return f"{value:g}"
 
 
 def _frame(title: str, top: float, unit: str, slots: int, start: datetime | None) -> list[str]:

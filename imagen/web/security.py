@@ -48,7 +48,7 @@ class Guard:
                 "script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
             ),
             "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
+            "Referrer-Policy": "same-origin",
         }
 
     def token_ok(self, given: str | None) -> bool:
