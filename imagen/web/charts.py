@@ -68,11 +68,12 @@ def _frame(title: str, top: float, unit: str, slots: int, start: datetime | None
             f"{_fmt(top * frac, unit)}</text>"
         )
     if start is not None and slots:
-        for i in (0, slots // 2, slots - 1):
-            x = PAD_LEFT + plot_w * (i + 0.5) / slots
+        # The first and last labels align with the plot's edges so neither is cut off.
+        for i, where, anchor in ((0, 0.0, "start"), (slots // 2, 0.5, "middle"), (slots - 1, 1.0, "end")):
+            x = PAD_LEFT + plot_w * (i + where) / slots
             label = (start + timedelta(minutes=i)).strftime("%H:%M")
             parts.append(
-                f'<text class="axis" x="{x:.1f}" y="{HEIGHT - 4}" text-anchor="middle">{label}</text>'
+                f'<text class="axis" x="{x:.1f}" y="{HEIGHT - 4}" text-anchor="{anchor}">{label}</text>'
             )
     return parts
 

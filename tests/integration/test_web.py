@@ -352,3 +352,34 @@ def _ago(seconds: float) -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC) - timedelta(seconds=seconds)
+
+
+def test_newest_jobs_and_capped_counts_use_migration_010s_indexes(db_url: str) -> None:
+    from imagen import jobs_admin
+    from imagen.web.queries import CAPPED_COUNTS, COUNT_CAP
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt, status, created_at, finished_at)"
+            " SELECT gen_random_uuid(), 'x', CASE WHEN i % 50 = 0 THEN 'failed' ELSE 'done' END,"
+            " now() - i * interval '1 s', now() - i * interval '1 s' FROM generate_series(1, 20000) i"
+        )
+        conn.execute("ANALYZE imagen.jobs")
+
+        def plan(query: str, params: dict[str, Any]) -> str:
+            return "\n".join(row[0] for row in conn.execute("EXPLAIN " + query, params).fetchall())
+
+        base = {"statuses": None, "owner": None, "since": None, "pattern": None, "limit": 50}
+        assert "jobs_created_idx" in plan(jobs_admin.LIST, base)
+        # A rare status: its rows through jobs_status_created_idx, not a walk of every newer job.
+        conn.execute(
+            "UPDATE imagen.jobs SET status = 'cancelled' WHERE id IN (SELECT id FROM imagen.jobs LIMIT 10)"
+        )
+        conn.execute("ANALYZE imagen.jobs")
+        assert "jobs_status_created_idx" in plan(jobs_admin.LIST, {**base, "statuses": ["cancelled"]})
+        counts = plan(CAPPED_COUNTS, {"cap": COUNT_CAP})
+        # Rare statuses through their indexes; the dominant one (done) may be read in table order,
+        # stopping at the cap either way.
+        for index in ("jobs_pending_idx", "jobs_running_idx", "jobs_status_created_idx"):
+            assert index in counts, counts
+        assert "jobs_finished_idx" in plan(jobs_admin.WINDOW, {"window": 3600.0})
