@@ -72,10 +72,15 @@ class ImageSource:
         if not settings.supabase_url or not settings.supabase_service_role_key:
             raise StorageError("IMAGEN_STORAGE=supabase needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
         if self._supabase is None:
-            from supabase import create_client
+            import httpx
+            from supabase import ClientOptions, create_client
 
+            # Our own httpx client, as imagen.storage does: a short timeout, no deprecated arguments.
+            http = httpx.Client(timeout=10.0, follow_redirects=True)
             self._supabase = create_client(
-                settings.supabase_url, settings.supabase_service_role_key.get_secret_value()
+                settings.supabase_url,
+                settings.supabase_service_role_key.get_secret_value(),
+                options=ClientOptions(httpx_client=http),
             )
         try:
             signed = self._supabase.storage.from_(row["bucket"]).create_signed_url(

@@ -383,3 +383,42 @@ def test_newest_jobs_and_capped_counts_use_migration_010s_indexes(db_url: str) -
         for index in ("jobs_pending_idx", "jobs_running_idx", "jobs_status_created_idx"):
             assert index in counts, counts
         assert "jobs_finished_idx" in plan(jobs_admin.WINDOW, {"window": 3600.0})
+
+
+def test_supabase_images_redirect_to_a_short_lived_signed_url(db_url: str, redis_url: str) -> None:
+    import httpx
+
+    from tests.fake_storage import DEFAULT_BUCKET, DEFAULT_KEY, fake_storage
+
+    owner = uuid.uuid4()
+    job_id = insert_job(db_url, owner_user_id=owner, status="done")
+    path = f"{owner}/{job_id}.png"
+    picture = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 90, 200)).save(picture, format="PNG")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,"
+            " backend, model) VALUES (%s, %s, %s, %s, 'image/png', 40, 30, %s, 'p', 'mock', 'm') RETURNING id",
+            (owner, job_id, DEFAULT_BUCKET, path, len(picture.getvalue())),
+        ).fetchone()
+    assert row is not None
+    with fake_storage() as storage:
+        storage.objects[(DEFAULT_BUCKET, path)] = (picture.getvalue(), "image/png")
+        settings = load_settings(
+            database_url=db_url,
+            redis_url=redis_url,
+            storage="supabase",
+            supabase_url=storage.url,
+            supabase_service_role_key=DEFAULT_KEY,
+            bucket=DEFAULT_BUCKET,
+        )
+        with TestClient(create_app(settings), base_url=LOCAL) as client:
+            answer = client.get(f"/images/{row[0]}/thumb", follow_redirects=False)
+            page = client.get(f"/jobs/{job_id}")
+        assert answer.status_code == 302
+        signed = answer.headers["location"]
+        assert signed.startswith(f"{storage.url}/storage/v1/object/sign/{DEFAULT_BUCKET}/{owner}/")
+        assert "token=" in signed and DEFAULT_KEY not in signed
+        fetched = httpx.get(signed)  # what the browser does: no key, only the signature
+        assert fetched.status_code == 200 and fetched.content == picture.getvalue()
+        assert storage.url in page.headers["content-security-policy"]  # img-src allows the storage
