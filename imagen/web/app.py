@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -40,6 +42,7 @@ class WebOptions:
     read_only: bool = False
     refresh_seconds: float = 1.0
     page_size: int = 50
+    database_timeout: float = 10.0
 
 
 @dataclass
@@ -97,6 +100,15 @@ def _templates(state_guard: Guard, options: WebOptions) -> Jinja2Templates:
     return templates
 
 
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    """The database or pool failed: one line and 503, never a traceback page (and never a password)."""
+    kind = type(exc).__module__.split(".")[0]
+    if kind not in ("psycopg", "psycopg_pool"):
+        return PlainTextResponse("internal error: see imagen web's log", status_code=500)
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return PlainTextResponse(f"database unavailable: {first}", status_code=503)
+
+
 def create_app(
     settings: Settings, options: WebOptions | None = None, *, token: str | None = None
 ) -> Starlette:
@@ -129,6 +141,7 @@ def create_app(
             max_size=4,
             kwargs={"autocommit": True, "application_name": "imagen-web", "connect_timeout": 10},
             open=True,
+            timeout=options.database_timeout,
             check=ConnectionPool.check_connection,
         )
         try:
@@ -142,6 +155,7 @@ def create_app(
             Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
         ],
         middleware=[Middleware(GuardMiddleware, guard=guard)],
+        exception_handlers={Exception: _unavailable},
         lifespan=lifespan,
     )
     app.state.web = state

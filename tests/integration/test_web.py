@@ -422,3 +422,21 @@ def test_supabase_images_redirect_to_a_short_lived_signed_url(db_url: str, redis
         fetched = httpx.get(signed)  # what the browser does: no key, only the signature
         assert fetched.status_code == 200 and fetched.content == picture.getvalue()
         assert storage.url in page.headers["content-security-policy"]  # img-src allows the storage
+
+
+def test_a_database_that_went_away_is_a_503_in_one_line(pg_admin_url: str, tmp_path: Path) -> None:
+    info = psycopg.conninfo.conninfo_to_dict(pg_admin_url)
+    info["dbname"] = f"imagen_gone_{uuid.uuid4().hex[:8]}"
+    settings = settings_for(psycopg.conninfo.make_conninfo(**info), "redis://127.0.0.1:1/0", tmp_path)
+    app = create_app(settings, WebOptions(database_timeout=1.0))
+    with TestClient(app, base_url=LOCAL, raise_server_exceptions=False) as client:
+        answer = client.get("/")
+    assert answer.status_code == 503
+    assert answer.text.startswith("database unavailable: ") and "\n" not in answer.text.strip()
+
+
+def test_cli_says_in_one_line_when_the_database_is_unreachable(tmp_path: Path) -> None:
+    env = clean_env(IMAGEN_DATABASE_URL="postgresql://postgres@127.0.0.1:1/imagen")
+    result = run_imagen("web", "--port", "1", env=env, cwd=tmp_path)
+    assert result.returncode == 75
+    assert result.stderr.startswith("imagen: database error: ") and "Traceback" not in result.stderr
