@@ -3,7 +3,7 @@
 Every worker on every host asks the same Redis before it calls a provider:
 - a concurrency cap (IMAGEN_BACKEND_CONCURRENCY) is N slots, each one of Dramatiq's
   `ConcurrentRateLimiter`s with limit 1 whose key expires after the generation time
-  limit, so a worker killed during a call frees its slot by itself (one limiter with
+  limit + 10 s, so a worker killed during a call frees its slot by itself (one limiter with
   limit N would hold a dead worker's slot for as long as others keep using it);
 - a rate cap (IMAGEN_BACKEND_RPM) is Dramatiq's `WindowRateLimiter` over 60 s;
 - a provider pause: a 429, or a 503 with Retry-After, sets a key that expires after the
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 PREFIX = "imagen:admission"
 # Longest a call waits for room in its worker thread before the job is sent again with a delay.
 HOLD_S = 2.0
+# A slot's key outlives the generation time limit by this much, then a dead holder's slot is free.
+SLOT_MARGIN_S = 10.0
 # A 429 without advice pauses the backend this long.
 DEFAULT_PAUSE_S = 2.0
 # Where GatedBackend notes on a throttling error how long it paused the pool.
@@ -126,7 +128,7 @@ class Gate:
         self.max_pause_s = settings.throttle_max_wait
         backend = RedisBackend(client=client)
         # A slot outlives no call: the generation time limit interrupts a call before its key expires.
-        slot_ttl_ms = int((settings.generate_time_limit + 60) * 1000)
+        slot_ttl_ms = int((settings.generate_time_limit + SLOT_MARGIN_S) * 1000)
         self.slots = {
             key: [
                 ConcurrentRateLimiter(backend, f"{PREFIX}:slot:{key}:{i}", limit=1, ttl=slot_ttl_ms)

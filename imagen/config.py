@@ -146,6 +146,8 @@ def parse_caps(text: str) -> dict[str, int]:
 
     A key is a backend (google and gemini are one) or backend/model; values are whole numbers >= 1.
     """
+    if not text.strip():
+        return {}
     from imagen.backends import canonical_name
 
     caps: dict[str, int] = {}

@@ -103,3 +103,25 @@ def test_job_fails_once_the_provider_kept_it_waiting_past_the_throttle_limit(
     assert status == "failed" and attempt == 1
     assert error.startswith("generation failed: provider rate limit: waited 3 s"), error
     assert "rate limited (429 rate_limit_exceeded)" in error
+
+
+@pytest.mark.slow
+def test_a_slot_held_by_a_killed_worker_frees_itself(
+    db_url: str, pipeline: Any, provider: CappedProvider
+) -> None:
+    env = provider_env(provider, IMAGEN_BACKEND_CONCURRENCY="openai=1", IMAGEN_GENERATE_TIME_LIMIT="5")
+    procs = pipeline(workers=1, threads=2, **env)
+    provider.latency_s = 30  # the first call hangs while its worker is killed
+    first = submit_many(db_url, 1)
+    wait_until(lambda: provider.in_flight == 1, timeout=30, message=f"first call made\n{procs.logs()}")
+    (workers,) = [p for p in procs.procs if p.name == "workers"]
+    workers.kill_group()
+    workers.popen.wait()
+    provider.latency_s = 0.1
+    replacement = procs.start_workers(processes=1, threads=2)
+    wait_until(lambda: replacement.ready_count() >= 1, timeout=30, message=f"workers ready\n{procs.logs()}")
+    second = submit_many(db_url, 1)
+    # The dead worker's slot expires after the generation time limit + 10 s; then the cap admits again.
+    ended = wait_ended(db_url, second, procs, timeout=45)
+    assert ended == {"done": 1}
+    assert first != second
