@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from imagen.backends import canonical_name, get_backend
 from imagen.backends.base import Backend, GeneratedImage, ImageRequest, Usage
@@ -121,6 +121,9 @@ def generate(
         if resolved.backend not in backends:
             backends[resolved.backend] = get_backend(resolved.backend, settings)
         backend = backends[resolved.backend]
+    # The call's id exists before the call: whatever happens after the answer, its usage row is
+    # written under this id, so writing it again (a lost reply, a spool replay) adds no second row.
+    call_id = uuid4()
     request = ImageRequest(
         prompt=resolved.prompt,
         negative_prompt=resolved.negative_prompt,
@@ -131,6 +134,7 @@ def generate(
         model=resolved.model,
         timeout_s=settings.provider_timeout,
         options=dict(resolved.options),
+        call_id=str(call_id),
     )
     model = resolved.model or backend.default_model()
     started = time.monotonic()
@@ -142,11 +146,17 @@ def generate(
         )
         failed = replace(failed, ok=False, error=failed.error or f"{type(exc).__name__}: {exc}")
         sink.record(
-            UsageRecord.from_usage(failed, cost_usd=_cost(failed), owner_user_id=owner_user_id, job_id=job_id)
+            UsageRecord.from_usage(
+                failed, cost_usd=_cost(failed), owner_user_id=owner_user_id, job_id=job_id, call_id=call_id
+            )
         )
         raise
     record = UsageRecord.from_usage(
-        result.usage, cost_usd=_cost(result.usage), owner_user_id=owner_user_id, job_id=job_id
+        result.usage,
+        cost_usd=_cost(result.usage),
+        owner_user_id=owner_user_id,
+        job_id=job_id,
+        call_id=call_id,
     )
     sink.record(record)
     params: dict[str, Any] = {

@@ -40,6 +40,7 @@ from imagen.logs import transition
 from imagen.params import spec_from_params
 from imagen.storage import Storage, job_object_path, open_storage
 from imagen.usage import DatabaseSink, HeldSink
+from imagen.usage_spool import SpoolReplayer, UsageSpool
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,17 @@ class StageContext:
         return open_storage(self.settings)
 
     @cached_property
+    def usage_spool(self) -> UsageSpool:
+        return UsageSpool(self.settings.usage_spool_dir)
+
+    @cached_property
     def usage_sink(self) -> DatabaseSink:
-        return DatabaseSink(self.pool.connection)
+        # A row the database did not take waits in the spool; `replay_usage` writes it later.
+        return DatabaseSink(self.pool.connection, spool=self.usage_spool)
+
+    def replay_usage(self) -> None:
+        """Write the host's spooled usage records now (at worker boot) and every poll interval after."""
+        SpoolReplayer(self.usage_spool, self.pool.connection, self.settings.poll_interval).start()
 
     @cached_property
     def presets(self) -> Any:

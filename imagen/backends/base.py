@@ -24,6 +24,8 @@ class ImageRequest:
     model: str | None = None
     timeout_s: float = 300.0
     options: Mapping[str, Any] = field(default_factory=dict)
+    # The id imagen.usage will record this call under; a backend may pass it on as a request id.
+    call_id: str | None = None
 
 
 @dataclass(frozen=True)

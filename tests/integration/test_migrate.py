@@ -13,7 +13,14 @@ from imagen import db
 
 pytestmark = pytest.mark.integration
 
-ALL = ["001_images.sql", "002_jobs.sql", "003_usage.sql", "004_security.sql", "005_running_index.sql"]
+ALL = [
+    "001_images.sql",
+    "002_jobs.sql",
+    "003_usage.sql",
+    "004_security.sql",
+    "005_running_index.sql",
+    "007_usage_call_id.sql",
+]
 
 
 def _scalar(url: str, query: str) -> object:
@@ -144,6 +151,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "004_security.sql": "missing",
         "005_running_index.sql": "applied",
         "006_next.sql": "pending",
+        "007_usage_call_id.sql": "applied",
     }
 
 
