@@ -1,11 +1,12 @@
-"""A job's image row, written and discarded only under the job's fence.
+"""A job's image row, written only under the job's fence.
 
 The statements that tie an `imagen.images` row to its job: the sync stage's
 start, the images row (once per job, ON CONFLICT on the unique job_id), the
-chained path's row-and-done, and the discard of a cancelled job's image. Each
-locks or updates the job row in the same statement, so the image and the job
-always agree; none of them ever writes an image for a job this attempt no
-longer holds. `imagen generate --sync` uses `insert_image`, without a job.
+chained path's row-and-done. Each locks or updates the job row in the same
+statement, so the image and the job always agree; none of them ever writes an
+image for a job this attempt no longer holds. The discard of an ended job's
+image is `imagen.image_sweep`. `imagen generate --sync` uses `insert_image`,
+without a job.
 """
 
 from __future__ import annotations
@@ -24,18 +25,6 @@ VALUES (%(owner_user_id)s, %(job_id)s, %(bucket)s, %(path)s, %(mime)s, %(width)s
 ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
 RETURNING id
 """
-
-# A job cancelled (or failed) after its image was recorded keeps no image: the row goes, under the
-# job's row lock so a concurrent retry cannot reuse it half-way; the caller removes the object.
-DISCARD_IMAGE = """
-WITH ended AS (
-    SELECT id FROM imagen.jobs WHERE id = %(id)s AND status IN ('cancelled', 'failed') FOR UPDATE
-)
-DELETE FROM imagen.images i USING ended WHERE i.job_id = ended.id
-RETURNING i.bucket, i.path
-"""
-
-IMAGE_FOR_JOB = "SELECT id, bucket, path FROM imagen.images WHERE job_id = %(job_id)s"
 
 # The sync stage's start: fence + stage + heartbeat, and whether an earlier run already wrote the row.
 BEGIN_SYNC = """
@@ -114,12 +103,6 @@ def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:
     return UUID(str(row[0]))
 
 
-def discard_image(conn: Conn, job_id: UUID | str) -> tuple[str, str] | None:
-    """Delete the images row of a job that ended cancelled or failed; (bucket, path) of its object."""
-    row = execute_once(conn, DISCARD_IMAGE, {"id": job_id}).fetchone()
-    return (row[0], row[1]) if row else None
-
-
 def begin_sync(conn: Conn, job_id: UUID | str, attempt: int) -> tuple[RunningJob | None, UUID | None]:
     """Start the sync stage (fenced); also the image id if a previous run already recorded it."""
     row = execute_once(conn, BEGIN_SYNC, {"id": job_id, "attempt": attempt}).fetchone()
@@ -161,8 +144,3 @@ def record_job_image(
             query = RECORD_USAGE_AND_COMPLETE
         row = execute_once(conn, query, params).fetchone()
     return UUID(str(row[0])) if row else None
-
-
-def image_for_job(conn: Conn, job_id: UUID | str) -> tuple[UUID, str, str] | None:
-    row = conn.execute(IMAGE_FOR_JOB, {"job_id": job_id}).fetchone()
-    return (UUID(str(row[0])), row[1], row[2]) if row else None

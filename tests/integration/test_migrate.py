@@ -19,7 +19,7 @@ ALL = [
     "003_usage.sql",
     "004_security.sql",
     "005_running_index.sql",
-    "007_usage_call_id.sql",
+    "007_exactly_once.sql",
 ]
 
 
@@ -151,7 +151,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "004_security.sql": "missing",
         "005_running_index.sql": "applied",
         "006_next.sql": "pending",
-        "007_usage_call_id.sql": "applied",
+        "007_exactly_once.sql": "applied",
     }
 
 

@@ -378,8 +378,8 @@ class FlakyStorage:
             raise TransientStorageError("storage upload: 503 Service Unavailable")
         return self.inner.put(path, data, mime)
 
-    def delete(self, path: str) -> None:
-        self.inner.delete(path)
+    def delete(self, path: str) -> bool:
+        return bool(self.inner.delete(path))
 
 
 def test_chained_worker_generates_syncs_and_completes_in_one_message_without_hand_off(

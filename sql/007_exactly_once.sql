@@ -1,3 +1,6 @@
+-- Exactly-once bookkeeping beside the job row: one usage row per provider call, and no image
+-- for a job that is not done.
+--
 -- One usage row per provider call, never zero and never two.
 --
 -- Every provider call gets an id before it is made (imagen.pipeline), and every
@@ -25,3 +28,16 @@ alter table imagen.usage add constraint usage_call_id_key unique (call_id);
 
 alter table imagen.usage add column written_at timestamptz;
 alter table imagen.usage alter column written_at set default clock_timestamp();
+
+-- A job that is not done keeps no image, whatever failed on the way there (a lost
+-- finalize message, a rescue at the maximum attempts, a worker killed between its
+-- upload and its images row): the listener's sweep visits every job that ended
+-- failed or cancelled once, under its row lock removes its images row and the
+-- objects at its object path, and stamps image_swept_at. A retry that ends the job
+-- again stamps a newer finished_at, so the job is swept again. The partial index
+-- holds only jobs still to sweep, so the sweep's poll reads nothing else. Jobs that
+-- ended before this migration are visited once too (a batch per poll): some of
+-- them kept their image through the faults this sweep is for.
+alter table imagen.jobs add column image_swept_at timestamptz;
+create index jobs_unswept_idx on imagen.jobs (finished_at)
+    where status in ('failed', 'cancelled') and (image_swept_at is null or image_swept_at < finished_at);
