@@ -142,6 +142,10 @@ def _fail(ctx: StageContext, job_id: str, attempt: int, stage: str, error: str) 
 def _note_transient(ctx: StageContext, job_id: str, attempt: int, stage: str, exc: BaseException) -> None:
     label = STAGE_LABELS.get(stage, stage)
     text = f"{label}: {exc}" if isinstance(exc, ImagenError) else f"{label}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, psycopg.OperationalError):
+        # The server dropped connections (a restart, a failover, a terminated backend): the pool's
+        # idle ones are likely dead too. Test them now, or each retry may draw the next dead one.
+        ctx.pool.check()
     try:
         with ctx.pool.connection() as conn:
             jobs.note_transient(conn, job_id, attempt, text)

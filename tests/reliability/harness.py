@@ -44,6 +44,7 @@ LEASE_SLACK = 3.0
 PROVIDER_SECRETS = (
     "OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY",
 )  # fmt: skip
+_SPOOLED_LINE = re.compile(r"; spooled call ([0-9a-f-]{36})")
 _DONE_LINE = re.compile(r"job ([0-9a-f-]{36}) attempt=(\d+) stage=finalizing done\b")
 
 
@@ -260,8 +261,9 @@ class Harness:
 
     # processes
 
-    def start_workers(self, processes: int = 1, threads: int = 4, *, wait: bool = True) -> Proc:
-        proc = self.procs.start_workers(processes, threads)
+    def start_workers(self, processes: int = 1, threads: int = 4, *extra: str, wait: bool = True) -> Proc:
+        """`dramatiq imagen.actors -p processes -t threads *extra` (for example `--queues ...`)."""
+        proc = self.procs.start_workers(processes, threads, *extra)
         if wait:
             self.wait(lambda: proc.ready_count() >= processes, 30, "workers ready")
         return proc
@@ -533,6 +535,8 @@ def _check_usage(h: Harness, problems: list[str]) -> dict[str, Any]:
         "SELECT call_id::text, count(*), max(extract(epoch FROM written_at - created_at))"
         " FROM imagen.usage WHERE backend = 'mock' GROUP BY call_id"
     )
+    # A spooled record's first durable write is its spool file, not its (later) row.
+    spooled = set(_SPOOLED_LINE.findall(h.all_log_text()))
     written = {r[0]: r[1] for r in rows}
     twice = [c for c, n in written.items() if n != 1]
     if twice:
@@ -545,12 +549,11 @@ def _check_usage(h: Harness, problems: list[str]) -> dict[str, Any]:
     unexplained = [c for c in missing if calls[c] not in h.killed_pids]
     if unexplained:
         problems.append(f"{len(unexplained)} provider calls without a usage row: {unexplained[:3]}")
-    windows = sorted(float(r[2]) * 1000 for r in rows if r[2] is not None)
-    spooled = h.all_log_text().count("; spooled call ")
+    windows = sorted(float(r[2]) * 1000 for r in rows if r[2] is not None and r[0] not in spooled)
     return {
         "provider_calls": len(calls),
         "usage_rows": sum(written.values()),
-        "usage_spooled": spooled,
+        "usage_spooled": len(spooled),
         "usage_lost_to_sigkill": len(lost_to_kill),
         "usage_window_ms": _percentiles(windows),
     }
