@@ -39,6 +39,10 @@ DELETE_IMAGE = """
 DELETE FROM imagen.images WHERE job_id = %(id)s AND owner_user_id = %(owner)s RETURNING path
 """
 
+# A path another images row still names is not this job's to remove: a detached image of a pruned
+# job whose id an operator gave again (sql/006_job_ownership.sql).
+PATHS_IN_USE = "SELECT path FROM imagen.images WHERE bucket = %(bucket)s AND path = ANY(%(paths)s)"
+
 MARK_SWEPT = "UPDATE imagen.jobs SET image_swept_at = clock_timestamp() WHERE id = %(id)s"
 
 # Jobs that ended since they were last swept, through the partial index that holds only those.
@@ -81,6 +85,8 @@ def discard_ended(conn: Conn, job_id: UUID | str, storage: Storage) -> Discarded
         # Every path the job's image can have: the row's, and the deterministic one for each
         # type (an upload whose images row was never written leaves no other trace).
         paths = {r[0] for r in deleted} | {job_object_path(owner, UUID(str(job_id)), m) for m in EXTENSIONS}
+        in_use = conn.execute(PATHS_IN_USE, {"bucket": storage.bucket, "paths": sorted(paths)}).fetchall()
+        paths -= {r[0] for r in in_use}
         objects = [path for path in sorted(paths) if storage.delete(path)]
         conn.execute(MARK_SWEPT, {"id": job_id})
     return Discarded(UUID(str(job_id)), status, attempt, bool(deleted), objects)
