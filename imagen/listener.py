@@ -111,6 +111,7 @@ class Listener:
         self._last_count: tuple[float, int] | None = None  # (when, running) at the last count at the cap
         self._pace: float | None = None  # slots freed per second at the cap, from the last refill
         self._storage: Storage | None = None  # opened by the first sweep
+        self._storage_error = ""
         self._refill = max(1, min(settings.claim_batch, settings.max_in_flight // 8))
         port = settings.listener_metrics_port if metrics_port is None else metrics_port
         self._metrics = _Metrics(port, settings.metrics_addr) if port else None
@@ -371,7 +372,11 @@ class Listener:
             try:
                 self._storage = open_storage(self.settings)
             except ImagenError as exc:
-                log.warning("sweep: cannot open storage (%s); images of ended jobs stay until it can", exc)
+                if str(exc) != self._storage_error:  # once, not every poll
+                    log.warning(
+                        "sweep: cannot open storage (%s); images of ended jobs stay until it can", exc
+                    )
+                    self._storage_error = str(exc)
                 return 0
         swept = len(sweep_ended(conn, self._storage, limit=SWEEP_BATCH))
         self.stats.swept += swept
