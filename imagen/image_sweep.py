@@ -26,8 +26,6 @@ from imagen.storage import EXTENSIONS, Storage, job_object_path
 
 log = logging.getLogger(__name__)
 
-ENDED = ("failed", "cancelled")
-
 # The job's row lock is what a retry (failed/cancelled -> pending) waits for.
 LOCK_ENDED = """
 SELECT status, owner_user_id, attempt FROM imagen.jobs

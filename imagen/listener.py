@@ -1,12 +1,13 @@
 """The listener: LISTEN on imagen_jobs, claim pending rows, forward them to Dramatiq.
 
-It is small on purpose and knows nothing of images. Three parts, each with one
-job: the notifier (a dedicated LISTEN connection, self-checked, reconnected with
-backoff), the claimer (fair batches with FOR UPDATE SKIP LOCKED, committed before
-forwarding; a failed forward puts the row back) and the rescuer (running rows
-whose lease expired go back to pending, or fail at the maximum attempts; then
-the sweep removes the image of jobs that ended failed or cancelled,
-`imagen.image_sweep`: the one place the listener touches storage).
+It is small on purpose, and knows of images only to remove those of ended jobs.
+Three parts, each with one job: the notifier (a dedicated LISTEN connection,
+self-checked, reconnected with backoff), the claimer (fair batches with FOR
+UPDATE SKIP LOCKED, committed before forwarding; a failed forward puts the row
+back) and the rescuer (running rows whose lease expired go back to pending, or
+fail at the maximum attempts; then the sweep removes the image of jobs that
+ended failed or cancelled, `imagen.image_sweep`: the one place the listener
+touches storage).
 Notifications only wake it: on every wake it drains the whole backlog, so a lost
 notification costs at most one safety poll. It must never reset running rows
 wholesale: other hosts' in-flight work lives in Redis.

@@ -125,7 +125,6 @@ class MockBackend:
         return result
 
     def _generate(self, request: ImageRequest) -> ImageResult:
-
         started = time.monotonic()
         delay_ms = request.options.get("delay_ms", 0)
         if delay_ms:
