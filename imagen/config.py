@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     retry_max_backoff_ms: int = Field(default=60_000, ge=1)
     generate_time_limit: float = Field(default=360.0, gt=0, description="seconds")
     provider_timeout: float = Field(default=300.0, gt=0)
+    retry_timeouts: bool = False
     usage_log: Path | None = None
     # Usage records the database did not take yet wait here (imagen.usage_spool); shared by a host's processes.
     usage_spool_dir: Path = Field(default_factory=_default_usage_spool_dir)
@@ -96,6 +97,7 @@ class Settings(BaseSettings):
     gemini_api_version: str | None = Field(default=None, validation_alias="GOOGLE_GENAI_API_VERSION")
     gemini_model: str = "gemini-2.5-flash-image"
     openai_model: str = "gpt-image-2.5-flare"
+    openai_quality: Literal["auto", "low", "medium", "high", "xhigh", "max"] = "auto"
 
     @field_validator("backend")
     @classmethod

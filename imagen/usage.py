@@ -40,6 +40,8 @@ class UsageRecord:
     ok: bool
     latency_ms: float
     cost_usd: float | None = None
+    # How cost_usd was estimated, or "unpriced: <why>" when it is None (imagen.prices.price_usage).
+    cost_basis: str | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
     image_output_tokens: int | None = None
@@ -61,6 +63,7 @@ class UsageRecord:
         owner_user_id: UUID | None = None,
         job_id: UUID | None = None,
         call_id: UUID | None = None,
+        cost_basis: str | None = None,
     ) -> UsageRecord:
         return cls(
             call_id=call_id or uuid4(),
@@ -70,6 +73,7 @@ class UsageRecord:
             ok=usage.ok,
             latency_ms=round(usage.latency_ms, 3),
             cost_usd=cost_usd,
+            cost_basis=cost_basis,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             image_output_tokens=usage.image_output_tokens,
