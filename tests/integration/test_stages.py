@@ -368,6 +368,7 @@ class FlakyStorage:
 
     def __init__(self, inner: Any, failures: int = 0, before_put: Any = None) -> None:
         self.inner, self.failures, self.before_put, self.puts = inner, failures, before_put, 0
+        self.bucket = inner.bucket
 
     def put(self, path: str, data: bytes, mime: str) -> Any:
         self.puts += 1
