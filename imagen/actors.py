@@ -72,7 +72,16 @@ class ChainStages(dramatiq.Middleware):
         context.chain_for_worker(worker.consumer_whitelist or None)
 
 
+class ReplayUsage(dramatiq.Middleware):
+    """At boot, starts writing the usage records spooled while the database was away (this
+    host's, a killed process's included), then keeps replaying every poll interval."""
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        context.replay_usage()
+
+
 broker.add_middleware(ChainStages())
+broker.add_middleware(ReplayUsage())
 # The generation stage sends its own message again to wait for provider room (imagen.admission),
 # keeping the message's retry count: it needs the message it is running.
 broker.add_middleware(CurrentMessage())
