@@ -1,12 +1,15 @@
 """The capped-backend benchmark: does a backend under IMAGEN_BACKEND_CONCURRENCY run at its cap?
 
-`python -m imagen.bench.capped` starts throwaway PostgreSQL and Redis, `imagen listen`
-and `dramatiq imagen.actors -p W -t T` with `IMAGEN_BACKEND_CONCURRENCY=mock=C`, then
-inserts a backlog of mock jobs whose provider call takes `--latency-ms` (the mock's
-`delay_ms`). A backend that runs at its cap makes C / latency calls a second; the
-figure is the throughput of the calls (from the usage rows' start and end times) as a
-ratio of that, plus the most calls that were ever in flight at once, which must never
-pass C. Nothing configured on the machine is touched. See docs/benchmarks.md.
+`python -m imagen.bench.capped` starts throwaway PostgreSQL and Redis, a loopback
+provider in the OpenAI wire format (`imagen.bench.provider`) that serves `--cap`
+calls at once, each taking `--latency-ms`, and answers 429 beyond, then `imagen
+listen` and `dramatiq imagen.actors -p W -t T` with `IMAGEN_BACKEND_CONCURRENCY=
+openai=C` and the real openai backend pointed at it. It inserts a backlog of jobs.
+A backend that runs at its cap makes C / latency calls a second: the figure is the
+served calls per second, from the first call's start to the last call's end as the
+provider saw them, as a ratio of that; with the most calls the provider ever saw at
+once (never above C) and its 429s. Nothing configured on the machine is touched.
+See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import click
 import psycopg
 
 from imagen.bench.procs import _clean_env, _processes, _ready, _wait_for
+from imagen.bench.provider import capped_provider
 from imagen.runner import DRAMATIQ_READY, listeners_listening, pipeline_env
 from imagen.servers import PostgresServer, RedisServer
 
@@ -38,6 +42,7 @@ class CappedResult:
     done: int
     failed: int
     calls: int
+    refused: int
     seconds: float
     calls_per_second: float
     ideal_per_second: float
@@ -48,28 +53,11 @@ class CappedResult:
         return [
             f"capped backend: cap {self.cap}, call latency {self.latency_ms} ms, {self.jobs} jobs, "
             f"{self.workers} worker process(es) x {self.threads} threads",
-            f"jobs done {self.done}, failed {self.failed}; provider calls {self.calls}",
+            f"jobs done {self.done}, failed {self.failed}; provider calls {self.calls}, answered 429 {self.refused}",
             f"throughput {self.calls_per_second:.2f} calls/s against cap / latency = "
             f"{self.ideal_per_second:.2f}/s: ratio {self.ratio:.3f}",
             f"most calls in flight at once {self.most_in_flight} (cap {self.cap})",
         ]
-
-
-# Each call's interval: the usage row is written when the call ends, `latency_ms` after it began.
-CALLS = """
-SELECT extract(epoch FROM created_at) - latency_ms / 1000.0, extract(epoch FROM created_at)
-FROM imagen.usage WHERE backend = 'mock' AND job_id = ANY(%(ids)s)
-"""
-
-
-def most_overlapping(intervals: list[tuple[float, float]]) -> int:
-    """The most intervals that hold at one instant (an end before a start at the same time)."""
-    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
-    most = current = 0
-    for _, step in events:
-        current += step
-        most = max(most, current)
-    return most
 
 
 def run_capped(cap: int, latency_ms: int, jobs: int, workers: int, threads: int) -> CappedResult:
@@ -84,17 +72,21 @@ def run_capped(cap: int, latency_ms: int, jobs: int, workers: int, threads: int)
         pg.start()
         rd.start()
         migrate(pg.url)
+        provider = stack.enter_context(capped_provider(capacity=cap, latency_s=latency_ms / 1000))
         env = _clean_env(
             pipeline_env(pg.url, rd.url, root / "files"),
-            IMAGEN_BACKEND_CONCURRENCY=f"mock={cap}",
+            IMAGEN_BACKEND_CONCURRENCY=f"openai={cap}",
             IMAGEN_KEEP_LOCAL_COPY="false",
+            OPENAI_BASE_URL=provider.base_url,
+            OPENAI_API_KEY="sk-bench",
+            NO_PROXY="127.0.0.1",
         )
         procs = stack.enter_context(_processes(env, root / "pipeline"))
         proc = procs.start_workers(processes=workers, threads=threads)
         _wait_for(lambda: _ready(proc, DRAMATIQ_READY, workers), 60, f"{workers} imagen worker(s)")
         procs.start_listener()
         _wait_for(lambda: listeners_listening(pg.url) > 0, 30, "the listener's LISTEN")
-        params = json.dumps({"backend": "mock", "size": "64x64", "delay_ms": latency_ms})
+        params = json.dumps({"backend": "openai", "size": "1024x1024"})
         with psycopg.connect(pg.url, autocommit=True) as conn:
             ids = [
                 row[0]
@@ -116,16 +108,16 @@ def run_capped(cap: int, latency_ms: int, jobs: int, workers: int, threads: int)
                 if row[0] + row[1] == jobs or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
-            intervals = [(float(a), float(b)) for a, b in conn.execute(CALLS, {"ids": ids}).fetchall()]
-    seconds = max(end for _, end in intervals) - min(start for start, _ in intervals)
-    # n calls run back to back in batches of `cap` take n / cap latencies: the rate is n / that span.
-    per_second = len(intervals) / seconds
+        with provider.lock:
+            spans, refused, most = list(provider.spans), provider.refused, provider.most_in_flight
+    seconds = max(end for _, end in spans) - min(start for start, _ in spans)
+    per_second = len(spans) / seconds
     ideal = cap / (latency_ms / 1000)
     return CappedResult(
         cap=cap, latency_ms=latency_ms, jobs=jobs, workers=workers, threads=threads, done=int(row[0]),
-        failed=int(row[1]), calls=len(intervals), seconds=round(seconds, 3),
+        failed=int(row[1]), calls=len(spans) + refused, refused=refused, seconds=round(seconds, 3),
         calls_per_second=round(per_second, 3), ideal_per_second=round(ideal, 3),
-        ratio=round(per_second / ideal, 4), most_in_flight=most_overlapping(intervals),
+        ratio=round(per_second / ideal, 4), most_in_flight=most,
     )  # fmt: skip
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from imagen.admission import Deferred, ThrottleExhausted, deferral, is_throttle
-from imagen.bench.capped import most_overlapping
 from imagen.config import Settings, load_settings, parse_caps
 from imagen.errors import ConfigError, InvalidRequest, QuotaExhausted, RateLimited, TransientError
 
@@ -57,8 +56,3 @@ def test_provider_waits_add_up_and_fail_the_job_at_the_limit() -> None:
 def test_no_wait_outlasts_a_quarter_of_the_lease() -> None:
     wait = deferral(Deferred(500, "provider pause", provider_wait=True), 0.0, settings(throttle_max_wait=900))
     assert wait is not None and wait.delay_s == 150
-
-
-def test_most_overlapping_counts_calls_in_flight_together() -> None:
-    assert most_overlapping([(0, 1), (1, 2), (2, 3)]) == 1
-    assert most_overlapping([(0, 2), (1, 3), (1.5, 1.6), (2.5, 4)]) == 3

@@ -5,10 +5,14 @@
 is in the future, gets 429 `rate_limit_exceeded` with `Retry-After`. It counts
 what a test asserts on: calls, 429s, and the most calls it ever served at once.
 The imagen workers reach it through OPENAI_BASE_URL; it listens on 127.0.0.1 only.
+It also records when each served call began and ended, for the capped-backend
+benchmark (`imagen.bench.capped`); the admission tests use it too.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import threading
 import time
@@ -17,7 +21,14 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tests.fake_providers import png_b64
+from PIL import Image
+
+
+def _png_b64(size: int = 32) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 40, 40)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
 
 USAGE = {
     "input_tokens": 12,
@@ -41,8 +52,9 @@ class CappedProvider:
         self.calls = 0
         self.served = 0
         self.refused = 0
+        self.spans: list[tuple[float, float]] = []
         self.lock = threading.Lock()
-        self._image = png_b64(32, 32)
+        self._image = _png_b64()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -59,20 +71,23 @@ class CappedProvider:
         with self.lock:
             self.refuse_until = time.monotonic() + seconds
 
-    def _admit(self) -> bool:
+    def _admit(self) -> float | None:
+        """The call's start time when it is served, None when it is refused."""
         with self.lock:
             self.calls += 1
-            if self.in_flight >= self.capacity or time.monotonic() < self.refuse_until:
+            now = time.monotonic()
+            if self.in_flight >= self.capacity or now < self.refuse_until:
                 self.refused += 1
-                return False
+                return None
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
-            return True
+            return now
 
-    def _done(self) -> None:
+    def _done(self, started: float) -> None:
         with self.lock:
             self.in_flight -= 1
             self.served += 1
+            self.spans.append((started, time.monotonic()))
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         provider = self
@@ -86,7 +101,9 @@ class CappedProvider:
                 if not self.path.endswith("/images/generations"):
                     self._answer(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
                     return
-                if not provider._admit():
+                started = provider._admit()
+                body: dict[str, Any]
+                if started is None:
                     body = {
                         "error": {
                             "message": "Rate limit reached for images per minute.",
@@ -104,7 +121,7 @@ class CappedProvider:
                         "usage": USAGE,
                     }
                 finally:
-                    provider._done()
+                    provider._done(started)
                 self._answer(200, body)
 
             def _answer(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
