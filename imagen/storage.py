@@ -17,11 +17,9 @@ from uuid import UUID, uuid4
 
 from imagen.config import Settings
 from imagen.errors import ConfigError, StorageError, TransientStorageError
-from imagen.writer import replace_atomically
+from imagen.writer import image_extension, replace_atomically
 
 log = logging.getLogger(__name__)
-
-EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 @dataclass(frozen=True)
@@ -34,10 +32,10 @@ class StoredObject:
 
 
 def extension_for(mime: str) -> str:
-    try:
-        return EXTENSIONS[mime]
-    except KeyError:
-        raise StorageError(f"cannot store images of type {mime!r}") from None
+    ext = image_extension(mime)
+    if ext is None:
+        raise StorageError(f"cannot store images of type {mime!r}")
+    return ext
 
 
 def job_object_path(owner_user_id: UUID, job_id: UUID, mime: str) -> str:
@@ -63,8 +61,6 @@ class Storage(Protocol):
     def delete(self, path: str) -> None:
         """Remove the object; missing is fine."""
         ...
-
-    def exists(self, path: str) -> bool: ...
 
 
 class LocalStorage:
@@ -128,12 +124,6 @@ class LocalStorage:
 
     def delete(self, path: str) -> None:
         self._file(path).unlink(missing_ok=True)
-
-    def exists(self, path: str) -> bool:
-        return self._file(path).is_file()
-
-    def local_path(self, path: str) -> Path:
-        return self._file(path)
 
 
 class SupabaseStorage:
@@ -201,13 +191,6 @@ class SupabaseStorage:
             self._client.storage.from_(self.bucket).remove([path])
         except Exception as exc:
             raise self._translate(exc, "delete", path) from None
-
-    def exists(self, path: str) -> bool:
-        self._check_path(path, "exists")
-        try:
-            return bool(self._client.storage.from_(self.bucket).exists(path))
-        except Exception as exc:
-            raise self._translate(exc, "exists", path) from None
 
 
 def open_storage(settings: Settings) -> Storage:
