@@ -47,6 +47,14 @@ class ChainStages(dramatiq.Middleware):
         context.chain_for_worker(worker.consumer_whitelist or None)
 
 
+class ReplayUsage(dramatiq.Middleware):
+    """At boot, starts writing the usage records spooled while the database was away (this
+    host's, a killed process's included), then keeps replaying every poll interval."""
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        context.replay_usage()
+
+
 def _configure() -> tuple[Settings, dramatiq.Broker]:
     """Settings, logging and the broker the actors are defined on; a bad configuration exits 78."""
     try:
@@ -63,6 +71,7 @@ def _configure() -> tuple[Settings, dramatiq.Broker]:
         # Serves dramatiq_* metrics from a forked process on dramatiq_prom_host:dramatiq_prom_port (0.0.0.0:9191).
         broker.add_middleware(Prometheus())
     broker.add_middleware(ChainStages())
+    broker.add_middleware(ReplayUsage())
     dramatiq.set_broker(broker)
     return settings, broker
 

@@ -20,9 +20,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from imagen.errors import ConfigError
 
 
-def _default_storage_dir() -> Path:
+def _data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "imagen" / "storage"
+    return Path(base) / "imagen"
+
+
+def _default_storage_dir() -> Path:
+    return _data_dir() / "storage"
+
+
+def _default_usage_spool_dir() -> Path:
+    return _data_dir() / "usage-spool"
 
 
 class Settings(BaseSettings):
@@ -70,12 +78,17 @@ class Settings(BaseSettings):
     provider_timeout: float = Field(default=300.0, gt=0)
     retry_timeouts: bool = False
     usage_log: Path | None = None
+    # Usage records the database did not take yet wait here (imagen.usage_spool); shared by a host's processes.
+    usage_spool_dir: Path = Field(default_factory=_default_usage_spool_dir)
+    # The mock backend appends one line per call here (tests count provider calls with it); off when unset.
+    mock_call_log: Path | None = None
     presets_file: Path | None = None
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
     listener_metrics_port: int = Field(default=9300, ge=0, le=65535)
     metrics_addr: str = "127.0.0.1"
     worker_metrics: bool = True
+    web_token: SecretStr | None = Field(default=None, description="imagen web: required on every request")
     gemini_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("GOOGLE_API_KEY", "GEMINI_API_KEY")
     )

@@ -17,9 +17,11 @@ from uuid import UUID, uuid4
 
 from imagen.config import Settings
 from imagen.errors import ConfigError, StorageError, TransientStorageError
-from imagen.writer import image_extension, replace_atomically
+from imagen.writer import IMAGE_EXTENSIONS, image_extension, replace_atomically
 
 log = logging.getLogger(__name__)
+
+EXTENSIONS = IMAGE_EXTENSIONS  # the writer's table: one MIME table for files and objects
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,8 @@ class Storage(Protocol):
         """Create or replace the object at `path`."""
         ...
 
-    def delete(self, path: str) -> None:
-        """Remove the object; missing is fine."""
+    def delete(self, path: str) -> bool:
+        """Remove the object; missing is fine. Whether there was one."""
         ...
 
 
@@ -122,8 +124,20 @@ class LocalStorage:
             ) from None
         return StoredObject(bucket=self.bucket, path=path, bytes=len(data))
 
-    def delete(self, path: str) -> None:
-        self._file(path).unlink(missing_ok=True)
+    def delete(self, path: str) -> bool:
+        try:
+            self._file(path).unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(
+                f"cannot remove {self.root / self.bucket / path}: {exc.strerror or exc}"
+            ) from None
+        return True
+
+    def local_path(self, path: str) -> Path:
+        """The file an object is, checked to stay inside the bucket folder (the dashboard serves it)."""
+        return self._file(path)
 
 
 class SupabaseStorage:
@@ -185,12 +199,13 @@ class SupabaseStorage:
             raise self._translate(exc, "upload", path) from None
         return StoredObject(bucket=self.bucket, path=path, bytes=len(data))
 
-    def delete(self, path: str) -> None:
+    def delete(self, path: str) -> bool:
         self._check_path(path, "delete")
         try:
-            self._client.storage.from_(self.bucket).remove([path])
+            removed = self._client.storage.from_(self.bucket).remove([path])
         except Exception as exc:
             raise self._translate(exc, "delete", path) from None
+        return bool(removed)  # the objects Storage removed: none when there was none
 
 
 def open_storage(settings: Settings) -> Storage:

@@ -21,13 +21,9 @@ def storage(tmp_path: Path) -> LocalStorage:
     return LocalStorage(tmp_path / "root", "imagen")
 
 
-def object_file(storage: LocalStorage, path: str) -> Path:
-    """Where `path` lives on disk (LocalStorage keeps no test-only accessor for it)."""
-    return (storage.root / storage.bucket / path).resolve()
-
-
 def object_exists(storage: LocalStorage, path: str) -> bool:
-    return object_file(storage, path).is_file()
+    """Whether the object's file is there (LocalStorage has no test-only `exists`)."""
+    return storage.local_path(path).is_file()
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -40,6 +36,7 @@ def test_put_writes_the_bytes_under_root_and_bucket(storage: LocalStorage, tmp_p
 
     assert stored == StoredObject(bucket="imagen", path=PATH, bytes=9)
     assert (tmp_path / "root" / "imagen" / PATH).read_bytes() == b"png bytes"
+    assert storage.local_path(PATH) == (tmp_path / "root" / "imagen" / PATH).resolve()
 
 
 def test_exists_is_false_before_put_and_true_after(storage: LocalStorage) -> None:
@@ -65,8 +62,8 @@ def test_second_put_replaces_the_object_and_leaves_no_temporary_files(
     storage.put(PATH, b"first version, longer", "image/png")
     storage.put(PATH, b"second", "image/png")
 
-    assert object_file(storage, PATH).read_bytes() == b"second"
-    assert [p.name for p in object_file(storage, PATH).parent.iterdir()] == [Path(PATH).name]
+    assert storage.local_path(PATH).read_bytes() == b"second"
+    assert [p.name for p in storage.local_path(PATH).parent.iterdir()] == [Path(PATH).name]
     assert leftovers(tmp_path) == []
 
 
@@ -74,14 +71,14 @@ def test_put_replaces_by_rename_so_a_reader_holding_the_old_file_still_sees_it_w
     storage: LocalStorage,
 ) -> None:
     storage.put(PATH, b"old" * 1000, "image/png")
-    old_inode = os.stat(object_file(storage, PATH)).st_ino
+    old_inode = os.stat(storage.local_path(PATH)).st_ino
 
-    with open(object_file(storage, PATH), "rb") as reader:
+    with open(storage.local_path(PATH), "rb") as reader:
         storage.put(PATH, b"new", "image/png")
         assert reader.read() == b"old" * 1000
 
-    assert os.stat(object_file(storage, PATH)).st_ino != old_inode
-    assert object_file(storage, PATH).read_bytes() == b"new"
+    assert os.stat(storage.local_path(PATH)).st_ino != old_inode
+    assert storage.local_path(PATH).read_bytes() == b"new"
 
 
 def test_concurrent_puts_leave_one_complete_object(storage: LocalStorage, tmp_path: Path) -> None:
@@ -101,7 +98,7 @@ def test_concurrent_puts_leave_one_complete_object(storage: LocalStorage, tmp_pa
         thread.join(timeout=10)
 
     assert errors == []
-    assert object_file(storage, PATH).read_bytes() in payloads
+    assert storage.local_path(PATH).read_bytes() in payloads
     assert leftovers(tmp_path) == []
 
 
@@ -114,6 +111,7 @@ def test_paths_escaping_the_bucket_folder_are_refused(
 ) -> None:
     for action in (
         lambda: storage.put(path, b"x", "image/png"),
+        lambda: storage.local_path(path),
         lambda: storage.delete(path),
     ):
         with pytest.raises(StorageError, match="escapes"):
@@ -142,18 +140,18 @@ def test_put_into_a_folder_removed_since_the_last_put_creates_it_again(
     # put checks and creates a folder once per process; an operator pruning folders by hand
     # must not make the next upload fail.
     storage.put(PATH, b"first", "image/png")
-    shutil.rmtree(object_file(storage, PATH).parent)
+    shutil.rmtree(storage.local_path(PATH).parent)
 
     storage.put(PATH, b"second", "image/png")
 
-    assert object_file(storage, PATH).read_bytes() == b"second"
+    assert storage.local_path(PATH).read_bytes() == b"second"
     assert leftovers(tmp_path) == []
 
 
 def test_a_failed_write_raises_storage_error_and_leaves_no_temporary_file(
     storage: LocalStorage, tmp_path: Path
 ) -> None:
-    object_file(storage, PATH).mkdir(parents=True)  # a folder where the object should go
+    storage.local_path(PATH).mkdir(parents=True)  # a folder where the object should go
 
     with pytest.raises(StorageError, match="cannot write"):
         storage.put(PATH, b"x", "image/png")
