@@ -7,6 +7,7 @@ after the delete and the done job keeps its object.
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import pytest
 from imagen import jobs
 from imagen.broker import FINALIZE_ACTOR
 from imagen.config import Settings
-from imagen.image_sweep import sweep_ended
+from imagen.image_sweep import UNSWEPT, sweep_ended
 from imagen.listener import Listener
 from imagen.stages import StageContext, run_finalize, run_generate, run_sync
 from imagen.storage import LocalStorage
@@ -201,3 +202,18 @@ def test_listener_sweeps_on_its_poll(
         listener._close()
     assert listener.stats.swept == 1
     assert scalar(db_url, IMAGES, job_id) == 0 and objects(settings) == []
+
+
+def test_the_sweep_reads_only_the_jobs_still_to_sweep(db_url: str) -> None:
+    # Every poll runs it: on a table of many finished jobs it must walk the partial index of
+    # unswept ones (migration 007), not the jobs.
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt, status, finished_at)"
+            " SELECT gen_random_uuid(), 'p', CASE WHEN i % 500 = 0 THEN 'failed' ELSE 'done' END, now()"
+            " FROM generate_series(1, 5000) i"
+        )
+        conn.execute("ANALYZE imagen.jobs")
+        (plan,) = conn.execute("EXPLAIN (FORMAT JSON) " + UNSWEPT, {"limit": 100}).fetchone() or (None,)
+    text = json.dumps(plan)
+    assert "jobs_unswept_idx" in text, text

@@ -26,8 +26,8 @@ import psycopg
 import pytest
 
 from imagen import jobs
-from imagen.runner import pipeline_env
-from imagen.servers import free_port
+from imagen.devtools.runner import pipeline_env
+from imagen.devtools.servers import free_port
 from tests.integration.test_web import insert_job, status_of
 from tests.waiting import wait_until
 
