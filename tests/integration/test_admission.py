@@ -1,6 +1,6 @@
 """Provider admission through the real listener and real Dramatiq workers on real PostgreSQL and Redis.
 
-The provider is imagen/bench/provider.py: the OpenAI wire format on loopback, admitting
+The provider is imagen/devtools/bench/provider.py: the OpenAI wire format on loopback, admitting
 a fixed number of calls at once and answering 429 + Retry-After beyond. The workers use
 the real openai backend against it (OPENAI_BASE_URL).
 """
@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from imagen.bench.provider import CappedProvider, capped_provider
+from imagen.devtools.bench.provider import CappedProvider, capped_provider
 from tests.integration.rows import query
 from tests.waiting import wait_until
 

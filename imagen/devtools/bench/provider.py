@@ -6,7 +6,7 @@ is in the future, gets 429 `rate_limit_exceeded` with `Retry-After`. It counts
 what a test asserts on: calls, 429s, and the most calls it ever served at once.
 The imagen workers reach it through OPENAI_BASE_URL; it listens on 127.0.0.1 only.
 It also records when each served call began and ended, for the capped-backend
-benchmark (`imagen.bench.capped`); the admission tests use it too.
+benchmark (`imagen.devtools.bench.capped`); the admission tests use it too.
 """
 
 from __future__ import annotations

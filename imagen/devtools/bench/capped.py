@@ -1,7 +1,7 @@
 """The capped-backend benchmark: does a backend under IMAGEN_BACKEND_CONCURRENCY run at its cap?
 
-`python -m imagen.bench.capped` starts throwaway PostgreSQL and Redis, a loopback
-provider in the OpenAI wire format (`imagen.bench.provider`) that serves `--cap`
+`python -m imagen.devtools.bench.capped` starts throwaway PostgreSQL and Redis, a loopback
+provider in the OpenAI wire format (`imagen.devtools.bench.provider`) that serves `--cap`
 calls at once, each taking `--latency-ms`, and answers 429 beyond, then `imagen
 listen` and `dramatiq imagen.actors -p W -t T` with `IMAGEN_BACKEND_CONCURRENCY=
 openai=C` and the real openai backend pointed at it. It inserts a backlog of jobs.
@@ -26,10 +26,10 @@ from pathlib import Path
 import click
 import psycopg
 
-from imagen.bench.procs import _clean_env, _processes, _ready, _wait_for
-from imagen.bench.provider import capped_provider
-from imagen.runner import DRAMATIQ_READY, listeners_listening, pipeline_env
-from imagen.servers import PostgresServer, RedisServer
+from imagen.devtools.bench.procs import clean_env, processes, wait_for
+from imagen.devtools.bench.provider import capped_provider
+from imagen.devtools.runner import listeners_listening, pipeline_env
+from imagen.devtools.servers import PostgresServer, RedisServer
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def run_capped(cap: int, latency_ms: int, jobs: int, workers: int, threads: int)
         rd.start()
         migrate(pg.url)
         provider = stack.enter_context(capped_provider(capacity=cap, latency_s=latency_ms / 1000))
-        env = _clean_env(
+        env = clean_env(
             pipeline_env(pg.url, rd.url, root / "files"),
             IMAGEN_BACKEND_CONCURRENCY=f"openai={cap}",
             IMAGEN_KEEP_LOCAL_COPY="false",
@@ -81,11 +81,11 @@ def run_capped(cap: int, latency_ms: int, jobs: int, workers: int, threads: int)
             OPENAI_API_KEY="sk-bench",
             NO_PROXY="127.0.0.1",
         )
-        procs = stack.enter_context(_processes(env, root / "pipeline"))
+        procs = stack.enter_context(processes(env, root / "pipeline"))
         proc = procs.start_workers(processes=workers, threads=threads)
-        _wait_for(lambda: _ready(proc, DRAMATIQ_READY, workers), 60, f"{workers} imagen worker(s)")
+        wait_for(lambda: proc.ready_count() >= workers, 60, f"{workers} imagen worker(s)")
         procs.start_listener()
-        _wait_for(lambda: listeners_listening(pg.url) > 0, 30, "the listener's LISTEN")
+        wait_for(lambda: listeners_listening(pg.url) > 0, 30, "the listener's LISTEN")
         params = json.dumps({"backend": "openai", "size": "1024x1024"})
         with psycopg.connect(pg.url, autocommit=True) as conn:
             ids = [
