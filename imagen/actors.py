@@ -28,6 +28,7 @@ from imagen.broker import (
 )
 from imagen.config import load_settings
 from imagen.errors import ConfigError
+from imagen.job_policy import JobPolicy
 from imagen.logs import configure_logging
 from imagen.stages import (
     SYNC_TIME_LIMIT_S,
@@ -43,6 +44,7 @@ EXHAUSTED_ACTOR = "stage_exhausted"
 try:
     settings = load_settings()
     settings.require_database_url()
+    JobPolicy.from_settings(settings)  # a bad IMAGEN_JOB_BACKENDS stops the worker, not each job
 except ConfigError as exc:
     print(f"imagen.actors: {exc}", file=sys.stderr)
     raise SystemExit(78) from None
@@ -72,7 +74,16 @@ class ChainStages(dramatiq.Middleware):
         context.chain_for_worker(worker.consumer_whitelist or None)
 
 
+class StopWaits(dramatiq.Middleware):
+    """On SIGTERM, provider calls and simulated delays in progress get IMAGEN_SHUTDOWN_GRACE to end,
+    then give up (their jobs are retried): a stop is bounded (docs/architecture.md, Shutdown)."""
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        context.stop()
+
+
 broker.add_middleware(ChainStages())
+broker.add_middleware(StopWaits())
 
 _stage_options: dict[str, Any] = {"on_retry_exhausted": EXHAUSTED_ACTOR}
 _short_limit = SYNC_TIME_LIMIT_S * 1000

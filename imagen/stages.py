@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 from uuid import UUID
@@ -25,7 +25,7 @@ from uuid import UUID
 import psycopg
 import redis
 
-from imagen import job_images, jobs
+from imagen import interrupts, job_images, jobs
 from imagen.broker import (
     FINALIZE_ACTOR,
     FINALIZE_QUEUE,
@@ -38,6 +38,7 @@ from imagen.broker import (
 from imagen.config import Settings
 from imagen.errors import ImagenError
 from imagen.handoff import Handoff
+from imagen.job_policy import JobPolicy, check_generation
 from imagen.logs import transition
 from imagen.params import spec_from_params
 from imagen.storage import Storage, job_object_path, open_storage
@@ -60,6 +61,13 @@ class StageContext:
         self.backends: dict[str, Any] = {}
         # Set at worker boot (`chain_for_worker`): off until a worker says it consumes every stage's queue.
         self.chain_stages = False
+        # Set when the worker starts shutting down (SIGTERM, `stop`): waits in progress give up
+        # once IMAGEN_SHUTDOWN_GRACE has passed, so a stop is bounded (docs/architecture.md).
+        self.stop_deadline: float | None = None
+
+    def stop(self) -> None:
+        """The worker is shutting down: calls in progress get the shutdown grace, then are abandoned."""
+        self.stop_deadline = time.monotonic() + self.settings.shutdown_grace
 
     def chain_for_worker(self, queues: set[str] | None) -> None:
         """Chain the stages in one message when this worker would consume all their messages anyway."""
@@ -79,6 +87,14 @@ class StageContext:
             # No per-checkout health check: it would add a round trip to every statement. A connection
             # that died with the server fails its next use, the stage is retried, the pool replaces it.
         )
+
+    @cached_property
+    def policy(self) -> JobPolicy:
+        return JobPolicy.from_settings(self.settings)
+
+    def check_job(self, backend: Any, spec: Any) -> None:
+        """The operator's job policy on a resolved spec, before the provider is called."""
+        check_generation(self.policy, backend, spec)
 
     @cached_property
     def heartbeater(self) -> Heartbeater:
@@ -159,56 +175,121 @@ def guarded(ctx: StageContext, job_id: str, attempt: int, stage: str) -> Iterato
         raise
 
 
-class Heartbeater:
-    """One thread per process refreshes heartbeat_at for every job whose provider call is in progress.
+# How often the heartbeat thread asks whether jobs in a long call were cancelled or rescued:
+# the bound on how long a cancelled job's call keeps its worker thread (docs/security.md).
+CANCEL_CHECK_S = 1.0
 
-    A slow provider call (minutes) must not look like a crash to the lease rescue.
-    One shared thread and one UPDATE per interval, not a thread per job: the mock
-    backend finishes in a millisecond, and starting threads would cost more.
+
+@dataclass
+class Beat:
+    """One job's entry in the heartbeat thread: how many blocks hold it, and when its stage must end."""
+
+    count: int
+    started: float
+    deadline: float
+    # Set by the heartbeat thread when the job is no longer running at this attempt.
+    gone: bool = False
+
+
+class Heartbeater:
+    """One thread per process keeps the lease of every job whose provider call is in progress.
+
+    A slow provider call (minutes) must not look like a crash to the lease rescue, but a
+    stage past its time limit must (so no heartbeat for it: the rescue takes the job back
+    if the thread never returns). Every CANCEL_CHECK_S the thread also looks up the jobs
+    that have been in a call longer than that, and marks the ones cancelled or rescued
+    meanwhile, so their waits give up (imagen.interrupts). One shared thread and one
+    statement per interval, not a thread per job: the mock backend finishes in a
+    millisecond, and starting threads would cost more.
     """
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.interval = max(0.5, ctx.settings.lease_seconds / 4)
-        self.active: dict[tuple[str, int], int] = {}
+        self.check_interval = min(CANCEL_CHECK_S, self.interval)
+        self.active: dict[tuple[str, int], Beat] = {}
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
     @contextmanager
-    def beating(self, job_id: str, attempt: int) -> Iterator[None]:
+    def beating(self, job_id: str, attempt: int, time_limit: float) -> Iterator[Beat]:
         key = (job_id, attempt)
+        now = time.monotonic()
         with self.lock:
-            self.active[key] = self.active.get(key, 0) + 1
+            beat = self.active.get(key)
+            if beat is None:
+                beat = self.active[key] = Beat(count=0, started=now, deadline=now + time_limit)
+            beat.count += 1
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="imagen-heartbeat", daemon=True)
                 self.thread.start()
         try:
-            yield
+            yield beat
         finally:
             with self.lock:
-                self.active[key] -= 1
-                if not self.active[key]:
-                    del self.active[key]
+                beat.count -= 1
+                if not beat.count:
+                    self.active.pop(key, None)
 
     def _run(self) -> None:
+        last_beat = time.monotonic()
         while True:
-            time.sleep(self.interval)
+            time.sleep(self.check_interval)
+            now = time.monotonic()
             with self.lock:
-                keys = list(self.active)
-            if not keys:
+                beats = list(self.active.items())
+            if not beats:
                 continue
             try:
-                with self.ctx.pool.connection() as conn:
-                    jobs.heartbeat_many(conn, keys)
+                long = [
+                    key for key, beat in beats if now - beat.started >= self.check_interval and not beat.gone
+                ]
+                if long:
+                    with self.ctx.pool.connection() as conn:
+                        held = jobs.still_running(conn, long)
+                    for key, beat in beats:
+                        if key in long and key not in held:
+                            beat.gone = True
+                if now - last_beat >= self.interval:
+                    last_beat = now
+                    keys = [key for key, beat in beats if beat.deadline > now and not beat.gone]
+                    if keys:
+                        with self.ctx.pool.connection() as conn:
+                            jobs.heartbeat_many(conn, keys)
             except psycopg.Error as exc:
-                log.warning("heartbeat for %d job(s) failed; will retry: %s", len(keys), exc)
+                log.warning("heartbeat for %d job(s) failed; will retry: %s", len(beats), exc)
 
 
 @contextmanager
-def heartbeating(ctx: StageContext, job_id: str, attempt: int) -> Iterator[None]:
-    """Keep the job's lease fresh while the block runs."""
-    with ctx.heartbeater.beating(job_id, attempt):
-        yield
+def heartbeating(ctx: StageContext, job_id: str, attempt: int, time_limit: float) -> Iterator[Beat]:
+    """Keep the job's lease fresh while the block runs, for at most `time_limit` seconds."""
+    with ctx.heartbeater.beating(job_id, attempt, time_limit) as beat:
+        yield beat
+
+
+def _stop_check(ctx: StageContext, beat: Beat) -> interrupts.StopCheck:
+    """What makes a wait in the generation stage give up (imagen.interrupts)."""
+    limit = ctx.settings.generate_time_limit
+
+    def check() -> BaseException | None:
+        if ctx.stop_deadline is not None and time.monotonic() >= ctx.stop_deadline:
+            return interrupts.CallAbandoned(
+                "the worker stopped (SIGTERM) before the call ended; the job will be retried"
+            )
+        if beat.gone:
+            return interrupts.JobGone("the job was cancelled or taken over while its call ran")
+        if time.monotonic() >= beat.deadline:
+            return interrupts.CallAbandoned(
+                f"stopped at the stage's time limit ({limit:g} s, IMAGEN_GENERATE_TIME_LIMIT)"
+            )
+        return None
+
+    return check
+
+
+def _own_limit(limit: float) -> float:
+    """Our deadline for a stage, a little before Dramatiq's, so the error the job shows is ours."""
+    return max(0.5 * limit, limit - 2.0)
 
 
 def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
@@ -228,14 +309,16 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
     held = HeldSink() if ctx.chain_stages else None
     generated: tuple[bytes, dict[str, Any]] | None = None
     with guarded(ctx, job_id, attempt, stage), _usage_first(ctx, held):
-        spec = spec_from_params(job.prompt, jobs.load_params(job.params_json))
+        spec = spec_from_params(job.prompt, jobs.load_params(job.params_json), ctx.policy)
         if spec.seed is None:
             spec = replace(spec, seed=seed_for_job(job.job_id))
         out_dir = ctx.settings.output_dir / "jobs" if ctx.settings.keep_local_copy else None
-        with heartbeating(ctx, job_id, attempt):
+        limit = _own_limit(ctx.settings.generate_time_limit) - (time.monotonic() - started)
+        with heartbeating(ctx, job_id, attempt, limit) as beat, interrupts.stoppable(_stop_check(ctx, beat)):
             result = generate(
                 spec, ctx.settings, sink=held or ctx.usage_sink, out_dir=out_dir,
                 owner_user_id=job.owner_user_id, job_id=job.job_id, presets=ctx.presets, backends=ctx.backends,
+                check=ctx.check_job,
             )  # fmt: skip
         image = result.images[0]
         meta = {
@@ -253,7 +336,7 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
             return
         generated = (image.data, meta)
     if generated is not None:
-        _sync_chained(ctx, job, attempt, *generated, held=held)
+        _sync_chained(ctx, job, attempt, *generated, held=held, stage_started=started)
 
 
 @contextmanager
@@ -283,6 +366,7 @@ def _sync_chained(
     meta: dict[str, Any],
     *,
     held: HeldSink | None = None,
+    stage_started: float,
 ) -> None:
     """Sync and finalize in the generation message: no hand-off, two hops and two fenced writes fewer.
 
@@ -297,7 +381,8 @@ def _sync_chained(
     try:
         with guarded(ctx, job_id, attempt, stage), _usage_first(ctx, held):
             path = job_object_path(job.owner_user_id, job.job_id, meta["mime"])
-            with heartbeating(ctx, job_id, attempt):
+            limit = ctx.settings.generate_time_limit - (time.monotonic() - stage_started)
+            with heartbeating(ctx, job_id, attempt, limit):
                 stored = ctx.storage.put(path, data, meta["mime"])
             took = time.monotonic() - started
             image_id = _record_image(

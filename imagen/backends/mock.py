@@ -3,7 +3,10 @@
 It is the default everywhere (CLI, demo, tests, benchmarks), so it must be fast
 and exact: the same inputs give the same bytes within one environment. Options
 `delay_ms` and `fail` ('transient' | 'permanent') let tests and demos simulate a
-slow or failing provider without a provider.
+slow or failing provider without a provider; jobs may use them only where the
+operator turned them on (IMAGEN_JOB_TEST_OPTIONS). The delay is an interruptible
+wait (imagen.interrupts), so a stage still ends at its time limit, on a cancel,
+or when the worker stops.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
+from imagen import interrupts
 from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
 from imagen.backends.sizes import resolve_size
 from imagen.errors import ContentBlocked, InvalidRequest, TransientError
@@ -100,6 +104,8 @@ class MockBackend:
     """Deterministic local images; honours size/aspect, n, seed, delay and failure injection."""
 
     name = "mock"
+    # Its only wait (delay_ms) checks the stage's stop itself: no helper thread needed per call.
+    interruptible = True
 
     def default_model(self) -> str:
         return MODEL
@@ -108,7 +114,7 @@ class MockBackend:
         started = time.monotonic()
         delay_ms = request.options.get("delay_ms", 0)
         if delay_ms:
-            time.sleep(float(delay_ms) / 1000)
+            interrupts.sleep(float(delay_ms) / 1000)
         fail = request.options.get("fail")
         if fail == "transient":
             raise TransientError("mock backend: simulated transient provider failure (503)")
