@@ -92,13 +92,19 @@ _short_limit = SYNC_TIME_LIMIT_S * 1000
 @dramatiq.actor(actor_name=GENERATE_ACTOR, queue_name=GENERATE_QUEUE, **_stage_options)
 def generate_stage(job_id: str, attempt: int) -> None:
     """Generate the job's image with its backend and hand it to the sync stage."""
-    run_generate(context, job_id, attempt)
+    try:
+        run_generate(context, job_id, attempt)
+    finally:
+        context.release_memory()
 
 
 @dramatiq.actor(actor_name=SYNC_ACTOR, queue_name=SYNC_QUEUE, time_limit=_short_limit, **_stage_options)
 def sync_stage(job_id: str, attempt: int) -> None:
     """Upload the image and write its imagen.images row."""
-    run_sync(context, job_id, attempt)
+    try:
+        run_sync(context, job_id, attempt)
+    finally:
+        context.release_memory()
 
 
 @dramatiq.actor(

@@ -46,6 +46,11 @@ from imagen.usage import DatabaseSink, HeldSink
 
 log = logging.getLogger(__name__)
 
+# After a job whose image had more pixels than this, freed memory is handed back to the system
+# (`StageContext.release_memory`): glibc keeps what threads freed in their arenas otherwise,
+# and a worker that rendered 50 large images kept most of its peak (issue 14).
+LARGE_IMAGE = 1024 * 1024
+
 STAGE_LABELS = {"generating": "generation", "syncing": "sync", "finalizing": "finalize"}
 # Dramatiq time limit of the sync and finalize actors: they do I/O only, and a stuck upload
 # should not hold a job for the whole lease. A chained sync gets at least as long.
@@ -64,6 +69,15 @@ class StageContext:
         # Set when the worker starts shutting down (SIGTERM, `stop`): waits in progress give up
         # once IMAGEN_SHUTDOWN_GRACE has passed, so a stop is bounded (docs/architecture.md).
         self.stop_deadline: float | None = None
+        self.trim_wanted = False
+
+    def release_memory(self) -> None:
+        """Return freed memory to the system after a large image (the actor calls it once the stage's
+        own references are gone). glibc only; a no-op elsewhere."""
+        if not self.trim_wanted:
+            return
+        self.trim_wanted = False
+        _malloc_trim()
 
     def stop(self) -> None:
         """The worker is shutting down: calls in progress get the shutdown grace, then are abandoned."""
@@ -125,6 +139,17 @@ class StageContext:
     def close(self) -> None:
         if "pool" in self.__dict__:
             self.pool.close()
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _drop(ctx: StageContext, job_id: str, attempt: int, stage: str) -> None:
@@ -321,6 +346,8 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
                 check=ctx.check_job,
             )  # fmt: skip
         image = result.images[0]
+        if image.width * image.height > LARGE_IMAGE:
+            ctx.trim_wanted = True
         meta = {
             "mime": image.mime, "width": image.width, "height": image.height, "backend": result.backend,
             "model": result.model, "prompt": result.prompt, "preset": result.preset, "params": result.params,
@@ -419,6 +446,8 @@ def run_sync(ctx: StageContext, job_id: str, attempt: int) -> None:
             ctx.send(GENERATE_ACTOR, GENERATE_QUEUE, job_id, attempt)
             return
         meta = handed.meta
+        if meta["width"] * meta["height"] > LARGE_IMAGE:
+            ctx.trim_wanted = True
         path = job_object_path(job.owner_user_id, job.job_id, meta["mime"])
         stored = ctx.storage.put(path, handed.data, meta["mime"])
         image_id = _record_image(ctx, job, attempt, stored.bucket, path, len(handed.data), meta)
