@@ -334,7 +334,9 @@ def stats(window: timedelta, as_json: bool) -> None:
     pending job's age, and p50/p95 pickup and total over a window.
 
     Pickup is created_at -> claimed_at (the last claim), total created_at ->
-    finished_at, both over done jobs that finished inside the window.
+    finished_at, both over done jobs that finished inside the window. Cost is
+    the estimated provider spend of the usage rows written in the window; calls
+    the price table cannot cost are counted and named, not silently left out.
     """
     with _connection() as conn:
         result = jobs_admin.job_stats(conn, window)
@@ -357,6 +359,13 @@ def stats(window: timedelta, as_json: bool) -> None:
         "  (created -> claimed, done jobs in the window)",
         f"total       p50 {_duration(result.total_p50)}  p95 {_duration(result.total_p95)}"
         "  (created -> finished, done jobs in the window)",
+        f"cost        ${result.cost_usd:.4f} est. over {result.provider_calls} provider call(s) in the window"
+        + (
+            f"; {result.unpriced_calls} call(s) UNPRICED, not counted "
+            f"({', '.join(result.unpriced_models)}: see usage.cost_basis)"
+            if result.unpriced_calls
+            else ""
+        ),
     ]
     click.echo("\n".join(lines))
 

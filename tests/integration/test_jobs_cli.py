@@ -349,8 +349,9 @@ def test_stats_reports_counts_depth_oldest_pending_and_percentiles(db_url: str, 
     text = ok(imagen_jobs("stats")).splitlines()
     assert text[0].startswith("pending     2  (queue depth; oldest 5m")
     assert text[1] == "running     3  (generating 2, syncing 1)"
-    assert "pickup      p50 350.0 ms  p95 " in text[-2]
-    assert text[-1].startswith("total       p50 1.20 s  p95 ")
+    assert "pickup      p50 350.0 ms  p95 " in text[-3]
+    assert text[-2].startswith("total       p50 1.20 s  p95 ")
+    assert text[-1] == "cost        $0.0000 est. over 0 provider call(s) in the window"
 
     bad = imagen_jobs("stats", "--window", "soon")
     assert bad.returncode == 2 and "not a duration" in bad.stderr, explain(bad)
@@ -361,6 +362,33 @@ def test_stats_on_an_empty_table_prints_no_latencies(db_url: str, imagen_jobs: R
     assert data["counts"] == dict.fromkeys(("pending", "running", "done", "failed", "cancelled"), 0)
     assert data["oldest_pending_seconds"] is None and data["pickup_p50"] is None
     assert "pickup      p50 -  p95 -" in ok(imagen_jobs("stats"))
+
+
+def test_stats_counts_provider_spend_and_names_calls_the_price_table_cannot_cost(
+    db_url: str, imagen_jobs: Run
+) -> None:
+    rows = [
+        ("gemini", "gemini-2.5-flash-image", 0.0387, "imagen/data/prices.toml gemini-2.5-flash-image ..."),
+        ("openai", "gpt-image-2.5-flare", 0.0060, "imagen/data/prices.toml gpt-image-2.5-flare ..."),
+        ("openai", "gpt-image-9", None, "unpriced: no price for model 'gpt-image-9'"),
+    ]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for backend, model, cost, basis in rows:
+            conn.execute(
+                "INSERT INTO imagen.usage (backend, model, images, ok, cost_usd, cost_basis)"
+                " VALUES (%s, %s, 1, true, %s, %s)",
+                (backend, model, cost, basis),
+            )
+
+    data = json.loads(ok(imagen_jobs("stats", "--json")))
+    text = ok(imagen_jobs("stats"))
+
+    assert data["provider_calls"] == 3
+    assert data["cost_usd"] == pytest.approx(0.0447)
+    assert (data["unpriced_calls"], data["unpriced_models"]) == (1, ["openai/gpt-image-9"])
+    assert "$0.0447 est. over 3 provider call(s)" in text
+    assert "1 call(s) UNPRICED" in text
+    assert "openai/gpt-image-9" in text
 
 
 def test_prune_deletes_only_old_terminal_jobs_and_dry_run_deletes_nothing(
