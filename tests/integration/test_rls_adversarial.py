@@ -479,6 +479,16 @@ def test_sigterm_during_a_600_s_call_exits_within_the_shutdown_grace(db_url: str
     assert took < 2 + 8, f"SIGTERM took {took:.1f} s"
     row = _job_row(db_url, job_id)
     assert row["status"] == "running" and "worker stopped (SIGTERM)" in (row["last_error"] or ""), row
+    # The message went back to Redis for its retry: a worker started later receives it (and, the
+    # job cancelled meanwhile, drops it).
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert jobs.cancel_job(conn, job_id)
+    again = pipeline(threads=1, IMAGEN_JOB_TEST_OPTIONS="true")
+    wait_until(
+        lambda: f"job {job_id} attempt=1 stage=generating dropped" in again.logs(),
+        timeout=30,
+        message=f"the retried message\n{again.logs()}",
+    )
 
 
 # Status jumps and edits of one's own jobs.
