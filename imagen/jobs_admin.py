@@ -88,7 +88,8 @@ LIMIT 1
 """
 
 USAGE = """
-SELECT backend, model, images, input_tokens, output_tokens, cost_usd, latency_ms, ok, error, created_at
+SELECT backend, model, images, input_tokens, output_tokens, cost_usd, cost_basis, latency_ms, ok, error,
+    created_at
 FROM imagen.usage
 WHERE job_id = %(job_id)s
 ORDER BY created_at, id

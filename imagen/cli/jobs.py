@@ -247,7 +247,13 @@ def show(job_id: UUID, as_json: bool) -> None:
     if detail.usage:
         click.echo("usage")
         for use in detail.usage:
-            cost = f"${float(use['cost_usd']):.4f}" if use["cost_usd"] is not None else "cost -"
+            cost = (
+                f"${float(use['cost_usd']):.4f}"
+                if use["cost_usd"] is not None
+                else (
+                    "cost unpriced" if str(use.get("cost_basis") or "").startswith("unpriced") else "cost -"
+                )
+            )
             outcome = "ok" if use["ok"] else f"failed: {_short(use['error'], 60)}"
             click.echo(
                 f"  {_when(use['created_at'])}  {use['backend']}/{use['model']}  images {use['images']}  "

@@ -152,6 +152,11 @@ def test_show_prints_stage_timings_error_and_usage_of_a_failed_job(db_url: str, 
             " VALUES (%s, %s, 'mock', 'mock-1', 0, 12, false, 'simulated transient failure')",
             (OWNER_A, job_id),
         )
+        conn.execute(
+            "INSERT INTO imagen.usage (owner_user_id, job_id, backend, model, images, ok, cost_basis)"
+            " VALUES (%s, %s, 'openai', 'gpt-image-9', 1, true, 'unpriced: no price for model')",
+            (OWNER_A, job_id),
+        )
 
     text = ok(imagen_jobs("show", str(job_id)))
     lines = text.splitlines()
@@ -171,6 +176,8 @@ def test_show_prints_stage_timings_error_and_usage_of_a_failed_job(db_url: str, 
     assert "image       -" in lines
     usage = [line for line in lines if "mock/mock-1" in line]
     assert len(usage) == 1 and "failed: simulated transient failure" in usage[0]
+    (unpriced,) = [line for line in lines if "openai/gpt-image-9" in line]
+    assert "cost unpriced" in unpriced
 
     data = json.loads(ok(imagen_jobs("show", str(job_id), "--json")))
     assert data["job"]["id"] == str(job_id) and data["job"]["status"] == "failed"
@@ -181,7 +188,8 @@ def test_show_prints_stage_timings_error_and_usage_of_a_failed_job(db_url: str, 
         ("failed", 1.25),
     ]
     assert data["image"] is None
-    assert [(u["backend"], u["ok"]) for u in data["usage"]] == [("mock", False)]
+    assert [(u["backend"], u["ok"]) for u in data["usage"]] == [("mock", False), ("openai", True)]
+    assert data["usage"][1]["cost_basis"].startswith("unpriced:")
 
     missing = imagen_jobs("show", str(uuid.uuid4()))
     assert missing.returncode == 1 and missing.stderr.startswith("imagen: no job "), explain(missing)
