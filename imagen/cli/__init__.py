@@ -68,7 +68,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from imagen.cli import bench, db, generate, jobs, pipeline
+    from imagen.cli import bench, db, generate, jobs, pipeline, web
 
     main.add_command(generate.generate)
     main.add_command(db.db)
@@ -77,6 +77,7 @@ def _register() -> None:
     main.add_command(pipeline.smoke)
     main.add_command(pipeline.demo)
     main.add_command(bench.bench)
+    main.add_command(web.web)
 
 
 _register()
