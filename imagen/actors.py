@@ -82,7 +82,16 @@ class StopWaits(dramatiq.Middleware):
         context.stop()
 
 
+class ReplayUsage(dramatiq.Middleware):
+    """At boot, starts writing the usage records spooled while the database was away (this
+    host's, a killed process's included), then keeps replaying every poll interval."""
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        context.replay_usage()
+
+
 broker.add_middleware(ChainStages())
+broker.add_middleware(ReplayUsage())
 broker.add_middleware(StopWaits())
 
 _stage_options: dict[str, Any] = {"on_retry_exhausted": EXHAUSTED_ACTOR}

@@ -6,23 +6,27 @@ and exact: the same inputs give the same bytes within one environment. Options
 slow or failing provider without a provider; jobs may use them only where the
 operator turned them on (IMAGEN_JOB_TEST_OPTIONS). The delay is an interruptible
 wait (imagen.interrupts), so a stage still ends at its time limit, on a cancel,
-or when the worker stops.
+or when the worker stops. With a call log
+(`IMAGEN_MOCK_CALL_LOG`) it appends one line per call it answers, as a provider's
+own bill would list it, so the reliability tests can hold imagen.usage to it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import time
 import zlib
 from functools import lru_cache
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from imagen import interrupts
 from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
 from imagen.backends.sizes import resolve_size
-from imagen.errors import ContentBlocked, InvalidRequest, TransientError
+from imagen.errors import ContentBlocked, ImagenError, InvalidRequest, TransientError
 
 MODEL = "mock-1"
 
@@ -142,10 +146,26 @@ class MockBackend:
     # Its only wait (delay_ms) checks the stage's stop itself: no helper thread needed per call.
     interruptible = True
 
+    def __init__(self, call_log: Path | None = None) -> None:
+        self.call_log = call_log
+
     def default_model(self) -> str:
         return MODEL
 
     def generate(self, request: ImageRequest) -> ImageResult:
+        # Logged when the call answers, with images or with an error a provider would bill as a
+        # call (ImagenError); not when it was interrupted (a time limit), which answers nothing.
+        try:
+            result = self._generate(request)
+        except ImagenError:
+            if self.call_log is not None:
+                _log_call(self.call_log, request.call_id, False)
+            raise
+        if self.call_log is not None:
+            _log_call(self.call_log, request.call_id, True)
+        return result
+
+    def _generate(self, request: ImageRequest) -> ImageResult:
         started = time.monotonic()
         delay_ms = request.options.get("delay_ms", 0)
         if delay_ms:
@@ -174,3 +194,14 @@ class MockBackend:
         model = request.model or MODEL
         usage = Usage(backend=self.name, model=model, images=len(images), latency_ms=latency)
         return ImageResult(images=images, usage=usage, model=model)
+
+
+def _log_call(path: Path, call_id: str | None, ok: bool) -> None:
+    """One line per answered call, `call_id pid ok`: one write with O_APPEND, so lines of
+    concurrent threads and processes never interleave, and a SIGKILL after it keeps it."""
+    line = f"{call_id or '-'} {os.getpid()} {int(ok)}\n".encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)

@@ -20,6 +20,7 @@ ALL = [
     "004_security.sql",
     "005_running_index.sql",
     "006_job_ownership.sql",
+    "007_exactly_once.sql",
     "009_usage_cost_basis.sql",
     "010_dashboard_indexes.sql",
 ]
@@ -153,6 +154,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "004_security.sql": "missing",
         "005_running_index.sql": "applied",
         "006_job_ownership.sql": "applied",
+        "007_exactly_once.sql": "applied",
         "009_usage_cost_basis.sql": "applied",
         "010_dashboard_indexes.sql": "applied",
         "099_next.sql": "pending",

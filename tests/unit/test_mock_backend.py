@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -150,3 +152,19 @@ def test_a_large_background_is_the_composite_a_small_one_draws() -> None:
     )
     assert banded.mode == "RGB" and banded.size == size
     assert max(high for _, high in ImageChops.difference(banded, composited).getextrema()) <= 1
+
+
+def test_call_log_has_one_line_per_answered_call_failures_included(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    backend = MockBackend(call_log=log)
+    backend.generate(ImageRequest(prompt="p", size=(8, 8), call_id="call-ok"))
+    with pytest.raises(TransientError):
+        backend.generate(ImageRequest(prompt="p", options={"fail": "transient"}, call_id="call-503"))
+    lines = [line.split() for line in log.read_text().splitlines()]
+    assert lines == [["call-ok", str(os.getpid()), "1"], ["call-503", str(os.getpid()), "0"]]
+
+
+def test_without_a_call_log_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    MockBackend().generate(ImageRequest(prompt="p", size=(8, 8), call_id="c"))
+    assert list(tmp_path.iterdir()) == []
