@@ -27,9 +27,9 @@ from imagen.broker import (
 from imagen.config import Settings
 from imagen.errors import TransientError, TransientStorageError
 from imagen.handoff import handoff_key
+from imagen.heartbeat import CANCEL_CHECK_S
 from imagen.listener import SATURATED_POLL, SATURATED_POLL_MAX, Listener
 from imagen.stages import (
-    CANCEL_CHECK_S,
     SYNC_TIME_LIMIT_S,
     StageContext,
     run_finalize,
