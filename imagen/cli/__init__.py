@@ -7,53 +7,10 @@ configuration. Errors print as one line on stderr, never a traceback.
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
-
 import click
 
 from imagen import __version__
-from imagen.errors import ConfigError, ImagenError, TransientError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_FAILED = 1
-EXIT_TEMPFAIL = 75
-EXIT_CONFIG = 78
-
-
-def fail(message: str, code: int = EXIT_FAILED) -> None:
-    """Print one line on stderr and exit."""
-    click.echo(f"imagen: {message}", err=True)
-    sys.exit(code)
-
-
-def handle_errors(fn: F) -> F:
-    """Turn imagen's errors into one line and an exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as exc:
-            fail(str(exc), EXIT_CONFIG)
-        except TransientError as exc:
-            fail(f"{exc} (temporary failure; try again later)", EXIT_TEMPFAIL)
-        except ImagenError as exc:
-            fail(str(exc), EXIT_FAILED)
-        except Exception as exc:
-            # Unreachable servers are an operator's problem, not a bug: one line, no traceback.
-            kind = type(exc).__module__.split(".")[0]
-            if kind in ("psycopg", "redis"):
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                fail(f"{'database' if kind == 'psycopg' else 'redis'} error: {first}", EXIT_TEMPFAIL)
-            raise
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-
-    return wrapper  # type: ignore[return-value]
+from imagen.cli.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_TEMPFAIL, fail, handle_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -81,3 +38,5 @@ def _register() -> None:
 
 
 _register()
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_TEMPFAIL", "fail", "handle_errors", "main"]

@@ -15,7 +15,7 @@ from uuid import UUID
 
 import click
 
-from imagen.cli import handle_errors
+from imagen.cli.exits import handle_errors
 from imagen.config import Settings, load_settings
 from imagen.errors import TransientError
 

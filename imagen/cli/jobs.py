@@ -15,7 +15,7 @@ from uuid import UUID
 import click
 
 from imagen import jobs_admin
-from imagen.cli import handle_errors
+from imagen.cli.exits import handle_errors
 from imagen.config import load_settings
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ from uuid import UUID
 
 import click
 
-from imagen.cli import EXIT_FAILED, fail, handle_errors
+from imagen.cli.exits import EXIT_FAILED, fail, handle_errors
 from imagen.config import load_settings
 
 
@@ -94,7 +94,7 @@ def demo(count: int, workdir: str, timeout: float) -> None:
     """
     from pathlib import Path
 
-    from imagen.demo import run_demo
+    from imagen.devtools.demo import run_demo
 
     ok = run_demo(Path(workdir), count=count, timeout=timeout, echo=click.echo)
     if not ok:

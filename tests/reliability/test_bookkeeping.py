@@ -49,8 +49,12 @@ def test_worker_connections_terminated_in_a_backlog_leave_one_usage_row_per_call
         rounds += 1
         time.sleep(0.3)  # the fault's rhythm, not a wait for a condition
     h.figures.update(termination_rounds=rounds, connections_terminated=terminated)
-    figures = h.finish(deadline=90)
+    # A stage whose four tries all fall inside the storm fails its job (readably: the invariant
+    # checks it), as it would in production; the books must hold either way. Many failures would
+    # mean the pool no longer replaces its dead connections (docs/decisions.md).
+    figures = h.finish(deadline=90, expect_all_done=False)
     assert figures["jobs"] == len(ids)
+    assert figures["failed"] <= len(ids) // 20, f"the storm failed {figures['failed']} jobs"
     assert terminated >= 10, f"the faults hit nothing: {terminated} connections terminated"
     assert figures["usage_rows"] == figures["provider_calls"] >= len(ids)
 

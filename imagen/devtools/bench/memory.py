@@ -1,4 +1,4 @@
-"""A worker process's memory under the largest images jobs may ask for: `python -m imagen.bench.memory`.
+"""A worker process's memory under the largest images jobs may ask for: `python -m imagen.devtools.bench.memory`.
 
 Starts throwaway PostgreSQL and Redis, `imagen listen` and `dramatiq imagen.actors -p 1 -t T`
 as an operator would, warms the worker with one small job, then inserts N jobs of the largest
@@ -25,9 +25,9 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from imagen.bench.procs import MemoryWatch, child_pids, rss_mb
-from imagen.runner import DRAMATIQ_READY, PipelineProcesses, listeners_listening, pipeline_env
-from imagen.servers import PostgresServer, RedisServer
+from imagen.devtools.bench.procs import MemoryWatch, child_pids, rss_mb
+from imagen.devtools.runner import DRAMATIQ_READY, PipelineProcesses, listeners_listening, pipeline_env
+from imagen.devtools.servers import PostgresServer, RedisServer
 
 
 @dataclass
@@ -120,7 +120,9 @@ def _insert(conn: psycopg.Connection[Any], owner: uuid.UUID, n: int, size: str) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imagen.bench.memory", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m imagen.devtools.bench.memory", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--threads", "-t", type=int, default=8)
     parser.add_argument(
