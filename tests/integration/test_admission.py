@@ -31,7 +31,10 @@ def provider() -> Iterator[CappedProvider]:
 
 
 def provider_env(server: CappedProvider, **extra: str) -> dict[str, str]:
-    return {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-test", "NO_PROXY": "127.0.0.1", **extra}
+    return {
+        "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-test", "NO_PROXY": "127.0.0.1",
+        "IMAGEN_JOB_BACKENDS": "openai", **extra,
+    }  # fmt: skip
 
 
 def submit_many(db_url: str, count: int, params: dict[str, Any] = OPENAI) -> list[uuid.UUID]:
@@ -109,7 +112,12 @@ def test_job_fails_once_the_provider_kept_it_waiting_past_the_throttle_limit(
 def test_a_slot_held_by_a_killed_worker_frees_itself(
     db_url: str, pipeline: Any, provider: CappedProvider
 ) -> None:
-    env = provider_env(provider, IMAGEN_BACKEND_CONCURRENCY="openai=1", IMAGEN_GENERATE_TIME_LIMIT="5")
+    env = provider_env(
+        provider,
+        IMAGEN_BACKEND_CONCURRENCY="openai=1",
+        IMAGEN_GENERATE_TIME_LIMIT="5",
+        IMAGEN_PROVIDER_TIMEOUT="4",
+    )
     procs = pipeline(workers=1, threads=2, **env)
     provider.latency_s = 30  # the first call hangs while its worker is killed
     first = submit_many(db_url, 1)

@@ -76,6 +76,7 @@ def run_capped(cap: int, latency_ms: int, jobs: int, workers: int, threads: int)
         env = clean_env(
             pipeline_env(pg.url, rd.url, root / "files"),
             IMAGEN_BACKEND_CONCURRENCY=f"openai={cap}",
+            IMAGEN_JOB_BACKENDS="openai",
             IMAGEN_KEEP_LOCAL_COPY="false",
             OPENAI_BASE_URL=provider.base_url,
             OPENAI_API_KEY="sk-bench",
