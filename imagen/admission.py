@@ -85,10 +85,19 @@ class Metrics:
     quota_refusals: Any
 
 
-@cache
+_metrics_lock = threading.Lock()
+
+
 def metrics() -> Metrics:
     """Prometheus counters, made on first use: after Dramatiq's Prometheus middleware has set the
-    multiprocess folder in the worker, so the workers' exporter serves them."""
+    multiprocess folder in the worker, so the workers' exporter serves them. Under a lock: the
+    first calls come from many threads at once, and a counter registered twice raises."""
+    with _metrics_lock:
+        return _make_metrics()
+
+
+@cache
+def _make_metrics() -> Metrics:
     from prometheus_client import Counter
 
     return Metrics(

@@ -62,6 +62,12 @@ def wait_ended(db_url: str, ids: list[uuid.UUID], procs: Any, timeout: float) ->
     return wait_until(ended, timeout=timeout, message=f"jobs ended: {statuses(db_url, ids)}\n{procs.logs()}")
 
 
+def retried_tries(procs: Any) -> list[str]:
+    """Worker log lines of tries that failed and were retried: waiting must never cause one."""
+    lines = "".join(p.log.read_text(errors="replace") for p in procs.procs if p.name == "workers")
+    return [line for line in lines.splitlines() if " retrying " in line]
+
+
 def test_burst_against_a_capped_provider_finishes_every_job_within_the_cap(
     db_url: str, pipeline: Any, provider: CappedProvider
 ) -> None:
@@ -74,6 +80,7 @@ def test_burst_against_a_capped_provider_finishes_every_job_within_the_cap(
     # Two worker processes share the cap through Redis: the provider refuses next to nothing.
     assert provider.refused <= 2, f"{provider.refused} calls were answered 429"
     assert query(db_url, "SELECT max(attempt) FROM imagen.jobs WHERE id = ANY(%s)", ids) == [(1,)]
+    assert retried_tries(procs) == []
 
 
 def test_jobs_finish_after_a_provider_that_answered_429_for_3_s_recovers(
@@ -87,6 +94,7 @@ def test_jobs_finish_after_a_provider_that_answered_429_for_3_s_recovers(
     assert ended == {"done": 8}, query(db_url, "SELECT error FROM imagen.jobs WHERE status = 'failed'")
     # The whole pool waits out each Retry-After (1 s): a few 429s a second, not every thread's retries.
     assert provider.refused <= 16, f"{provider.refused} calls were answered 429"
+    assert retried_tries(procs) == []
     # Waiting for the provider used no retry: nothing was noted as a failed try.
     assert query(db_url, "SELECT count(*) FROM imagen.jobs WHERE id = ANY(%s) AND attempt <> 1", ids) == [
         (0,)
