@@ -1,10 +1,10 @@
-"""The listener: LISTEN on imagen_jobs, claim pending rows, forward them to Dramatiq.
+"""The listener service: LISTEN on imagen_jobs, claim pending rows, forward them to Dramatiq.
 
 It is small on purpose, and knows of images only to remove those of ended jobs.
 Three parts, each with one job: the notifier (a dedicated LISTEN connection,
 self-checked, reconnected with backoff), the claimer (fair batches with FOR
 UPDATE SKIP LOCKED, committed before forwarding; a failed forward puts the row
-back) and the rescuer (running rows whose lease expired go back to pending, or
+back; its pacing at the in-flight cap is `imagen.listener.gate`) and the rescuer (running rows whose lease expired go back to pending, or
 fail at the maximum attempts; then the sweep removes the image of jobs that
 ended failed or cancelled, `imagen.image_sweep`: the one place the listener
 touches storage).
@@ -28,6 +28,7 @@ import psycopg
 from imagen import jobs
 from imagen.broker import GENERATE_ACTOR, GENERATE_QUEUE, build_broker, stage_message
 from imagen.config import Settings
+from imagen.listener.gate import InFlightGate
 from imagen.logs import transition
 
 if TYPE_CHECKING:
@@ -37,8 +38,6 @@ log = logging.getLogger("imagen.listener")
 
 CHANNEL = "imagen_jobs"
 HEALTH_INTERVAL = 10.0
-SATURATED_POLL = 0.01  # the shortest wait between counts while the in-flight cap is reached
-SATURATED_POLL_MAX = 0.25  # the longest, while nothing finishes
 MAX_BACKOFF = 5.0
 SWEEP_BATCH = 100  # ended jobs a sweep visits per poll: each costs a storage call under its row lock
 
@@ -107,13 +106,9 @@ class Listener:
         self._stopping = threading.Event()
         self._listen_conn: psycopg.Connection[Any] | None = None
         self._work_conn: psycopg.Connection[Any] | None = None
-        self._saturated = False
-        self._saturated_wait = SATURATED_POLL
-        self._last_count: tuple[float, int] | None = None  # (when, running) at the last count at the cap
-        self._pace: float | None = None  # slots freed per second at the cap, from the last refill
+        self.gate = InFlightGate(settings.max_in_flight, settings.claim_batch)
         self._storage: Storage | None = None  # opened by the first sweep
         self._storage_error = ""
-        self._refill = max(1, min(settings.claim_batch, settings.max_in_flight // 8))
         port = settings.listener_metrics_port if metrics_port is None else metrics_port
         self._metrics = _Metrics(port, settings.metrics_addr) if port else None
 
@@ -195,13 +190,13 @@ class Listener:
         while not self.stopping:
             now = time.monotonic()
             deadline = min(next_poll, next_health)
-            if self._saturated:
-                deadline = min(deadline, now + self._saturated_wait)
+            if self.gate.saturated:
+                deadline = min(deadline, now + self.gate.wait)
             notified = self._wait(max(0.0, deadline - now))
             if self.stopping:
                 return
             now = time.monotonic()
-            if notified or now >= next_poll or self._saturated:
+            if notified or now >= next_poll or self.gate.saturated:
                 self.drain()
             if now >= next_poll:
                 self.rescue()
@@ -244,21 +239,14 @@ class Listener:
         """Claim and forward until no pending row is left or the in-flight cap is reached."""
         conn = self._work_conn
         assert conn is not None
+        gate = self.gate
         total = 0
         while not self.stopping:
-            running = jobs.count_running(conn)
-            room = self.settings.max_in_flight - running
-            if room <= 0 or (self._saturated and room < self._refill):
-                # Saturated: claim again once a batch worth a round trip fits, not a job or two per tick.
-                self._saturated = True
-                self._saturated_wait = self._refill_wait(running, room)
+            want = gate.want(jobs.count_running(conn), time.monotonic())
+            if not want:
                 break
-            if self._last_count is not None:
-                self._note_pace(running)
-            self._last_count = None
-            want = min(self.settings.claim_batch, room)
             claims = jobs.claim_jobs(conn, want)
-            self._saturated = False
+            gate.claimed()
             if not claims:
                 break
             total += len(claims)
@@ -266,52 +254,16 @@ class Listener:
                 break
             if len(claims) < want:
                 break  # the backlog is drained: the next claim waits for a notification or the poll
-            if want == room:
-                # The cap is reached: count again when the last refill's pace has freed the next one.
-                self._saturated = True
-                self._saturated_wait = self._wait_for(self._refill)
-                self._last_count = (time.monotonic(), self.settings.max_in_flight)
+            if gate.filled(want, time.monotonic()):
                 break
         if total:
             self.on_event("drained")
         return total
 
-    def _refill_wait(self, running: int, room: int) -> float:
-        """How long to wait before counting again at the cap: the time the pace since the last count
-        needs to free a refill's worth, within [SATURATED_POLL, SATURATED_POLL_MAX].
-
-        Each count is a scan of the running rows; a fixed 10 ms tick cost PostgreSQL a hundred of them
-        a second for as long as the cap held, however slowly jobs finished. A refill that comes a
-        little late costs nothing: the jobs already queued in Redis keep the workers busy meanwhile.
-        """
-        last = self._last_count
-        if last is None:
-            self._last_count = (time.monotonic(), running)
-            return SATURATED_POLL
-        if last[1] - running <= 0:  # nothing was claimed since that count, and nothing finished
-            self._last_count = (time.monotonic(), running)
-            return min(self._saturated_wait * 2, SATURATED_POLL_MAX)
-        self._note_pace(running)
-        return self._wait_for(self._refill - room)
-
-    def _note_pace(self, running: int) -> None:
-        """Slots freed per second since the last count at the cap; that count becomes this one."""
-        now = time.monotonic()
-        assert self._last_count is not None
-        last, self._last_count = self._last_count, (now, running)
-        freed = last[1] - running
-        if freed > 0:
-            self._pace = freed / max(now - last[0], 1e-3)
-
-    def _wait_for(self, slots: int) -> float:
-        """The time `slots` take to free at the last pace seen, within the bounds; the shortest if unknown.
-
-        Carried across refills, so a steady backlog costs one count per claim, not a count right
-        after each claim (when almost nothing has finished yet) and another once a refill fits.
-        """
-        if self._pace is None:
-            return SATURATED_POLL
-        return min(max(slots / self._pace, SATURATED_POLL), SATURATED_POLL_MAX)
+    @property
+    def _saturated_wait(self) -> float:
+        """How long the loop waits before counting again at the cap (the gate's `wait`)."""
+        return self.gate.wait
 
     def _forward(self, conn: psycopg.Connection[Any], claims: list[jobs.Claim]) -> bool:
         """Send the batch to the generation queue in one round trip; on a broker failure put it back."""
