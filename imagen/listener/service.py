@@ -1,16 +1,11 @@
-"""The listener service: LISTEN on imagen_jobs, claim pending rows, forward them to Dramatiq.
+"""The listener service: wake on LISTEN or the safety poll, drain, rescue, sweep; reconnect on loss.
 
-It is small on purpose, and knows of images only to remove those of ended jobs.
-Three parts, each with one job: the notifier (a dedicated LISTEN connection,
-self-checked, reconnected with backoff), the claimer (fair batches with FOR
-UPDATE SKIP LOCKED, committed before forwarding; a failed forward puts the row
-back; its pacing at the in-flight cap is `imagen.listener.gate`) and the rescuer (running rows whose lease expired go back to pending, or
-fail at the maximum attempts; then the sweep removes the image of jobs that
-ended failed or cancelled, `imagen.image_sweep`: the one place the listener
-touches storage).
-Notifications only wake it: on every wake it drains the whole backlog, so a lost
-notification costs at most one safety poll. It must never reset running rows
-wholesale: other hosts' in-flight work lives in Redis.
+It wires the parts, each in its own module with one job: the notifier's LISTEN
+connection (`imagen.store.notify`), the claimer (`claimer.py`) paced by the
+in-flight gate (`gate.py`), and the rescuer with the image sweep (`rescuer.py`).
+Notifications only wake it: on every wake it drains the whole backlog, so a
+lost notification costs at most one safety poll. It reaches the database only
+through the store, and never imports the actors.
 """
 
 from __future__ import annotations
@@ -19,72 +14,23 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import closing
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import psycopg
-
-from imagen import jobs
-from imagen.broker import GENERATE_ACTOR, GENERATE_QUEUE, build_broker, stage_message
+from imagen.broker import build_broker
 from imagen.config import Settings
+from imagen.listener.claimer import Claimer, first_line
 from imagen.listener.gate import InFlightGate
-from imagen.logs import transition
-
-if TYPE_CHECKING:
-    from imagen.storage import Storage
+from imagen.listener.metrics import ListenerStats, Metrics
+from imagen.listener.rescuer import Rescuer
+from imagen.store import Rescued
+from imagen.store.notify import CHANNEL, CONNECTION_LOST, PostgresNotifier, SessionJobStore
 
 log = logging.getLogger("imagen.listener")
 
-CHANNEL = "imagen_jobs"
 HEALTH_INTERVAL = 10.0
 MAX_BACKOFF = 5.0
-SWEEP_BATCH = 100  # ended jobs a sweep visits per poll: each costs a storage call under its row lock
 
-
-@dataclass
-class ListenerStats:
-    """Counters the listener keeps; exported as Prometheus metrics and used by tests."""
-
-    claims: int = 0
-    forward_failures: int = 0
-    rescued: int = 0
-    gave_up: int = 0
-    swept: int = 0
-    reconnects: int = 0
-    mode: str = "starting"
-
-
-class _Metrics:
-    """Prometheus metrics for the listener, created only when a port is configured."""
-
-    def __init__(self, port: int, addr: str) -> None:
-        from prometheus_client import Counter, Gauge, Histogram, start_http_server
-
-        self.claims = Counter("imagen_listener_claims", "Jobs claimed and forwarded to Dramatiq")
-        self.forward_failures = Counter(
-            "imagen_listener_forward_failures", "Claims put back after a failed forward"
-        )
-        self.rescues = Counter("imagen_listener_rescues", "Expired leases rescued", ["outcome"])
-        self.reconnects = Counter("imagen_listener_reconnects", "Database reconnects of the listener")
-        self.swept = Counter(
-            "imagen_listener_swept_images",
-            "Failed or cancelled jobs whose images row or object the sweep removed",
-        )
-        self.pickup = Histogram(
-            "imagen_listener_pickup_seconds",
-            "INSERT to claim latency",
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-        )
-        self.mode = Gauge("imagen_listener_mode", "1 for the current mode", ["mode"])
-        try:
-            start_http_server(port, addr=addr)
-        except OSError as exc:
-            log.warning("metrics: cannot listen on %s:%s (%s); metrics disabled", addr, port, exc)
-
-    def set_mode(self, mode: str) -> None:
-        for name in ("listening", "reconnecting", "stopping"):
-            self.mode.labels(name).set(1 if name == mode else 0)
+__all__ = ["CHANNEL", "Listener", "ListenerStats", "run_listener"]
 
 
 class Listener:
@@ -100,17 +46,16 @@ class Listener:
     ) -> None:
         self.settings = settings
         self.url = settings.require_database_url()
-        self.broker = broker or build_broker(settings)
         self.stats = ListenerStats()
         self.on_event = on_event or (lambda event: None)
         self._stopping = threading.Event()
-        self._listen_conn: psycopg.Connection[Any] | None = None
-        self._work_conn: psycopg.Connection[Any] | None = None
+        self._notifier: PostgresNotifier | None = None
+        self._store: SessionJobStore | None = None
         self.gate = InFlightGate(settings.max_in_flight, settings.claim_batch)
-        self._storage: Storage | None = None  # opened by the first sweep
-        self._storage_error = ""
         port = settings.listener_metrics_port if metrics_port is None else metrics_port
-        self._metrics = _Metrics(port, settings.metrics_addr) if port else None
+        self._metrics = Metrics(port, settings.metrics_addr) if port else None
+        self.claimer = Claimer(broker or build_broker(settings), self.gate, self.stats, self._metrics)
+        self.rescuer = Rescuer(settings, self.stats, self._metrics)
 
     def stop(self) -> None:
         """Stop claiming; the forward in hand finishes, then `run` returns."""
@@ -119,6 +64,11 @@ class Listener:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def _saturated_wait(self) -> float:
+        """How long the loop waits before counting again at the cap (the gate's `wait`)."""
+        return self.gate.wait
 
     def _set_mode(self, mode: str) -> None:
         if self.stats.mode != mode:
@@ -129,24 +79,16 @@ class Listener:
         self.on_event(mode)
 
     def _connect(self) -> None:
-        from imagen.db import connect
-
         self._close()
-        listen = connect(self.url, autocommit=True, application_name="imagen-listener")
-        # LISTEN before the catch-up claim: a row inserted in between is either seen by the
-        # claim or announced by a notification, never missed by both.
-        listen.execute(f"LISTEN {CHANNEL}")
-        self._listen_conn = listen
-        self._work_conn = connect(self.url, autocommit=True, application_name="imagen-listener-claims")
+        self._notifier = PostgresNotifier(self.url)
+        self._store = SessionJobStore(self.url, "imagen-listener-claims")
 
     def _close(self) -> None:
-        for conn in (self._listen_conn, self._work_conn):
-            if conn is not None:
-                try:
-                    conn.close()
-                except psycopg.Error:
-                    pass
-        self._listen_conn = self._work_conn = None
+        if self._notifier is not None:
+            self._notifier.close()
+        if self._store is not None:
+            self._store.close()
+        self._notifier = self._store = None
 
     def run(self) -> None:
         """Listen, drain and rescue until stopped; reconnect with backoff on connection loss."""
@@ -165,7 +107,7 @@ class Listener:
                 self.rescue()
                 self.sweep()
                 self._loop()
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            except CONNECTION_LOST as exc:
                 if self.stopping:
                     break
                 self.stats.reconnects += 1
@@ -174,7 +116,7 @@ class Listener:
                 self._set_mode("reconnecting")
                 log.warning(
                     "listener lost its database connection (%s); reconnecting in %.2fs",
-                    _first_line(exc),
+                    first_line(exc),
                     backoff,
                 )
                 self._stopping.wait(backoff)
@@ -203,144 +145,43 @@ class Listener:
                 self.sweep()
                 next_poll = now + poll
             if now >= next_health:
-                self._health_check()
+                assert self._notifier is not None
+                self._notifier.check()
                 next_health = now + HEALTH_INTERVAL
 
     def _wait(self, timeout: float) -> bool:
         """Block until a notification arrives, the timeout passes or stop is asked (in short slices)."""
-        conn = self._listen_conn
-        assert conn is not None
+        notifier = self._notifier
+        assert notifier is not None
         deadline = time.monotonic() + timeout
         while not self.stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            with closing(conn.notifies(timeout=min(remaining, 0.25), stop_after=1)) as stream:
-                got = next(stream, None)
-            if got is not None:
-                # Swallow the notifications already buffered: one drain serves them all. (Not from
-                # inside the first generator: it holds the connection's lock until it is closed.)
-                for _ in conn.notifies(timeout=0):
-                    pass
+            if notifier.wait(min(remaining, 0.25)):
                 return True
         return False
 
-    def _health_check(self) -> None:
-        """A half-open TCP connection can look alive for hours: prove the LISTEN still holds."""
-        conn = self._listen_conn
-        assert conn is not None
-        row = conn.execute(
-            "SELECT count(*) FROM pg_listening_channels() c WHERE c = %s", (CHANNEL,)
-        ).fetchone()
-        if not row or row[0] != 1:
-            raise psycopg.OperationalError("LISTEN registration missing")
-
     def drain(self) -> int:
         """Claim and forward until no pending row is left or the in-flight cap is reached."""
-        conn = self._work_conn
-        assert conn is not None
-        gate = self.gate
-        total = 0
-        while not self.stopping:
-            want = gate.want(jobs.count_running(conn), time.monotonic())
-            if not want:
-                break
-            claims = jobs.claim_jobs(conn, want)
-            gate.claimed()
-            if not claims:
-                break
-            total += len(claims)
-            if not self._forward(conn, claims):
-                break
-            if len(claims) < want:
-                break  # the backlog is drained: the next claim waits for a notification or the poll
-            if gate.filled(want, time.monotonic()):
-                break
+        assert self._store is not None
+        total = self.claimer.drain(self._store, lambda: self.stopping)
         if total:
             self.on_event("drained")
         return total
 
-    @property
-    def _saturated_wait(self) -> float:
-        """How long the loop waits before counting again at the cap (the gate's `wait`)."""
-        return self.gate.wait
-
-    def _forward(self, conn: psycopg.Connection[Any], claims: list[jobs.Claim]) -> bool:
-        """Send the batch to the generation queue in one round trip; on a broker failure put it back."""
-        messages = [
-            stage_message(GENERATE_ACTOR, GENERATE_QUEUE, str(claim.job_id), claim.attempt)
-            for claim in claims
-        ]
-        try:
-            self.broker.enqueue_many(messages)
-        except Exception as exc:
-            self.stats.forward_failures += len(claims)
-            if self._metrics:
-                self._metrics.forward_failures.inc(len(claims))
-            log.warning(
-                "forwarding to Dramatiq failed (%s): putting %d job(s) back", _first_line(exc), len(claims)
-            )
-            for claim in claims:
-                jobs.release_claim(conn, claim.job_id, claim.attempt)
-            return False
-        for claim in claims:
-            pickup = (claim.claimed_at - claim.created_at).total_seconds()
-            self.stats.claims += 1
-            if self._metrics:
-                self._metrics.claims.inc()
-                self._metrics.pickup.observe(max(pickup, 0.0))
-            transition("claimed", claim.job_id, claim.attempt, "queued", pickup_ms=round(pickup * 1000, 2))
-        return True
-
-    def rescue(self) -> list[jobs.Rescued]:
+    def rescue(self) -> list[Rescued]:
         """Expired leases back to pending (claimed again at once) or failed at the maximum attempts."""
-        conn = self._work_conn
-        assert conn is not None
-        rescued = jobs.rescue_expired(
-            conn, lease_seconds=self.settings.lease_seconds, max_attempts=self.settings.max_attempts
-        )
-        for item in rescued:
-            outcome = "failed" if item.status == "failed" else "requeued"
-            if outcome == "failed":
-                self.stats.gave_up += 1
-            else:
-                self.stats.rescued += 1
-            if self._metrics:
-                self._metrics.rescues.labels(outcome).inc()
-            transition("rescued", item.job_id, item.attempt, None, outcome=outcome)
+        assert self._store is not None
+        rescued = self.rescuer.rescue(self._store)
         if any(item.status == "pending" for item in rescued):
             self.drain()
         return rescued
 
     def sweep(self) -> int:
         """Remove the images row and object of jobs that ended failed or cancelled since the last sweep."""
-        from imagen.image_sweep import sweep_ended
-
-        conn = self._work_conn
-        assert conn is not None
-        if self._storage is None:
-            from imagen.errors import ImagenError
-            from imagen.storage import open_storage
-
-            try:
-                self._storage = open_storage(self.settings)
-            except ImagenError as exc:
-                if str(exc) != self._storage_error:  # once, not every poll
-                    log.warning(
-                        "sweep: cannot open storage (%s); images of ended jobs stay until it can", exc
-                    )
-                    self._storage_error = str(exc)
-                return 0
-        swept = len(sweep_ended(conn, self._storage, limit=SWEEP_BATCH))
-        self.stats.swept += swept
-        if self._metrics and swept:
-            self._metrics.swept.inc(swept)
-        return swept
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        assert self._store is not None
+        return self.rescuer.sweep(self._store)
 
 
 def run_listener(settings: Settings) -> None:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
+from imagen.errors import ImagenError
 from imagen.storage import EXTENSIONS, Storage, job_object_path
 from imagen.store.base import JobId
 from imagen.store.rows import Claim, Discarded, ImageRow, Rescued, RunningJob
@@ -297,6 +298,27 @@ class InMemoryJobStore:
                 raise
             row["image_swept_at"] = self.now()
             return Discarded(row["id"], row["status"], row["attempt"], bool(deleted), objects)
+
+    def sweep_ended(self, storage: Storage, *, limit: int = 100) -> list[Discarded]:
+        with self._lock:
+            unswept = sorted(
+                (
+                    r
+                    for r in self.jobs.values()
+                    if r["status"] in ("failed", "cancelled")
+                    and (r["image_swept_at"] is None or r["image_swept_at"] < r["finished_at"])
+                ),
+                key=lambda r: r["finished_at"],
+            )[:limit]
+        found = []
+        for row in unswept:
+            try:
+                done = self.discard_ended(row["id"], storage)
+            except ImagenError:
+                continue  # stays unswept: the next sweep tries again
+            if done is not None and done.removed_anything:
+                found.append(done)
+        return found
 
 
 def _claim(row: dict[str, Any], claimed_at: datetime) -> Claim:

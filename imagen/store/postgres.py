@@ -118,3 +118,7 @@ class PostgresJobStore:
     def discard_ended(self, job_id: JobId, storage: Storage) -> Discarded | None:
         with self.connect() as conn:
             return image_sweep.discard_ended(conn, job_id, storage)
+
+    def sweep_ended(self, storage: Storage, *, limit: int = 100) -> list[Discarded]:
+        with self.connect() as conn:
+            return image_sweep.sweep_ended(conn, storage, limit=limit)
