@@ -36,9 +36,11 @@ SELECT id, job_id, owner_user_id, bucket, path, mime, width, height, bytes
 FROM imagen.images WHERE id = %(image_id)s
 """
 
-# Jobs the listener holds: a session whose application_name the listener sets (imagen.db).
+# Each `imagen listen` holds one dedicated connection for its LISTEN, named imagen-listener (its
+# claims run on another, imagen-listener-claims). The connection is the signal: its last query
+# text changes with the listener's periodic self-check, and another role's is hidden anyway.
 LISTENERS = """
-SELECT pid, host(client_addr), backend_start, state_change, query LIKE 'LISTEN%%' AS listening
+SELECT pid, host(client_addr), backend_start, state_change
 FROM pg_stat_activity
 WHERE application_name = 'imagen-listener' AND datname = current_database()
 ORDER BY backend_start
@@ -85,7 +87,6 @@ class Listener:
     client: str | None
     connected_at: datetime
     state_since: datetime | None
-    listening: bool
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,8 @@ class Health:
         return sum(self.running_by_stage.values())
 
     @property
-    def listening(self) -> int:
-        return sum(1 for listener in self.listeners if listener.listening)
+    def listeners_connected(self) -> int:
+        return len(self.listeners)
 
 
 def capped_counts(conn: Conn, cap: int = COUNT_CAP) -> dict[str, int]:

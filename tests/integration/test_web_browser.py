@@ -217,6 +217,12 @@ def test_read_only_dashboard_shows_no_buttons_and_refuses_a_forged_post(
     assert status == 403
     assert status_of(db_url, failed) == "failed"
 
+    page.goto(server.url + "/")
+    expect(page.locator(".live")).to_have_text("live")
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=10)
+    expect(page.locator(".live")).to_have_text("offline: no answer")  # not a quiet queue
+
 
 def test_token_mode_refuses_the_browser_until_it_gives_the_token(
     db_url: str, web_server: Callable[..., WebServer], page: Any
