@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Literal
 from uuid import UUID
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from imagen.errors import ConfigError
+from imagen.errors import ConfigError, ImagenError
 
 
 def _data_dir() -> Path:
@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     generate_time_limit: float = Field(default=360.0, gt=0, description="seconds")
     provider_timeout: float = Field(default=300.0, gt=0)
     retry_timeouts: bool = False
+    # What a job's params may choose (imagen/job_policy.py, docs/security.md).
+    job_backends: str | None = None
+    job_gemini_models: str | None = None
+    job_openai_models: str | None = None
+    job_test_options: bool = False
+    max_pixels: int = Field(default=3840 * 2160, ge=256)
+    # Seconds a provider call or simulated delay in progress may still run after SIGTERM.
+    shutdown_grace: float = Field(default=60.0, ge=0)
     usage_log: Path | None = None
     # Usage records the database did not take yet wait here (imagen.usage_spool); shared by a host's processes.
     usage_spool_dir: Path = Field(default_factory=_default_usage_spool_dir)
@@ -99,16 +107,53 @@ class Settings(BaseSettings):
     gemini_model: str = "gemini-2.5-flash-image"
     openai_model: str = "gpt-image-2.5-flare"
     openai_quality: Literal["auto", "low", "medium", "high", "xhigh", "max"] = "auto"
+    backend_concurrency: str = Field(default="", description="provider calls in flight: openai=4,google=8")
+    backend_rpm: str = Field(default="", description="provider calls started per minute: openai=60")
+    throttle_max_wait: float = Field(default=900.0, gt=0, description="seconds")
+    owner_daily_images: int | None = Field(default=None, ge=0)
+    owner_daily_cost_usd: float | None = Field(default=None, ge=0)
 
     @field_validator("backend")
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.strip().lower()
 
+    @field_validator("backend_concurrency", "backend_rpm")
+    @classmethod
+    def _caps(cls, value: str) -> str:
+        parse_caps(value)  # a bad list fails at start-up, naming the variable
+        return value
+
+    @field_validator("owner_daily_images", "owner_daily_cost_usd", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @cached_property
+    def concurrency_caps(self) -> dict[str, int]:
+        """IMAGEN_BACKEND_CONCURRENCY as {'openai': 4, 'openai/gpt-image-2': 2}."""
+        return parse_caps(self.backend_concurrency)
+
+    @cached_property
+    def rpm_caps(self) -> dict[str, int]:
+        """IMAGEN_BACKEND_RPM as {'openai': 60}."""
+        return parse_caps(self.backend_rpm)
+
     @field_validator("supabase_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _provider_call_ends_within_the_stage(self) -> Settings:
+        # A provider call must time out inside the generation stage's time limit, so the stage
+        # ends by its own limit with a clear error rather than by Dramatiq interrupting it.
+        if self.provider_timeout >= self.generate_time_limit:
+            raise ValueError(
+                f"IMAGEN_PROVIDER_TIMEOUT ({self.provider_timeout:g} s) must be below"
+                f" IMAGEN_GENERATE_TIME_LIMIT ({self.generate_time_limit:g} s)"
+            )
+        return self
 
     @cached_property
     def storage_kind(self) -> Literal["local", "supabase"]:
@@ -125,6 +170,32 @@ class Settings(BaseSettings):
                 "(postgresql://user@host:5432/db), not a transaction pooler"
             )
         return self.database_url
+
+
+def parse_caps(text: str) -> dict[str, int]:
+    """'openai=4, google/gemini-2.5-flash-image=2' -> {'openai': 4, 'gemini/gemini-2.5-flash-image': 2}.
+
+    A key is a backend (google and gemini are one) or backend/model; values are whole numbers >= 1.
+    """
+    if not text.strip():
+        return {}
+    from imagen.backends import canonical_name
+
+    caps: dict[str, int] = {}
+    for item in text.replace(";", ",").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        backend, slash, model = key.strip().partition("/")
+        try:
+            number = int(value.strip()) if sep else 0
+            name = canonical_name(backend) + (f"/{model.strip()}" if slash and model.strip() else "")
+        except (ValueError, ImagenError):
+            number, name = 0, ""
+        if number < 1 or not name or (slash and not model.strip()):
+            raise ValueError(f"{item.strip()!r} is not backend=N or backend/model=N with N >= 1")
+        caps[name] = number
+    return caps
 
 
 _ENV_NAMES = {
@@ -150,7 +221,11 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:
+                # A rule across settings (model_validator): its message names the variables.
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
+            loc = str(err["loc"][0])
             name = env_name(loc) if loc in Settings.model_fields else loc
             problems.append(f"{name}: {err['msg']}")
         raise ConfigError("bad configuration: " + "; ".join(problems)) from None

@@ -13,7 +13,6 @@ owner's row (imagen.job_images).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +24,8 @@ from uuid import UUID
 import psycopg
 import redis
 
-from imagen import job_images, jobs
+from imagen import interrupts, job_images, jobs
+from imagen.admission import Deferred, Gate, GatedBackends, Wait, check_quota, deferral
 from imagen.broker import (
     FINALIZE_ACTOR,
     FINALIZE_QUEUE,
@@ -38,14 +38,22 @@ from imagen.broker import (
 from imagen.config import Settings
 from imagen.errors import ImagenError
 from imagen.handoff import Handoff
+from imagen.heartbeat import Heartbeater, heartbeating, own_limit, stop_check
 from imagen.image_sweep import discard_ended
+from imagen.job_policy import JobPolicy, check_generation
 from imagen.logs import transition
 from imagen.params import spec_from_params
+from imagen.quotas import QuotaBook
 from imagen.storage import Storage, job_object_path, open_storage
 from imagen.usage import DatabaseSink, HeldSink
 from imagen.usage_spool import SpoolReplayer, UsageSpool
 
 log = logging.getLogger(__name__)
+
+# After a job whose image had more pixels than this, freed memory is handed back to the system
+# (`StageContext.release_memory`): glibc keeps what threads freed in their arenas otherwise,
+# and a worker that rendered 50 large images kept most of its peak (issue 14).
+LARGE_IMAGE = 1024 * 1024
 
 STAGE_LABELS = {"generating": "generation", "syncing": "sync", "finalizing": "finalize"}
 # Dramatiq time limit of the sync and finalize actors: they do I/O only, and a stuck upload
@@ -59,9 +67,24 @@ class StageContext:
     def __init__(self, settings: Settings, broker: Any) -> None:
         self.settings = settings
         self.broker = broker
-        self.backends: dict[str, Any] = {}
         # Set at worker boot (`chain_for_worker`): off until a worker says it consumes every stage's queue.
         self.chain_stages = False
+        # Set when the worker starts shutting down (SIGTERM, `stop`): waits in progress give up
+        # once IMAGEN_SHUTDOWN_GRACE has passed, so a stop is bounded (docs/architecture.md).
+        self.stop_deadline: float | None = None
+        self.trim_wanted = False
+
+    def release_memory(self) -> None:
+        """Return freed memory to the system after a large image (the actor calls it once the stage's
+        own references are gone). glibc only; a no-op elsewhere."""
+        if not self.trim_wanted:
+            return
+        self.trim_wanted = False
+        _malloc_trim()
+
+    def stop(self) -> None:
+        """The worker is shutting down: calls in progress get the shutdown grace, then are abandoned."""
+        self.stop_deadline = time.monotonic() + self.settings.shutdown_grace
 
     def chain_for_worker(self, queues: set[str] | None) -> None:
         """Chain the stages in one message when this worker would consume all their messages anyway."""
@@ -81,6 +104,28 @@ class StageContext:
             # No per-checkout health check: it would add a round trip to every statement. A connection
             # that died with the server fails its next use, the stage is retried, the pool replaces it.
         )
+
+    @cached_property
+    def policy(self) -> JobPolicy:
+        return JobPolicy.from_settings(self.settings)
+
+    def check_job(self, backend: Any, spec: Any) -> None:
+        """The operator's job policy on a resolved spec, before the provider is called."""
+        check_generation(self.policy, backend, spec)
+
+    @cached_property
+    def gate(self) -> Gate:
+        """Provider admission shared with every worker through Redis (imagen.admission)."""
+        return Gate(self.settings, redis.Redis.from_url(self.settings.redis_url))
+
+    @cached_property
+    def backends(self) -> GatedBackends:
+        """Backend instances of this process, each behind the gate."""
+        return GatedBackends(self.gate)
+
+    @cached_property
+    def quota_book(self) -> QuotaBook:
+        return QuotaBook(self.settings.owner_daily_images, self.settings.owner_daily_cost_usd)
 
     @cached_property
     def heartbeater(self) -> Heartbeater:
@@ -120,6 +165,17 @@ class StageContext:
     def close(self) -> None:
         if "pool" in self.__dict__:
             self.pool.close()
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _drop(ctx: StageContext, job_id: str, attempt: int, stage: str) -> None:
@@ -174,60 +230,12 @@ def guarded(ctx: StageContext, job_id: str, attempt: int, stage: str) -> Iterato
         raise
 
 
-class Heartbeater:
-    """One thread per process refreshes heartbeat_at for every job whose provider call is in progress.
+def run_generate(ctx: StageContext, job_id: str, attempt: int, *, throttled_s: float = 0.0) -> None:
+    """Generation stage: fence, validate, admit, run the pipeline, then sync (chained) or hand the image on.
 
-    A slow provider call (minutes) must not look like a crash to the lease rescue.
-    One shared thread and one UPDATE per interval, not a thread per job: the mock
-    backend finishes in a millisecond, and starting threads would cost more.
+    `throttled_s` is how long the provider has kept this attempt waiting so far (429s,
+    Retry-After); a job sent again to wait for room carries it (docs/operations.md).
     """
-
-    def __init__(self, ctx: StageContext) -> None:
-        self.ctx = ctx
-        self.interval = max(0.5, ctx.settings.lease_seconds / 4)
-        self.active: dict[tuple[str, int], int] = {}
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-
-    @contextmanager
-    def beating(self, job_id: str, attempt: int) -> Iterator[None]:
-        key = (job_id, attempt)
-        with self.lock:
-            self.active[key] = self.active.get(key, 0) + 1
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="imagen-heartbeat", daemon=True)
-                self.thread.start()
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.active[key] -= 1
-                if not self.active[key]:
-                    del self.active[key]
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.interval)
-            with self.lock:
-                keys = list(self.active)
-            if not keys:
-                continue
-            try:
-                with self.ctx.pool.connection() as conn:
-                    jobs.heartbeat_many(conn, keys)
-            except psycopg.Error as exc:
-                log.warning("heartbeat for %d job(s) failed; will retry: %s", len(keys), exc)
-
-
-@contextmanager
-def heartbeating(ctx: StageContext, job_id: str, attempt: int) -> Iterator[None]:
-    """Keep the job's lease fresh while the block runs."""
-    with ctx.heartbeater.beating(job_id, attempt):
-        yield
-
-
-def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
-    """Generation stage: fence, validate, run the pipeline, then sync (chained) or hand the image on."""
     from imagen.pipeline import generate, seed_for_job
 
     stage = "generating"
@@ -243,16 +251,31 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
     held = HeldSink() if ctx.chain_stages else None
     generated: tuple[bytes, dict[str, Any]] | None = None
     with guarded(ctx, job_id, attempt, stage), _usage_first(ctx, held):
-        spec = spec_from_params(job.prompt, jobs.load_params(job.params_json))
+        spec = spec_from_params(job.prompt, jobs.load_params(job.params_json), ctx.policy)
         if spec.seed is None:
             spec = replace(spec, seed=seed_for_job(job.job_id))
+        with ctx.pool.connection() as conn:
+            check_quota(ctx.quota_book, conn, job.owner_user_id, spec.n, job_id=job_id, attempt=attempt)
         out_dir = ctx.settings.output_dir / "jobs" if ctx.settings.keep_local_copy else None
-        with heartbeating(ctx, job_id, attempt):
-            result = generate(
-                spec, ctx.settings, sink=held or ctx.usage_sink, out_dir=out_dir,
-                owner_user_id=job.owner_user_id, job_id=job.job_id, presets=ctx.presets, backends=ctx.backends,
-            )  # fmt: skip
+        limit = own_limit(ctx.settings.generate_time_limit) - (time.monotonic() - started)
+        with heartbeating(ctx, job_id, attempt, limit) as beat, interrupts.stoppable(stop_check(ctx, beat)):
+            try:
+                result = generate(
+                    spec, ctx.settings, sink=held or ctx.usage_sink, out_dir=out_dir,
+                    owner_user_id=job.owner_user_id, job_id=job.job_id, presets=ctx.presets, backends=ctx.backends,
+                    check=ctx.check_job,
+                )  # fmt: skip
+            except (Deferred, ImagenError) as exc:
+                wait = deferral(exc, throttled_s, ctx.settings)  # raises ThrottleExhausted past the limit
+                if wait is None:
+                    raise
+                if held is not None:
+                    held.release(ctx.usage_sink)
+                _send_again(ctx, job_id, attempt, wait)
+                return
         image = result.images[0]
+        if image.width * image.height > LARGE_IMAGE:
+            ctx.trim_wanted = True
         meta = {
             "mime": image.mime, "width": image.width, "height": image.height, "backend": result.backend,
             "model": result.model, "prompt": result.prompt, "preset": result.preset, "params": result.params,
@@ -268,7 +291,28 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
             return
         generated = (image.data, meta)
     if generated is not None:
-        _sync_chained(ctx, job, attempt, *generated, held=held)
+        _sync_chained(ctx, job, attempt, *generated, held=held, stage_started=started)
+
+
+def _send_again(ctx: StageContext, job_id: str, attempt: int, wait: Wait) -> None:
+    """The generation message again after the wait: same job, attempt and retry count, no try used."""
+    from dramatiq.middleware import CurrentMessage
+
+    kwargs: dict[str, object] = {"throttled_s": round(wait.throttled_s, 3)}
+    current = CurrentMessage.get_current_message()
+    if current is not None and current.actor_name == GENERATE_ACTOR:
+        # A copy keeps the message's options, the Retries middleware's count among them.
+        message = current.copy(queue_name=GENERATE_QUEUE, kwargs=kwargs)
+    else:
+        message = stage_message(GENERATE_ACTOR, GENERATE_QUEUE, job_id, attempt, kwargs=kwargs)
+    ctx.broker.enqueue(message, delay=max(1, int(wait.delay_s * 1000)))
+    if wait.is_provider:
+        transition(
+            "throttled", job_id, attempt, "generating", reason=wait.reason,
+            again_in_s=round(wait.delay_s, 1), waited_s=round(wait.throttled_s, 1),
+        )  # fmt: skip
+    else:
+        log.debug("job %s waits %.1f s for room: %s", job_id, wait.delay_s, wait.reason)
 
 
 @contextmanager
@@ -298,6 +342,7 @@ def _sync_chained(
     meta: dict[str, Any],
     *,
     held: HeldSink | None = None,
+    stage_started: float,
 ) -> None:
     """Sync and finalize in the generation message: no hand-off, two hops and two fenced writes fewer.
 
@@ -312,7 +357,8 @@ def _sync_chained(
     try:
         with guarded(ctx, job_id, attempt, stage), _usage_first(ctx, held):
             path = job_object_path(job.owner_user_id, job.job_id, meta["mime"])
-            with heartbeating(ctx, job_id, attempt):
+            limit = ctx.settings.generate_time_limit - (time.monotonic() - stage_started)
+            with heartbeating(ctx, job_id, attempt, limit):
                 stored = ctx.storage.put(path, data, meta["mime"])
             took = time.monotonic() - started
             image_id = _record_image(
@@ -349,6 +395,8 @@ def run_sync(ctx: StageContext, job_id: str, attempt: int) -> None:
             ctx.send(GENERATE_ACTOR, GENERATE_QUEUE, job_id, attempt)
             return
         meta = handed.meta
+        if meta["width"] * meta["height"] > LARGE_IMAGE:
+            ctx.trim_wanted = True
         path = job_object_path(job.owner_user_id, job.job_id, meta["mime"])
         stored = ctx.storage.put(path, handed.data, meta["mime"])
         image_id = _record_image(ctx, job, attempt, stored.bucket, path, len(handed.data), meta)

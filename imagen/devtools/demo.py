@@ -55,7 +55,9 @@ def run_demo(workdir: Path, *, count: int, timeout: float, echo: Callable[[str],
             redis_url = rs.url
             echo(f"redis:    started a throwaway server on port {rs.port}")
         migrate(database_url, echo=lambda line: echo(f"migrate:  {line}"))
-        procs = PipelineProcesses(pipeline_env(database_url, redis_url, workdir), workdir / "logs")
+        # The mock's test options (delay_ms, fail) are on, so a demo can show a slow or failing job.
+        env = pipeline_env(database_url, redis_url, workdir, IMAGEN_JOB_TEST_OPTIONS="true")
+        procs = PipelineProcesses(env, workdir / "logs")
         stack.callback(procs.stop)
         workers = procs.start_workers(processes=1, threads=4)
         procs.start_listener()
