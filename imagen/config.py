@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     def _lower(cls, value: str) -> str:
         return value.strip().lower()
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a URL like redis://host:6379/0 (or rediss://, unix://)")
+        return value
+
     @field_validator("supabase_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:

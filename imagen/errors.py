@@ -43,6 +43,10 @@ class InvalidRequest(PermanentError):
     """The request (params, size, model, preset) is not acceptable."""
 
 
+class UnknownName(InvalidRequest, ConfigError):
+    """An unknown backend or preset: a job with it fails, and the CLI exits 78 (configuration)."""
+
+
 class ContentBlocked(PermanentError):
     """The provider's safety system refused the prompt or the output."""
 
@@ -51,8 +55,8 @@ class NoImage(PermanentError):
     """The provider answered successfully but returned no image."""
 
 
-class AuthError(PermanentError):
-    """Credentials are missing, wrong or lack permission."""
+class AuthError(PermanentError, ConfigError):
+    """Credentials are missing, wrong or lack permission: the operator must fix a key (CLI exit 78)."""
 
 
 class QuotaExhausted(PermanentError):
@@ -65,6 +69,14 @@ class RateLimited(TransientError):
 
 class ProviderTimeout(TransientError):
     """The provider did not answer in time."""
+
+
+class NotReachable(TransientError):
+    """A server (PostgreSQL, Redis) did not answer: it may be back in a moment (CLI exit 75)."""
+
+
+class SchemaNotReady(ConfigError):
+    """The database lacks imagen's schema, or some of its migrations: run `imagen db migrate`."""
 
 
 class StorageError(ImagenError):

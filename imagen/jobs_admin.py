@@ -316,7 +316,9 @@ def submit(conn: Conn, owner_user_id: UUID, prompt: str, params: dict[str, Any])
     import psycopg
 
     from imagen import jobs
+    from imagen.params import check_prompt
 
+    check_prompt(prompt)
     try:
         return jobs.submit_job(conn, owner_user_id, prompt, params)
     except (psycopg.errors.CheckViolation, psycopg.errors.InsufficientPrivilege) as exc:

@@ -25,6 +25,8 @@ import psycopg
 from imagen import jobs
 from imagen.broker import GENERATE_ACTOR, GENERATE_QUEUE, build_broker, stage_message
 from imagen.config import Settings
+from imagen.db import describe_error
+from imagen.errors import ConfigError
 from imagen.logs import transition
 
 log = logging.getLogger("imagen.listener")
@@ -120,14 +122,17 @@ class Listener:
         self.on_event(mode)
 
     def _connect(self) -> None:
-        from imagen.db import connect
+        from imagen.db import check_schema, connect
 
         self._close()
         listen = connect(self.url, autocommit=True, application_name="imagen-listener")
+        self._listen_conn = listen
+        # Before anything else: a schema that was never migrated is a configuration error to
+        # report (exit 78), not a connection to retry forever.
+        check_schema(listen)
         # LISTEN before the catch-up claim: a row inserted in between is either seen by the
         # claim or announced by a notification, never missed by both.
         listen.execute(f"LISTEN {CHANNEL}")
-        self._listen_conn = listen
         self._work_conn = connect(self.url, autocommit=True, application_name="imagen-listener-claims")
 
     def _close(self) -> None:
@@ -142,6 +147,7 @@ class Listener:
     def run(self) -> None:
         """Listen, drain and rescue until stopped; reconnect with backoff on connection loss."""
         backoff = 0.05
+        connected = False
         log.info(
             "listener starting: poll every %ss, lease %ss, max attempts %s, batch %s, in-flight cap %s",
             self.settings.poll_interval, self.settings.lease_seconds, self.settings.max_attempts,
@@ -150,6 +156,7 @@ class Listener:
         while not self.stopping:
             try:
                 self._connect()
+                connected = True
                 self._set_mode("listening")
                 backoff = 0.05
                 self.drain()
@@ -158,17 +165,31 @@ class Listener:
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 if self.stopping:
                     break
+                problem = describe_error(exc)
+                if isinstance(problem, ConfigError):
+                    self._close()
+                    raise problem from None  # a wrong database, role or password: retrying cannot help
                 self.stats.reconnects += 1
                 if self._metrics:
                     self._metrics.reconnects.inc()
                 self._set_mode("reconnecting")
-                log.warning(
-                    "listener lost its database connection (%s); reconnecting in %.2fs",
-                    _first_line(exc),
-                    backoff,
-                )
+                if connected:
+                    log.warning(
+                        "listener lost its database connection (%s); reconnecting in %.2fs",
+                        _first_line(exc),
+                        backoff,
+                    )
+                else:
+                    log.warning(
+                        "listener cannot connect to the database (%s); trying again in %.2fs",
+                        _first_line(exc),
+                        backoff,
+                    )
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
+            except ConfigError:
+                self._close()
+                raise
         self._set_mode("stopping")
         self._close()
         log.info("listener stopped")

@@ -15,6 +15,8 @@ from imagen.backends import canonical_name
 from imagen.backends.sizes import parse_aspect, parse_size
 from imagen.errors import InvalidRequest
 
+MAX_PROMPT = 4000  # characters, as the jobs_prompt_check constraint allows
+BLANK_PROMPT = "the prompt must not be blank"
 MAX_SEED = 2**31 - 1
 MAX_NEGATIVE = 2000
 MAX_DELAY_MS = 600_000
@@ -77,10 +79,18 @@ def _integer(params: Mapping[str, Any], key: str, low: int, high: int) -> int | 
     return number
 
 
+def check_prompt(prompt: object) -> str:
+    """The prompt, or InvalidRequest with the one wording every path uses (CLI, jobs, the database's check)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequest(BLANK_PROMPT)
+    if len(prompt) > MAX_PROMPT:
+        raise InvalidRequest(f"the prompt is {len(prompt)} characters long; at most {MAX_PROMPT} are allowed")
+    return prompt
+
+
 def spec_from_params(prompt: str, params: Any) -> GenerateSpec:
     """Validate a job's prompt and params; raise InvalidRequest naming the first problem."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidRequest("prompt must not be blank")
+    check_prompt(prompt)
     if not isinstance(params, Mapping):
         raise InvalidRequest(f"params must be a JSON object, not {type(params).__name__}")
     unknown = sorted(str(k) for k in params if k not in KNOWN)

@@ -10,7 +10,7 @@ from uuid import UUID
 
 from imagen import jobs
 from imagen.config import Settings
-from imagen.db import connect
+from imagen.db import check_schema, connect
 
 TERMINAL = ("done", "failed", "cancelled")
 
@@ -66,6 +66,7 @@ def run_smoke(
     """Insert one job as `authenticated`, wait for it, and measure."""
     owner_id = owner or settings.owner_user_id or uuid.uuid4()
     with connect(settings.require_database_url(), autocommit=True) as conn:
+        check_schema(conn)
         job_id = jobs.submit_job(conn, owner_id, prompt, params)
         committed = time.monotonic()
         row = wait_for_terminal(conn, job_id, timeout)

@@ -1,8 +1,10 @@
 """The `imagen` command: parse, call, print. The work lives in importable modules.
 
 Exit codes: 0 ok; 1 the work failed (a permanent error, a job that did not end
-done); 2 bad usage; 75 a transient failure that outlasted its retries; 78 bad
-configuration. Errors print as one line on stderr, never a traceback.
+done); 2 bad usage; 75 a transient failure that outlasted its retries (a server
+that does not answer); 78 bad configuration (an unknown database or role, a
+malformed URL, a schema never migrated, a missing key, an unknown backend or
+preset). Errors print as one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from imagen import __version__
-from imagen.errors import ConfigError, ImagenError, TransientError
+from imagen.errors import ConfigError, ImagenError, NotReachable, TransientError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,24 +38,59 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                raise _translate(exc) from None
         except ConfigError as exc:
             fail(str(exc), EXIT_CONFIG)
         except TransientError as exc:
             fail(f"{exc} (temporary failure; try again later)", EXIT_TEMPFAIL)
         except ImagenError as exc:
             fail(str(exc), EXIT_FAILED)
-        except Exception as exc:
-            # Unreachable servers are an operator's problem, not a bug: one line, no traceback.
-            kind = type(exc).__module__.split(".")[0]
-            if kind in ("psycopg", "redis"):
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                fail(f"{'database' if kind == 'psycopg' else 'redis'} error: {first}", EXIT_TEMPFAIL)
-            raise
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _translate(exc: Exception) -> Exception:
+    """Servers that are down or misconfigured are an operator's problem, not a bug: one typed line."""
+    kind = type(exc).__module__.split(".")[0]
+    if kind == "psycopg":
+        from imagen.db import describe_error
+
+        return describe_error(exc)  # type: ignore[arg-type]
+    if kind == "redis":
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return NotReachable(f"redis error: {first}")
+        return ImagenError(f"redis error: {first}")
+    return exc
+
+
+def check_prompt(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback for a job's prompt: blank or overlong is bad usage, worded as on every path."""
+    from imagen.errors import InvalidRequest
+    from imagen.params import check_prompt as check
+
+    if value is None:
+        return value
+    try:
+        return check(value)
+    except InvalidRequest as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def check_blank_prompt(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """`imagen generate`'s prompt: never blank (the providers, not a job row, bound its length)."""
+    from imagen.params import BLANK_PROMPT
+
+    if not value.strip():
+        raise click.BadParameter(BLANK_PROMPT)
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

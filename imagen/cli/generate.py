@@ -15,7 +15,7 @@ from uuid import UUID
 
 import click
 
-from imagen.cli import handle_errors
+from imagen.cli import check_blank_prompt, handle_errors
 from imagen.config import Settings, load_settings
 from imagen.errors import TransientError
 
@@ -76,7 +76,7 @@ def _usage_sink(settings: Settings, out_dir: Path, sync: bool) -> Any:
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", callback=check_blank_prompt)
 @click.option(
     "--backend", "-b", help="mock, gemini (alias google) or openai  [default: IMAGEN_BACKEND or mock]"
 )
@@ -131,8 +131,6 @@ def generate(
             parse_aspect(aspect)
     except InvalidRequest as exc:
         raise click.BadParameter(str(exc)) from None
-    if not prompt.strip():
-        raise click.BadParameter("the prompt must not be blank", param_hint="PROMPT")
     out_dir = out or settings.output_dir
     chosen = canonical_name(backend or settings.backend)
     if seed is None and chosen in SEEDED_BACKENDS:

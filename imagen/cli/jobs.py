@@ -15,7 +15,7 @@ from uuid import UUID
 import click
 
 from imagen import jobs_admin
-from imagen.cli import handle_errors
+from imagen.cli import check_prompt, handle_errors
 from imagen.config import load_settings
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def jobs() -> None:
 
 
 @jobs.command()
-@click.argument("prompt")
+@click.argument("prompt", callback=check_prompt)
 @click.option("--params", "params_json", default="{}", show_default=True, help="job params as a JSON object")
 @click.option("--owner", type=click.UUID, help="owner user id  [default: IMAGEN_OWNER_USER_ID]")
 @handle_errors
@@ -363,7 +363,10 @@ def stats(window: timedelta, as_json: bool) -> None:
 
 @jobs.command()
 @click.option(
-    "--older-than", type=DurationType(), required=True, help="finished more than this long ago: 30d, 12h"
+    "--older-than",
+    type=DurationType(),
+    required=True,
+    help="older than this, counted from when the job finished: 30d, 12h",
 )
 @click.option(
     "--status",
@@ -379,12 +382,12 @@ def stats(window: timedelta, as_json: bool) -> None:
 def prune(older_than: timedelta, prune_statuses: tuple[str, ...], dry_run: bool, yes: bool) -> None:
     """Delete old done, failed or cancelled jobs.
 
-    Deletes terminal jobs that finished more than --older-than ago and prints
-    how many; pending and running jobs are never deleted.
+    Deletes terminal jobs older than --older-than (counted from when each
+    finished) and prints how many; pending and running jobs are never deleted.
 
     Image and usage rows stay (usage.job_id becomes null); storage objects are untouched.
     """
-    what = f"{'/'.join(prune_statuses)} job(s) finished more than {_duration(older_than.total_seconds())} ago"
+    what = f"{'/'.join(prune_statuses)} job(s) older than {_duration(older_than.total_seconds())}"
     with _connection() as conn:
         if dry_run or not yes:
             found = jobs_admin.prune(conn, older_than, prune_statuses, dry_run=True)

@@ -6,13 +6,14 @@ from uuid import UUID
 
 import click
 
-from imagen.cli import EXIT_FAILED, fail, handle_errors
+from imagen.cli import EXIT_FAILED, check_prompt, fail, handle_errors
 from imagen.config import load_settings
 
 
 @click.command()
+@click.option("--database-url", envvar="IMAGEN_DATABASE_URL", help="overrides IMAGEN_DATABASE_URL")
 @handle_errors
-def listen() -> None:
+def listen(database_url: str | None) -> None:
     """Run the listener: LISTEN on imagen_jobs, claim pending jobs, forward them to the actors.
 
     Wakes on NOTIFY or every IMAGEN_POLL_INTERVAL seconds (the safety poll),
@@ -20,18 +21,24 @@ def listen() -> None:
     (IMAGEN_LEASE_SECONDS) expired. Several listeners may run at once.
     SIGTERM stops claiming, finishes the forward in hand and exits 0.
     Metrics on IMAGEN_METRICS_ADDR:IMAGEN_LISTENER_METRICS_PORT (0 disables).
+
+    Exits 78 without retrying when the configuration cannot work (an unknown
+    database or role, a wrong password, a schema that needs `imagen db
+    migrate`); a server that is down is retried with backoff.
     """
     from imagen.listener import run_listener
     from imagen.logs import configure_logging
 
-    settings = load_settings()
+    settings = load_settings(**({"database_url": database_url} if database_url else {}))
     settings.require_database_url()
     configure_logging(settings.log_format, settings.log_level)
     run_listener(settings)
 
 
 @click.command()
-@click.option("--prompt", default="imagen smoke test: a lighthouse at dusk", show_default=True)
+@click.option(
+    "--prompt", default="imagen smoke test: a lighthouse at dusk", show_default=True, callback=check_prompt
+)
 @click.option(
     "--params",
     "params_json",

@@ -163,7 +163,7 @@ def test_preset_rewrites_the_prompt_as_sent_and_supplies_its_aspect(tmp_path: Pa
 def test_unknown_preset_fails_with_one_line_listing_known_presets(tmp_path: Path, out: Path) -> None:
     result = imagen(tmp_path, "generate", PROMPT, "--out", str(out), "--preset", "nope")
 
-    assert result.returncode == 1, explain(result)
+    assert result.returncode == 78, explain(result)
     (line,) = result.stderr.strip().splitlines()
     assert "unknown preset 'nope'" in line
     for known in ("cinematic", "photo", "watercolor"):
