@@ -1,11 +1,15 @@
-"""A job's image row, written and discarded only under the job's fence.
+"""A job's image row, written and discarded only under the job's fence, for its owner only.
 
 The statements that tie an `imagen.images` row to its job: the sync stage's
 start, the images row (once per job, ON CONFLICT on the unique job_id), the
 chained path's row-and-done, and the discard of a cancelled job's image. Each
 locks or updates the job row in the same statement, so the image and the job
 always agree; none of them ever writes an image for a job this attempt no
-longer holds. `imagen generate --sync` uses `insert_image`, without a job.
+longer holds. The owner of an images row is the locked job's owner, never a
+value the caller passes, and every statement matches a row on job id AND owner:
+no statement here can return, link or delete another owner's row (issue 14;
+`imagen.images.job_id` also references the job, sql/006_job_ownership.sql).
+`imagen generate --sync` uses `insert_image`, without a job.
 """
 
 from __future__ import annotations
@@ -29,22 +33,28 @@ RETURNING id
 # job's row lock so a concurrent retry cannot reuse it half-way; the caller removes the object.
 DISCARD_IMAGE = """
 WITH ended AS (
-    SELECT id FROM imagen.jobs WHERE id = %(id)s AND status IN ('cancelled', 'failed') FOR UPDATE
+    SELECT id, owner_user_id FROM imagen.jobs
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status IN ('cancelled', 'failed')
+    FOR UPDATE
 )
-DELETE FROM imagen.images i USING ended WHERE i.job_id = ended.id
+DELETE FROM imagen.images i USING ended
+WHERE i.job_id = ended.id AND i.owner_user_id = ended.owner_user_id
 RETURNING i.bucket, i.path
 """
 
-IMAGE_FOR_JOB = "SELECT id, bucket, path FROM imagen.images WHERE job_id = %(job_id)s"
+IMAGE_FOR_JOB = """
+SELECT i.id, i.bucket, i.path FROM imagen.images i JOIN imagen.jobs j ON j.id = i.job_id
+WHERE i.job_id = %(job_id)s AND i.owner_user_id = j.owner_user_id
+"""
 
 # The sync stage's start: fence + stage + heartbeat, and whether an earlier run already wrote the row.
 BEGIN_SYNC = """
-UPDATE imagen.jobs
+UPDATE imagen.jobs j
 SET stage = 'syncing', heartbeat_at = now(),
-    stage_times = stage_times || jsonb_build_object('syncing', now())
-WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-RETURNING id, owner_user_id, prompt, params::text, attempt, created_at, claimed_at,
-          (SELECT i.id FROM imagen.images i WHERE i.job_id = %(id)s)
+    stage_times = j.stage_times || jsonb_build_object('syncing', now())
+WHERE j.id = %(id)s AND j.attempt = %(attempt)s AND j.status = 'running'
+RETURNING j.id, j.owner_user_id, j.prompt, j.params::text, j.attempt, j.created_at, j.claimed_at,
+          (SELECT i.id FROM imagen.images i WHERE i.job_id = j.id AND i.owner_user_id = j.owner_user_id)
 """
 
 # Fence, row and stage in one statement: the UPDATE locks the job row, so the images row is
@@ -55,14 +65,15 @@ WITH fence AS (
     SET stage = 'finalizing', heartbeat_at = now(),
         stage_times = stage_times || jsonb_build_object('finalizing', now())
     WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
-    RETURNING id
+    RETURNING id, owner_user_id
 )
 INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
                            backend, model, params)
-SELECT %(owner_user_id)s, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
+SELECT fence.owner_user_id, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
        %(prompt)s, %(backend)s, %(model)s, %(params)s
 FROM fence
 ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
+    WHERE imagen.images.owner_user_id = excluded.owner_user_id
 RETURNING id
 """
 
@@ -73,25 +84,26 @@ RETURNING id
 # 'syncing' is stamped on the server's clock, `sync_seconds` (the upload, timed by the worker) ago.
 RECORD_AND_COMPLETE = """
 WITH fence AS (
-    SELECT id FROM imagen.jobs
+    SELECT id, owner_user_id FROM imagen.jobs
     WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
     FOR UPDATE
 ),
 image AS (
     INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
                                backend, model, params)
-    SELECT %(owner_user_id)s, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s,
+    SELECT fence.owner_user_id, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s,
            %(bytes)s, %(prompt)s, %(backend)s, %(model)s, %(params)s
     FROM fence
     ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
-    RETURNING id, job_id
+        WHERE imagen.images.owner_user_id = excluded.owner_user_id
+    RETURNING id, job_id, owner_user_id
 )
 UPDATE imagen.jobs j
 SET status = 'done', image_id = image.id, stage = NULL, error = NULL, last_error = NULL,
     stage_times = j.stage_times || jsonb_build_object(
         'syncing', now() - make_interval(secs => %(sync_seconds)s), 'done', now())
 FROM image
-WHERE j.id = image.job_id
+WHERE j.id = image.job_id AND j.owner_user_id = image.owner_user_id
 RETURNING image.id
 """
 
@@ -114,9 +126,9 @@ def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:
     return UUID(str(row[0]))
 
 
-def discard_image(conn: Conn, job_id: UUID | str) -> tuple[str, str] | None:
-    """Delete the images row of a job that ended cancelled or failed; (bucket, path) of its object."""
-    row = execute_once(conn, DISCARD_IMAGE, {"id": job_id}).fetchone()
+def discard_image(conn: Conn, job_id: UUID | str, attempt: int) -> tuple[str, str] | None:
+    """Delete the images row of a job that ended cancelled or failed at `attempt`; (bucket, path) of its object."""
+    row = execute_once(conn, DISCARD_IMAGE, {"id": job_id, "attempt": attempt}).fetchone()
     return (row[0], row[1]) if row else None
 
 
@@ -164,5 +176,6 @@ def record_job_image(
 
 
 def image_for_job(conn: Conn, job_id: UUID | str) -> tuple[UUID, str, str] | None:
+    """The job's own images row (its owner's), if any."""
     row = conn.execute(IMAGE_FOR_JOB, {"job_id": job_id}).fetchone()
     return (UUID(str(row[0])), row[1], row[2]) if row else None

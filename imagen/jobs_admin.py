@@ -95,8 +95,14 @@ WHERE status = ANY(%(statuses)s::text[]) AND status IN ('done', 'failed', 'cance
 
 COUNT_PRUNABLE = "SELECT count(*) " + _PRUNABLE
 
+# The images rows of the deleted jobs are detached by their foreign key (job_id set to null,
+# sql/006_job_ownership.sql); the count reads the statement's snapshot, taken before that.
 PRUNE = (
-    "DELETE FROM imagen.jobs WHERE id IN (SELECT id " + _PRUNABLE + " LIMIT %(batch)s FOR UPDATE SKIP LOCKED)"
+    "WITH gone AS (DELETE FROM imagen.jobs WHERE id IN (SELECT id "
+    + _PRUNABLE
+    + " LIMIT %(batch)s FOR UPDATE SKIP LOCKED) RETURNING id)"
+    " SELECT (SELECT count(*) FROM gone),"
+    " (SELECT count(*) FROM imagen.images WHERE job_id IN (SELECT id FROM gone))"
 )
 
 
@@ -176,6 +182,8 @@ class PruneResult:
     dry_run: bool
     statuses: tuple[str, ...]
     older_than_seconds: float
+    # Images rows kept but no longer linked to a job (their job was deleted); 0 on a dry run.
+    images_detached: int = 0
 
 
 def parse_duration(text: str) -> timedelta:
@@ -360,8 +368,10 @@ def prune(
     """Delete terminal jobs that finished more than `older_than` ago (or count them, on a dry run).
 
     Deletes in batches, each its own transaction, so a large prune never holds
-    many row locks for long. Images and usage rows stay: images carry their own
-    job_id, and usage.job_id is set to null by its foreign key.
+    many row locks for long. Images and usage rows stay, detached: their job_id
+    is set to null by its foreign key, so no later job with the same id can
+    ever be handed the image (issue 14). The result says how many images were
+    detached.
     """
     chosen = tuple(s for s in statuses if s in TERMINAL)
     refused = [s for s in statuses if s not in TERMINAL]
@@ -373,14 +383,16 @@ def prune(
     if dry_run:
         row = conn.execute(COUNT_PRUNABLE, params).fetchone()
         return PruneResult(int(row[0]) if row else 0, True, chosen, older_than.total_seconds())
-    deleted = 0
+    deleted = detached = 0
     while True:
         with conn.transaction():
-            n = conn.execute(PRUNE, params).rowcount
+            row = conn.execute(PRUNE, params).fetchone()
+        n, images = (int(row[0]), int(row[1])) if row else (0, 0)
         deleted += n
+        detached += images
         if n < PRUNE_BATCH:
             break
-    return PruneResult(deleted, False, chosen, older_than.total_seconds())
+    return PruneResult(deleted, False, chosen, older_than.total_seconds(), detached)
 
 
 def _as_datetime(value: Any) -> datetime | None:

@@ -5,7 +5,9 @@ with a log line, so redelivered or rescued work never overwrites newer state.
 Permanent errors fail the job here at once; transient ones are noted on the
 row and re-raised for Dramatiq's Retries middleware, which owns backoff. The
 effects are idempotent per job: one deterministic object path (upsert) and one
-images row (UNIQUE job_id, ON CONFLICT), however often a stage runs.
+images row (UNIQUE job_id, ON CONFLICT), however often a stage runs; the images
+statements match on the job's id and owner, so a stage never touches another
+owner's row (imagen.job_images).
 """
 
 from __future__ import annotations
@@ -361,7 +363,7 @@ def _record_image(
             conn,
             attempt,
             {
-                "owner_user_id": job.owner_user_id, "job_id": job.job_id, "bucket": bucket,
+                "job_id": job.job_id, "bucket": bucket,
                 "path": path, "mime": meta["mime"], "width": meta["width"], "height": meta["height"],
                 "bytes": size, "prompt": meta["prompt"], "backend": meta["backend"],
                 "model": meta["model"], "params": meta["params"],
@@ -390,7 +392,7 @@ def run_finalize(ctx: StageContext, job_id: str, attempt: int, image_id: str) ->
     """Final stage: done + image_id in one conditional UPDATE."""
     with ctx.pool.connection() as conn:
         done = jobs.complete_job(conn, job_id, attempt, image_id)
-        discarded = None if done else job_images.discard_image(conn, job_id)
+        discarded = None if done else job_images.discard_image(conn, job_id, attempt)
     if done:
         transition("done", job_id, attempt, "finalizing", image_id=image_id)
         return

@@ -385,7 +385,9 @@ def prune(older_than: timedelta, prune_statuses: tuple[str, ...], dry_run: bool,
     Deletes terminal jobs older than --older-than (counted from when each
     finished) and prints how many; pending and running jobs are never deleted.
 
-    Image and usage rows stay (usage.job_id becomes null); storage objects are untouched.
+    Image and usage rows stay, detached from the deleted job (their job_id
+    becomes null); storage objects are untouched. The output says how many
+    images were detached.
     """
     what = f"{'/'.join(prune_statuses)} job(s) older than {_duration(older_than.total_seconds())}"
     with _connection() as conn:
@@ -399,4 +401,6 @@ def prune(older_than: timedelta, prune_statuses: tuple[str, ...], dry_run: bool,
                 return
             click.confirm(f"delete {found.count} {what}?", abort=True)
         result = jobs_admin.prune(conn, older_than, prune_statuses)
-    click.echo(f"deleted {result.count} {what}")
+    click.echo(
+        f"deleted {result.count} {what}; kept {result.images_detached} image row(s), detached from their jobs"
+    )

@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from imagen.smoke import TERMINAL
 from tests.cli import clean_env, explain, run_imagen
-from tests.integration.rows import job_row, scalar
+from tests.integration.rows import job_row, query, scalar
 from tests.waiting import wait_until
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -53,6 +53,18 @@ def db_now(db_url: str) -> datetime:
         row = conn.execute("SELECT now()").fetchone()
     assert row is not None
     return row[0]
+
+
+def _image(conn: psycopg.Connection[Any], job_id: uuid.UUID, path: str) -> uuid.UUID:
+    """An images row of OWNER_A's job (the job must exist: images.job_id references it)."""
+    row = conn.execute(
+        "INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes,"
+        " prompt, backend) VALUES (%s, %s, 'imagen', %s, 'image/png', 64, 48, 1234, 'p', 'mock')"
+        " RETURNING id",
+        (OWNER_A, job_id, path),
+    ).fetchone()
+    assert row is not None
+    return uuid.UUID(str(row[0]))
 
 
 def seed(db_url: str, **fields: Any) -> uuid.UUID:
@@ -181,27 +193,20 @@ TIMELINE = ("created", "queued", "generating", "syncing", "finalizing", "done", 
 
 def test_show_prints_the_image_row_of_a_done_job(db_url: str, imagen_jobs: Run) -> None:
     t0 = db_now(db_url) - timedelta(minutes=1)
-    job_id = uuid.uuid4()
-    path = f"{OWNER_A}/{job_id}.png"
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        image_id = conn.execute(
-            "INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes,"
-            " prompt, backend) VALUES (%s, %s, 'imagen', %s, 'image/png', 64, 48, 1234, 'p', 'mock')"
-            " RETURNING id",
-            (OWNER_A, job_id, path),
-        ).fetchone()[0]  # type: ignore[index]
     stamps = {name: (t0 + timedelta(milliseconds=ms)).isoformat() for name, ms in STAGE_MS.items()}
-    seed(
+    job_id = seed(
         db_url,
-        id=job_id,
         status="done",
         attempt=1,
-        image_id=image_id,
         stage_times=stamps,
         created_at=t0,
         claimed_at=t0 + timedelta(milliseconds=10),
         finished_at=t0 + timedelta(milliseconds=400),
     )
+    path = f"{OWNER_A}/{job_id}.png"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        image_id = _image(conn, job_id, path)
+        conn.execute("UPDATE imagen.jobs SET image_id = %s WHERE id = %s", (image_id, job_id))
     lines = ok(imagen_jobs("show", str(job_id))).splitlines()
     assert f"image       {image_id} imagen/{path} (image/png, 64x48, 1234 bytes)" in lines
     events = [line.split()[0] for line in lines if line.startswith("  ") and line.split()[0] in TIMELINE]
@@ -377,6 +382,7 @@ def test_prune_deletes_only_old_terminal_jobs_and_dry_run_deletes_nothing(
             "INSERT INTO imagen.usage (owner_user_id, job_id, backend, model, ok) VALUES (%s, %s, 'mock', 'm', true)",
             (OWNER_A, old_done),
         )
+        kept_image = _image(conn, old_done, f"{OWNER_A}/{old_done}.png")
 
     def remaining() -> set[uuid.UUID]:
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -393,8 +399,12 @@ def test_prune_deletes_only_old_terminal_jobs_and_dry_run_deletes_nothing(
 
     out = ok(imagen_jobs("prune", "--older-than", "30d", "--status", "done", "--yes")).strip()
     assert out.startswith("deleted 1 done job(s)"), out
+    assert out.endswith("; kept 1 image row(s), detached from their jobs"), out
     assert remaining() == everything - {old_done}
     assert scalar(db_url, "SELECT count(*) FROM imagen.usage WHERE job_id IS NULL") == 1
+    # The image stays its owner's, linked to no job: a later job with that id cannot pick it up.
+    image = query(db_url, "SELECT owner_user_id, job_id FROM imagen.images WHERE id = %s", kept_image)
+    assert image == [(OWNER_A, None)]
 
     confirmed = imagen_jobs("prune", "--older-than", "30d", input="y\n")
     assert confirmed.returncode == 0 and "deleted 2 " in confirmed.stdout, explain(confirmed)

@@ -13,7 +13,14 @@ from imagen import db
 
 pytestmark = pytest.mark.integration
 
-ALL = ["001_images.sql", "002_jobs.sql", "003_usage.sql", "004_security.sql", "005_running_index.sql"]
+ALL = [
+    "001_images.sql",
+    "002_jobs.sql",
+    "003_usage.sql",
+    "004_security.sql",
+    "005_running_index.sql",
+    "006_job_ownership.sql",
+]
 
 
 def _scalar(url: str, query: str) -> object:
@@ -135,7 +142,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
     with (sql_copy / "003_usage.sql").open("a") as f:
         f.write("\n-- an edit after the fact\n")
     (sql_copy / "004_security.sql").unlink()
-    (sql_copy / "006_next.sql").write_text("create table imagen.next_thing (id int);\n")
+    (sql_copy / "099_next.sql").write_text("create table imagen.next_thing (id int);\n")
     states = {s.name: s.state for s in db.status(fresh_db_url, sql_dir=sql_copy)}
     assert states == {
         "001_images.sql": "applied",
@@ -143,7 +150,8 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "003_usage.sql": "changed",
         "004_security.sql": "missing",
         "005_running_index.sql": "applied",
-        "006_next.sql": "pending",
+        "006_job_ownership.sql": "applied",
+        "099_next.sql": "pending",
     }
 
 
@@ -151,7 +159,7 @@ def test_migrate_refuses_when_an_applied_migration_changed(fresh_db_url: str, sq
     db.migrate(fresh_db_url, sql_dir=sql_copy)
     jobs = sql_copy / "002_jobs.sql"
     jobs.write_text(jobs.read_text() + "\ncomment on table imagen.jobs is 'edited';\n")
-    (sql_copy / "006_next.sql").write_text("create table imagen.next_thing (id int);\n")
+    (sql_copy / "099_next.sql").write_text("create table imagen.next_thing (id int);\n")
 
     with pytest.raises(db.MigrationError, match=r"migration 002_jobs\.sql was changed after it was applied"):
         db.migrate(fresh_db_url, sql_dir=sql_copy)
@@ -160,7 +168,7 @@ def test_migrate_refuses_when_an_applied_migration_changed(fresh_db_url: str, sq
 
 
 def test_broken_migration_names_file_line_and_statement(fresh_db_url: str, sql_copy: Path) -> None:
-    (sql_copy / "006_broken.sql").write_text(
+    (sql_copy / "099_broken.sql").write_text(
         "-- a migration with a typo\n"
         "create table imagen.first_half (id int);\n"
         "\n"
@@ -171,7 +179,7 @@ def test_broken_migration_names_file_line_and_statement(fresh_db_url: str, sql_c
     with pytest.raises(db.MigrationError) as raised:
         db.migrate(fresh_db_url, sql_dir=sql_copy)
     message = str(raised.value)
-    assert message.startswith('migration 006_broken.sql failed at line 4: syntax error at or near "tabel"')
+    assert message.startswith('migration 099_broken.sql failed at line 4: syntax error at or near "tabel"')
     assert "(statement: create tabel imagen.second_half ( id int ))" in message
     assert isinstance(raised.value.__cause__, psycopg.errors.SyntaxError)
 
@@ -179,17 +187,17 @@ def test_broken_migration_names_file_line_and_statement(fresh_db_url: str, sql_c
     assert _scalar(fresh_db_url, "select to_regclass('imagen.first_half') is null") is True
     states = {s.name: s.state for s in db.status(fresh_db_url, sql_dir=sql_copy)}
     assert states["004_security.sql"] == "applied"
-    assert states["006_broken.sql"] == "pending"
+    assert states["099_broken.sql"] == "pending"
 
 
 def test_runtime_error_names_the_statement_and_its_position(fresh_db_url: str, sql_copy: Path) -> None:
-    (sql_copy / "006_missing.sql").write_text(
+    (sql_copy / "099_missing.sql").write_text(
         "create table imagen.ok (id int);\ninsert into imagen.ok select id from imagen.nowhere;\n"
     )
     with pytest.raises(db.MigrationError) as raised:
         db.migrate(fresh_db_url, sql_dir=sql_copy)
     assert str(raised.value) == (
-        'migration 006_missing.sql failed at line 2: relation "imagen.nowhere" does not exist'
+        'migration 099_missing.sql failed at line 2: relation "imagen.nowhere" does not exist'
         " (statement: insert into imagen.ok select id from imagen.nowhere)"
     )
 

@@ -155,14 +155,16 @@ def test_owner_insert_without_owner_gets_auth_uid(world: World) -> None:
     assert row == (world.owner, "pending", 0)
 
 
-def test_owner_can_insert_with_a_client_chosen_id(world: World) -> None:
-    job = uuid.uuid4()
-    with as_user(world.conn, world.owner) as conn:
+def test_owner_cannot_choose_a_job_id(world: World) -> None:
+    # Ids are the server's (issue 14, sql/006_job_ownership.sql): test_rls_adversarial.py has the attacks.
+    with (
+        pytest.raises(errors.InsufficientPrivilege, match="permission denied for table jobs"),
+        as_user(world.conn, world.owner) as conn,
+    ):
         conn.execute(
             "insert into imagen.jobs (id, owner_user_id, prompt, params) values (%s, %s, 'a dog', '{}')",
-            (job, world.owner),
+            (uuid.uuid4(), world.owner),
         )
-        assert conn.execute("select count(*) from imagen.jobs where id = %s", (job,)).fetchone() == (1,)
 
 
 def test_owner_cannot_insert_a_job_with_status_done(world: World) -> None:

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import errors
+from psycopg.types.json import Jsonb
 
-from imagen import jobs
+from imagen import jobs, jobs_admin
 from imagen.config import Settings
 from imagen.servers import free_port
 from imagen.stages import StageContext, run_finalize, run_generate, run_sync
@@ -211,11 +213,11 @@ def test_aggregates_count_only_the_callers_rows(town: Town) -> None:
             " VALUES (%(other)s, %(job)s, 'mock', 'mock-1', true, 1000)",
             DENIED,
         ),
-        # An upsert onto another owner's job id: the conflict makes it an UPDATE that RLS refuses.
+        # An upsert onto another owner's job id: naming the id at all is refused (ids are the server's).
         (
             "INSERT INTO imagen.jobs (id, owner_user_id, prompt) VALUES (%(job)s, %(me)s, 'x')"
             " ON CONFLICT (id) DO UPDATE SET status = 'cancelled'",
-            RLS,
+            DENIED,
         ),
     ],
 )
@@ -234,6 +236,140 @@ def test_upsert_onto_own_job_id_cannot_rewrite_it(town: Town, unchanged: None) -
             " ON CONFLICT (id) DO UPDATE SET prompt = excluded.prompt",
             (town.jobs["pending"], town.owner),
         )
+
+
+# Job ids are the server's: no choosing one, no learning whether another owner's exists.
+
+
+def postgrest_insert(conn: psycopg.Connection[Any], body: dict[str, Any]) -> Any:
+    """POST /jobs as PostgREST runs it: the JSON body's keys, and only those, become the column list."""
+    columns = ", ".join(f'"{key}"' for key in body)
+    return conn.execute(
+        f'WITH pgrst_body AS (SELECT %s::json AS body) INSERT INTO "imagen"."jobs"({columns})'
+        f" SELECT {columns} FROM json_populate_recordset(null::imagen.jobs,"
+        " (SELECT json_build_array(body) FROM pgrst_body)) RETURNING id",
+        (json.dumps(body, default=str),),
+    ).fetchone()
+
+
+@pytest.mark.parametrize("whose", ["another owner's job", "my own job", "a pruned job", "no job"])
+@pytest.mark.parametrize("upsert", ["", " ON CONFLICT DO NOTHING"])
+def test_an_insert_naming_the_id_is_refused_alike_whoever_has_it(
+    town: Town, unchanged: None, whose: str, upsert: str
+) -> None:
+    """The same refusal for every id, before any uniqueness check: no 23505 says an id exists."""
+    chosen = {
+        "another owner's job": town.other_job, "my own job": town.jobs["pending"],
+        "a pruned job": uuid.uuid4(), "no job": uuid.uuid4(),
+    }[whose]  # fmt: skip
+    with pytest.raises(errors.InsufficientPrivilege) as caught, as_user(town.conn, town.owner) as conn:
+        conn.execute(
+            f"INSERT INTO imagen.jobs (id, owner_user_id, prompt) VALUES (%s, %s, 'x'){upsert}",
+            (chosen, town.owner),
+        )
+    assert str(caught.value).startswith("permission denied for table jobs"), caught.value
+    with pytest.raises(errors.InsufficientPrivilege) as again, as_user(town.conn, town.owner) as conn:
+        postgrest_insert(conn, {"id": str(chosen), "owner_user_id": str(town.owner), "prompt": "x"})
+    assert str(again.value) == str(caught.value)
+
+
+def test_the_uis_insert_without_an_id_gets_a_fresh_one(town: Town) -> None:
+    with as_user(town.conn, town.owner) as conn:
+        row = postgrest_insert(conn, {"owner_user_id": str(town.owner), "prompt": "a fox", "params": {}})
+    try:
+        assert row is not None and uuid.UUID(str(row[0])) not in {*town.jobs.values(), town.other_job}
+    finally:
+        town.conn.execute("DELETE FROM imagen.jobs WHERE id = %s", (row[0],))
+        town.conn.commit()
+
+
+def test_a_table_wide_insert_grant_still_cannot_choose_the_id(town: Town, unchanged: None) -> None:
+    """Defence in depth: Supabase's "grant all on all tables" recipe gives the column back; the
+    trigger still replaces the id of any row inserted under row level security."""
+    with town.conn.transaction():  # rolled back, grant and row
+        town.conn.execute("GRANT INSERT ON imagen.jobs TO authenticated")
+        with as_user(town.conn, town.owner) as conn:
+            row = postgrest_insert(
+                conn, {"id": str(town.other_job), "owner_user_id": str(town.owner), "prompt": "x"}
+            )
+        assert row is not None and uuid.UUID(str(row[0])) != town.other_job
+        raise psycopg.Rollback()
+
+
+@pytest.mark.parametrize("how", ["chained stages", "split stages", "split stages, cancelled before finalize"])
+def test_a_reused_job_id_after_prune_never_reaches_the_first_owners_image(
+    db_url: str, redis_url: str, tmp_path: Path, how: str
+) -> None:
+    """Finding 1 of issue 14: A's job is done and pruned; its id comes back for owner B (a user
+    cannot choose it any more, so the row is put there as the database owner: the worst case).
+    B's job must get its own image, and nothing B's stages do may return, link or delete A's."""
+    settings = Settings(
+        _env_file=None, database_url=db_url, redis_url=redis_url, storage="local",
+        storage_dir=tmp_path / "storage", output_dir=tmp_path / "out", listener_metrics_port=0,
+        chain_stages=how == "chained stages",
+    )  # fmt: skip
+    first, second = uuid.uuid4(), uuid.uuid4()
+    ctx = StageContext(settings, RecordingBroker())
+    ctx.chain_for_worker(None)
+
+    def run(job_id: uuid.UUID, attempt: int, *, cancel_before_finalize: bool = False) -> None:
+        ctx.broker.sent.clear()
+        run_generate(ctx, str(job_id), attempt)
+        if ctx.chain_stages:
+            return
+        run_sync(ctx, str(job_id), attempt)
+        if cancel_before_finalize:
+            with as_user(conn, second) as user:
+                assert (
+                    user.execute(
+                        "UPDATE imagen.jobs SET status = 'cancelled' WHERE id = %s", (job_id,)
+                    ).rowcount
+                    == 1
+                )
+        (final,) = [args for actor, args in ctx.broker.sent if actor == "finalize_stage"]
+        run_finalize(ctx, *final)
+
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            job_id = jobs.submit_job(conn, first, "the first owner's cat", {"size": "16x16"})
+            (claim,) = jobs.claim_jobs(conn, 1)
+            run(job_id, claim.attempt)
+            first_image = conn.execute(
+                "SELECT id, owner_user_id, path FROM imagen.images WHERE job_id = %s", (job_id,)
+            ).fetchone()
+            assert first_image is not None and first_image[1] == first
+            first_object = tmp_path / "storage" / "imagen" / first_image[2]
+            first_bytes = first_object.read_bytes()
+
+            pruned = jobs_admin.prune(conn, timedelta(0))
+            assert (pruned.count, pruned.images_detached) == (1, 1)
+            with pytest.raises(errors.InsufficientPrivilege), as_user(conn, second) as user:
+                postgrest_insert(user, {"id": str(job_id), "owner_user_id": str(second), "prompt": "mine?"})
+            conn.execute(
+                "INSERT INTO imagen.jobs (id, owner_user_id, prompt, params) VALUES (%s, %s, 'an intruder', %s)",
+                (job_id, second, Jsonb({"size": "16x16"})),
+            )
+            (claim,) = jobs.claim_jobs(conn, 1)
+            cancelled = how.endswith("cancelled before finalize")
+            run(job_id, claim.attempt, cancel_before_finalize=cancelled)
+
+            status, image_id = conn.execute(
+                "SELECT status, image_id FROM imagen.jobs WHERE id = %s", (job_id,)
+            ).fetchone() or (None, None)
+            images = conn.execute(
+                "SELECT id, owner_user_id, job_id, path, prompt FROM imagen.images ORDER BY created_at"
+            ).fetchall()
+    finally:
+        ctx.close()
+    assert images[0] == (first_image[0], first, None, first_image[2], "the first owner's cat")
+    assert first_object.read_bytes() == first_bytes, "the first owner's object is untouched"
+    if cancelled:
+        assert (status, image_id) == ("cancelled", None)
+        assert len(images) == 1, "the cancelled job's own image is discarded, and only that"
+        assert not (tmp_path / "storage" / "imagen" / f"{second}/{job_id}.png").exists()
+    else:
+        assert status == "done" and image_id != first_image[0]
+        assert images[1] == (image_id, second, job_id, f"{second}/{job_id}.png", "an intruder")
 
 
 # Status jumps and edits of one's own jobs.

@@ -89,6 +89,7 @@ def test_trigger_functions_pin_an_empty_search_path(db_url: str) -> None:
     assert rows == [
         ("jobs_before_update", ['search_path=""']),
         ("jobs_notify_insert", ['search_path=""']),
+        ("jobs_server_id", ['search_path=""']),
     ]
 
 
@@ -219,8 +220,8 @@ def test_one_image_per_job_and_per_object(db_url: str) -> None:
         "insert into imagen.images (job_id, bucket, path, mime, width, height, bytes, prompt, backend)"
         " values (%s, 'imagen', %s, 'image/png', 1, 1, 1, 'a cat', 'mock')"
     )
-    job = uuid.uuid4()
     with psycopg.connect(db_url, autocommit=True) as conn:
+        job = _job(conn)
         conn.execute(insert, (job, "a.png"))
         with pytest.raises(errors.UniqueViolation, match="images_job_id_key"):
             conn.execute(insert, (job, "b.png"))
