@@ -32,6 +32,11 @@ from imagen.logs import transition
 log = logging.getLogger("imagen.listener")
 
 CHANNEL = "imagen_jobs"
+LISTEN_SQL = f"LISTEN {CHANNEL}"
+# The LISTEN connection runs only these two statements, so `imagen.runner.listeners_listening` can
+# find it in pg_stat_activity by its last query: application_name is no use for that, since
+# Supavisor's session mode replaces it.
+HEALTH_SQL = "SELECT count(*) FROM pg_listening_channels() c WHERE c = 'imagen_jobs'"
 HEALTH_INTERVAL = 10.0
 SATURATED_POLL = 0.01  # the shortest wait between counts while the in-flight cap is reached
 SATURATED_POLL_MAX = 0.25  # the longest, while nothing finishes
@@ -64,7 +69,7 @@ class _Metrics:
         self.reconnects = Counter("imagen_listener_reconnects", "Database reconnects of the listener")
         self.pickup = Histogram(
             "imagen_listener_pickup_seconds",
-            "INSERT to claim latency",
+            "Pending (INSERT, or back to pending after a retry or rescue) to claim latency",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.mode = Gauge("imagen_listener_mode", "1 for the current mode", ["mode"])
@@ -132,7 +137,7 @@ class Listener:
         check_schema(listen)
         # LISTEN before the catch-up claim: a row inserted in between is either seen by the
         # claim or announced by a notification, never missed by both.
-        listen.execute(f"LISTEN {CHANNEL}")
+        listen.execute(LISTEN_SQL)
         self._work_conn = connect(self.url, autocommit=True, application_name="imagen-listener-claims")
 
     def _close(self) -> None:
@@ -239,9 +244,7 @@ class Listener:
         """A half-open TCP connection can look alive for hours: prove the LISTEN still holds."""
         conn = self._listen_conn
         assert conn is not None
-        row = conn.execute(
-            "SELECT count(*) FROM pg_listening_channels() c WHERE c = %s", (CHANNEL,)
-        ).fetchone()
+        row = conn.execute(HEALTH_SQL).fetchone()
         if not row or row[0] != 1:
             raise psycopg.OperationalError("LISTEN registration missing")
 
@@ -337,7 +340,7 @@ class Listener:
                 jobs.release_claim(conn, claim.job_id, claim.attempt)
             return False
         for claim in claims:
-            pickup = (claim.claimed_at - claim.created_at).total_seconds()
+            pickup = claim.pickup_seconds
             self.stats.claims += 1
             if self._metrics:
                 self._metrics.claims.inc()

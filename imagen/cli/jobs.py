@@ -221,6 +221,11 @@ def show(job_id: UUID, as_json: bool) -> None:
         ("prompt", job["prompt"]),
         ("params", json.dumps(job["params"], sort_keys=True)),
         ("created", _when(job["created_at"])),
+        *(
+            [("pending", f"{_when(job['pending_at'])}  (pending again: retried or rescued)")]
+            if job.get("pending_at")
+            else []
+        ),
         ("claimed", _when(job["claimed_at"])),
         ("heartbeat", _when(job["heartbeat_at"])),
         ("finished", _when(job["finished_at"])),
@@ -333,8 +338,10 @@ def stats(window: timedelta, as_json: bool) -> None:
     Counts by status, queue depth (pending), running jobs by stage, the oldest
     pending job's age, and p50/p95 pickup and total over a window.
 
-    Pickup is created_at -> claimed_at (the last claim), total created_at ->
-    finished_at, both over done jobs that finished inside the window.
+    Pickup is pending -> claimed_at (the last claim), counted from created_at or,
+    for a retried or rescued job, from when it became pending again (pending_at);
+    total is created_at -> finished_at; both over done jobs that finished inside
+    the window.
     """
     with _connection() as conn:
         result = jobs_admin.job_stats(conn, window)
@@ -354,7 +361,7 @@ def stats(window: timedelta, as_json: bool) -> None:
         f"cancelled   {counts['cancelled']}",
         f"window      {_duration(result.window_seconds)}: finished {window_counts}",
         f"pickup      p50 {_duration(result.pickup_p50)}  p95 {_duration(result.pickup_p95)}"
-        "  (created -> claimed, done jobs in the window)",
+        "  (pending -> claimed, done jobs in the window)",
         f"total       p50 {_duration(result.total_p50)}  p95 {_duration(result.total_p95)}"
         "  (created -> finished, done jobs in the window)",
     ]
