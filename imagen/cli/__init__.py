@@ -93,6 +93,38 @@ def check_blank_prompt(ctx: click.Context, param: click.Parameter, value: str) -
     return value
 
 
+_SECONDS_KEYS = frozenset(
+    {"since_previous", "since_created", "pickup_p50", "pickup_p95", "total_p50", "total_p95"}
+)
+
+
+def round_times(value: Any, unit: str | None = None) -> Any:
+    """JSON output's times to 0.01 ms: milliseconds to 2 decimals, seconds to 5 (no float noise).
+
+    The unit comes from the key: `*_ms` (and anything under such a key) is milliseconds,
+    `*_seconds`, `*_s`, `seconds` and the stats' percentiles are seconds; rates get 3 decimals.
+    """
+    if isinstance(value, dict):
+        if isinstance(value.get("unit"), str):  # a bench row: its figures are in its unit
+            unit = "ms" if value["unit"] == "ms" else "rate"
+        return {k: round_times(v, _unit_of(str(k)) or unit) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [round_times(v, unit) for v in value]
+    if isinstance(value, float) and unit is not None:
+        return round(value, {"ms": 2, "s": 5, "rate": 3}[unit])
+    return value
+
+
+def _unit_of(key: str) -> str | None:
+    if key.endswith("_ms"):
+        return "ms"
+    if key.endswith(("_seconds", "_s")) or key == "seconds" or key in _SECONDS_KEYS:
+        return "s"
+    if key in ("per_second", "ratio"):
+        return "rate"
+    return None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="imagen")
 def main() -> None:
@@ -105,7 +137,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from imagen.cli import bench, db, generate, jobs, pipeline
+    from imagen.cli import bench, db, generate, jobs, pipeline, presets
 
     main.add_command(generate.generate)
     main.add_command(db.db)
@@ -114,6 +146,7 @@ def _register() -> None:
     main.add_command(pipeline.smoke)
     main.add_command(pipeline.demo)
     main.add_command(bench.bench)
+    main.add_command(presets.presets)
 
 
 _register()

@@ -15,7 +15,7 @@ from uuid import UUID
 import click
 
 from imagen import jobs_admin
-from imagen.cli import check_prompt, handle_errors
+from imagen.cli import check_prompt, handle_errors, round_times
 from imagen.config import load_settings
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(_jsonable(data), indent=2))
+    click.echo(json.dumps(round_times(_jsonable(data)), indent=2))
 
 
 def _when(moment: datetime | None) -> str:

@@ -20,6 +20,7 @@ ALL = [
     "004_security.sql",
     "005_running_index.sql",
     "006_job_ownership.sql",
+    "008_pending_wakeup.sql",
 ]
 
 
@@ -151,6 +152,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "004_security.sql": "missing",
         "005_running_index.sql": "applied",
         "006_job_ownership.sql": "applied",
+        "008_pending_wakeup.sql": "applied",
         "099_next.sql": "pending",
     }
 
