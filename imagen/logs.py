@@ -110,6 +110,9 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
             handler.removeFilter(old)
         handler.addFilter(outage)
     root.setLevel(level.upper())
+    # httpx logs every request at info (each upload to Supabase Storage): one line a job for nothing.
+    if root.level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 # A job's steps inside a worker are debug lines: at info a job is one line where it is claimed and

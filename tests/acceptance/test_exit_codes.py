@@ -216,3 +216,14 @@ def test_a_blank_prompt_reads_the_same_on_every_path(
         == "Error: Invalid value for '--prompt': the prompt must not be blank"
     ), explain(result)
     assert "jobs_prompt_check" not in result.stderr
+
+
+def test_listen_takes_database_url_like_the_db_commands(fresh_db_url: str, tmp_path: Path) -> None:
+    for args in (
+        ("listen", "--database-url", fresh_db_url),
+        ("db", "status", "--database-url", fresh_db_url),
+    ):
+        result = imagen(tmp_path, *args)  # IMAGEN_DATABASE_URL is not set
+        assert result.returncode in (EXIT_CONFIG, 1), explain(result)
+        assert one_line(result).endswith(MIGRATE_HINT) or "run `imagen db migrate`" in result.stderr
+    assert "--database-url" in imagen(tmp_path, "listen", "--help").stdout
