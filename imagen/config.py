@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     retry_max_backoff_ms: int = Field(default=60_000, ge=1)
     generate_time_limit: float = Field(default=360.0, gt=0, description="seconds")
     provider_timeout: float = Field(default=300.0, gt=0)
+    retry_timeouts: bool = False
     usage_log: Path | None = None
     presets_file: Path | None = None
     log_format: Literal["text", "json"] = "text"
@@ -84,6 +85,7 @@ class Settings(BaseSettings):
     gemini_api_version: str | None = Field(default=None, validation_alias="GOOGLE_GENAI_API_VERSION")
     gemini_model: str = "gemini-2.5-flash-image"
     openai_model: str = "gpt-image-2.5-flare"
+    openai_quality: Literal["auto", "low", "medium", "high", "xhigh", "max"] = "auto"
 
     @field_validator("backend")
     @classmethod

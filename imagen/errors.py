@@ -30,7 +30,16 @@ class PermanentError(ImagenError):
 
 
 class TransientError(ImagenError):
-    """Retrying with backoff may help: rate limits, 5xx, timeouts, dropped connections."""
+    """Retrying with backoff may help: rate limits, 5xx, dropped connections.
+
+    `retry_after` is the provider's own hint, in seconds from when the error was
+    raised, of when a retry can succeed, or None when it gave none. Backends fill
+    it from Gemini's `google.rpc.RetryInfo.retryDelay`, OpenAI's `retry-after-ms`
+    and `retry-after` headers (seconds or an HTTP date) and, failing those, the
+    `x-ratelimit-reset-requests`/`-tokens` header of the exhausted limit. Callers
+    that schedule retries (the CLI, the stages, admission) should wait at least
+    this long; it is a plain float so they need no provider knowledge.
+    """
 
     is_transient = True
 
@@ -67,8 +76,21 @@ class RateLimited(TransientError):
     """A per-minute rate limit: wait and retry."""
 
 
-class ProviderTimeout(TransientError):
-    """The provider did not answer in time."""
+class ProviderTimeout(PermanentError):
+    """The provider did not answer in time, after the request was sent.
+
+    Not retried by default: the provider may still finish (and bill) the image
+    it was asked for, and neither provider offers an idempotency key, so a retry
+    can pay twice. IMAGEN_RETRY_TIMEOUTS=true makes backends raise
+    `RetriableProviderTimeout` instead. A connect timeout (nothing was sent) is
+    a plain TransientError.
+    """
+
+
+class RetriableProviderTimeout(ProviderTimeout, TransientError):
+    """A provider timeout the operator chose to retry (IMAGEN_RETRY_TIMEOUTS=true)."""
+
+    is_transient = True
 
 
 class NotReachable(TransientError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -72,6 +72,14 @@ FROM imagen.jobs
 WHERE finished_at >= now() - make_interval(secs => %(window)s)
 """
 
+# Provider spend over the window; a null cost_usd is a call the price table could not cost.
+USAGE_COST = """
+SELECT count(*), coalesce(sum(cost_usd), 0)::float8, count(*) FILTER (WHERE cost_usd IS NULL),
+    coalesce(array_agg(DISTINCT backend || '/' || model) FILTER (WHERE cost_usd IS NULL), '{}')
+FROM imagen.usage
+WHERE created_at >= now() - make_interval(secs => %(window)s)
+"""
+
 IMAGE = """
 SELECT id, bucket, path, mime, width, height, bytes, backend, model, created_at
 FROM imagen.images
@@ -81,7 +89,8 @@ LIMIT 1
 """
 
 USAGE = """
-SELECT backend, model, images, input_tokens, output_tokens, cost_usd, latency_ms, ok, error, created_at
+SELECT backend, model, images, input_tokens, output_tokens, cost_usd, cost_basis, latency_ms, ok, error,
+    created_at
 FROM imagen.usage
 WHERE job_id = %(job_id)s
 ORDER BY created_at, id
@@ -169,6 +178,10 @@ class JobStats:
     pickup_p95: float | None
     total_p50: float | None
     total_p95: float | None
+    provider_calls: int = 0
+    cost_usd: float = 0.0
+    unpriced_calls: int = 0
+    unpriced_models: list[str] = field(default_factory=list)
 
     @property
     def queue_depth(self) -> int:
@@ -259,6 +272,8 @@ def job_stats(conn: Conn, window: timedelta) -> JobStats:
     seconds = window.total_seconds()
     row = conn.execute(WINDOW, {"window": seconds}).fetchone()
     assert row is not None
+    spend = conn.execute(USAGE_COST, {"window": seconds}).fetchone()
+    assert spend is not None
     return JobStats(
         counts=counts,
         running_by_stage=by_stage,
@@ -269,6 +284,10 @@ def job_stats(conn: Conn, window: timedelta) -> JobStats:
         pickup_p95=row[4],
         total_p50=row[5],
         total_p95=row[6],
+        provider_calls=spend[0],
+        cost_usd=spend[1],
+        unpriced_calls=spend[2],
+        unpriced_models=sorted(spend[3]),
     )
 
 

@@ -21,7 +21,19 @@ MAX_SEED = 2**31 - 1
 MAX_NEGATIVE = 2000
 MAX_DELAY_MS = 600_000
 MOCK_ONLY = ("delay_ms", "fail")
-KNOWN = ("backend", "model", "size", "aspect_ratio", "preset", "seed", "negative_prompt", *MOCK_ONLY)
+KNOWN = (
+    "backend",
+    "model",
+    "size",
+    "aspect_ratio",
+    "preset",
+    "seed",
+    "negative_prompt",
+    "quality",
+    *MOCK_ONLY,
+)
+# OpenAI's image quality (its main cost lever); other backends ignore it with a warning.
+QUALITIES = ("auto", "low", "medium", "high", "xhigh", "max")
 MAX_SHOWN = 40
 MAX_SHOWN_KEYS = 5
 
@@ -39,6 +51,7 @@ class GenerateSpec:
     preset: str | None = None
     seed: int | None = None
     negative_prompt: str | None = None
+    quality: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -108,6 +121,9 @@ def spec_from_params(prompt: str, params: Any) -> GenerateSpec:
     size = parse_size(size_text) if size_text else None
     if aspect:
         parse_aspect(aspect)
+    quality = _string(params, "quality", 10)
+    if quality is not None and quality not in QUALITIES:
+        raise InvalidRequest(f"params.quality must be one of {', '.join(QUALITIES)}, not {_shown(quality)!r}")
     options: dict[str, Any] = {}
     delay = _integer(params, "delay_ms", 0, MAX_DELAY_MS)
     if delay is not None:
@@ -129,5 +145,6 @@ def spec_from_params(prompt: str, params: Any) -> GenerateSpec:
         preset=_string(params, "preset", 60),
         seed=_integer(params, "seed", 0, MAX_SEED),
         negative_prompt=_string(params, "negative_prompt", MAX_NEGATIVE),
+        quality=quality,
         options=options,
     )

@@ -49,16 +49,23 @@ def seed_for_job(job_id: UUID) -> int:
     return int.from_bytes(hashlib.sha256(job_id.bytes).digest()[:4], "big") & 0x7FFFFFFF
 
 
-def _cost(usage: Usage) -> float | None:
+def _cost(usage: Usage) -> tuple[float | None, str | None]:
+    """The cost estimate and its basis (why it is None, when it is)."""
+    from imagen.prices import price_usage
+
     try:
-        from imagen.prices import estimate_cost
-    except ImportError:  # pragma: no cover - prices ship with the package
-        return None
-    try:
-        return estimate_cost(usage)
+        estimate = price_usage(usage)
     except Exception:  # a price-table problem must not lose an image
         log.exception("usage: could not estimate cost for %s/%s", usage.backend, usage.model)
-        return None
+        return None, "unpriced: the price table could not be read (see the worker log)"
+    return estimate.usd, estimate.basis
+
+
+def _record(usage: Usage, owner_user_id: UUID | None, job_id: UUID | None) -> UsageRecord:
+    cost, basis = _cost(usage)
+    return UsageRecord.from_usage(
+        usage, cost_usd=cost, cost_basis=basis, owner_user_id=owner_user_id, job_id=job_id
+    )
 
 
 def resolve_spec(
@@ -129,6 +136,7 @@ def generate(
         aspect_ratio=resolved.aspect_ratio,
         seed=resolved.seed,
         model=resolved.model,
+        quality=resolved.quality,
         timeout_s=settings.provider_timeout,
         options=dict(resolved.options),
     )
@@ -141,19 +149,16 @@ def generate(
             backend=backend.name, model=model, latency_ms=(time.monotonic() - started) * 1000
         )
         failed = replace(failed, ok=False, error=failed.error or f"{type(exc).__name__}: {exc}")
-        sink.record(
-            UsageRecord.from_usage(failed, cost_usd=_cost(failed), owner_user_id=owner_user_id, job_id=job_id)
-        )
+        sink.record(_record(failed, owner_user_id, job_id))
         raise
-    record = UsageRecord.from_usage(
-        result.usage, cost_usd=_cost(result.usage), owner_user_id=owner_user_id, job_id=job_id
-    )
+    record = _record(result.usage, owner_user_id, job_id)
     sink.record(record)
     params: dict[str, Any] = {
         "size": f"{resolved.size[0]}x{resolved.size[1]}" if resolved.size else None,
         "aspect_ratio": resolved.aspect_ratio,
         "seed": resolved.seed,
         "negative_prompt": resolved.negative_prompt,
+        "quality": resolved.quality,
         "n": resolved.n,
         **dict(resolved.options),
     }

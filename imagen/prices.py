@@ -1,9 +1,11 @@
 """The price table (data in `imagen/data/prices.toml`) and a cost estimate for one usage record.
 
-Prices change monthly, so they are data with a source and a date, never
-constants in code; the raw usage is stored beside the estimate so a ledger can
-be re-priced later. An unknown model gives no estimate (None) rather than a
-guess, and nothing here ever calls a provider.
+Prices change monthly, so they are data with a source, a date and the source's
+quality, never constants in code; the raw usage is stored beside the estimate
+so a ledger can be re-priced later. An unknown model gives no estimate (None)
+rather than a guess, and says so in the estimate's basis, which the usage row
+keeps (cost_basis) so an unpriced call is visible, not a silent null. Nothing
+here ever calls a provider.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from imagen.backends.base import Usage
 from imagen.errors import ConfigError
 
 RATE_FIELDS = ("text_in", "image_in", "text_out", "image_out", "per_image")
-_ENTRY_FIELDS = frozenset({*RATE_FIELDS, "source", "as_of", "aliases"})
+SOURCE_QUALITIES = ("vendor", "secondary")
+_ENTRY_FIELDS = frozenset({*RATE_FIELDS, "source", "as_of", "aliases", "quality"})
 _SOURCE = "imagen/data/prices.toml"
 PER_MILLION = 1_000_000
 
@@ -32,6 +35,7 @@ class Price:
     model: str
     source: str
     as_of: date
+    quality: str = "secondary"
     text_in: float | None = None
     image_in: float | None = None
     text_out: float | None = None
@@ -69,7 +73,10 @@ def _parse_entry(model: str, entry: Any) -> Price:
     aliases = entry.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         raise ConfigError(f"{where}: aliases must be a list of model ids")
-    return Price(model=model, source=source, as_of=as_of, aliases=tuple(aliases), **rates)
+    quality = entry.get("quality")
+    if quality not in SOURCE_QUALITIES:
+        raise ConfigError(f"{where} needs quality, one of {', '.join(SOURCE_QUALITIES)}, not {quality!r}")
+    return Price(model=model, source=source, as_of=as_of, quality=quality, aliases=tuple(aliases), **rates)
 
 
 def parse_prices(document: Mapping[str, Any]) -> dict[str, Price]:
@@ -113,32 +120,48 @@ def _image_input_tokens(raw: Mapping[str, Any]) -> int:
     return total
 
 
-def estimate_cost(usage: Usage) -> float | None:
-    """USD for one usage record, or None when the model has no price or the usage says too little.
+@dataclass(frozen=True)
+class CostEstimate:
+    """USD for one usage record (None when unknown) and how it was reached, or why it could not be."""
+
+    usd: float | None
+    basis: str
+
+
+def price_usage(usage: Usage) -> CostEstimate:
+    """Price one usage record.
 
     Input tokens are priced at text_in, except image-input tokens the provider
     itemised (OpenAI) at image_in; image output tokens at image_out; the remaining
     output tokens plus thought tokens at text_out (Google bills thinking as text
-    output). A missing rate prices its component at 0. per_image is added per
-    returned image. The mock backend costs 0.
+    output). A missing rate prices its component at 0, and the basis says so.
+    per_image is added per returned image. The mock backend costs 0. Images with
+    no image-output tokens to price are unknown (None), never a near-zero guess.
     """
     if usage.backend == "mock":
-        return 0.0
+        return CostEstimate(0.0, "mock backend: free")
     price = price_for(usage.model)
     if price is None:
-        return None
+        return CostEstimate(None, f"unpriced: no price for model {usage.model!r} in {_SOURCE}")
+    basis = f"{_SOURCE} {price.model} as of {price.as_of.isoformat()} ({price.quality} source)"
     cost = (price.per_image or 0.0) * usage.images
     counts = (usage.input_tokens, usage.output_tokens, usage.image_output_tokens, usage.thought_tokens)
     if not price.has_token_rates:
-        return cost
+        return CostEstimate(cost, basis)
     if all(c is None for c in counts):
         # No token report: nothing was consumed (a refused call) or we cannot tell what was.
         if price.per_image is not None or usage.images == 0:
-            return cost
-        return None
+            return CostEstimate(cost, basis)
+        return CostEstimate(
+            None, f"unpriced: {price.model} reported no token usage for {usage.images} image(s)"
+        )
+    image_out_tokens = usage.image_output_tokens or 0
+    if usage.images and not image_out_tokens and price.image_out and price.per_image is None:
+        return CostEstimate(
+            None, f"unpriced: {price.model} reported no image-output tokens for {usage.images} image(s)"
+        )
     input_tokens = usage.input_tokens or 0
     image_in_tokens = min(input_tokens, _image_input_tokens(usage.raw))
-    image_out_tokens = usage.image_output_tokens or 0
     text_out_tokens = max(0, (usage.output_tokens or 0) - image_out_tokens) + (usage.thought_tokens or 0)
     text_in = price.text_in or 0.0
     image_in = price.image_in if price.image_in is not None else text_in
@@ -148,4 +171,11 @@ def estimate_cost(usage: Usage) -> float | None:
         + image_out_tokens * (price.image_out or 0.0)
         + text_out_tokens * (price.text_out or 0.0)
     )
-    return cost + tokens_cost / PER_MILLION
+    if text_out_tokens and price.text_out is None:
+        basis += f"; {text_out_tokens} text-output tokens have no published rate and count as $0"
+    return CostEstimate(cost + tokens_cost / PER_MILLION, basis)
+
+
+def estimate_cost(usage: Usage) -> float | None:
+    """USD for one usage record, or None when the model has no price or the usage says too little."""
+    return price_usage(usage).usd

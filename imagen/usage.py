@@ -34,6 +34,8 @@ class UsageRecord:
     ok: bool
     latency_ms: float
     cost_usd: float | None = None
+    # How cost_usd was estimated, or "unpriced: <why>" when it is None (imagen.prices.price_usage).
+    cost_basis: str | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
     image_output_tokens: int | None = None
@@ -52,6 +54,7 @@ class UsageRecord:
         cost_usd: float | None,
         owner_user_id: UUID | None = None,
         job_id: UUID | None = None,
+        cost_basis: str | None = None,
     ) -> UsageRecord:
         return cls(
             backend=usage.backend,
@@ -60,6 +63,7 @@ class UsageRecord:
             ok=usage.ok,
             latency_ms=round(usage.latency_ms, 3),
             cost_usd=cost_usd,
+            cost_basis=cost_basis,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             image_output_tokens=usage.image_output_tokens,

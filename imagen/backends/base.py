@@ -22,6 +22,8 @@ class ImageRequest:
     aspect_ratio: str | None = None
     seed: int | None = None
     model: str | None = None
+    # "low" | "medium" | "high" | "auto" ...: OpenAI's cost lever; None = the backend's configured default.
+    quality: str | None = None
     timeout_s: float = 300.0
     options: Mapping[str, Any] = field(default_factory=dict)
 

@@ -11,7 +11,6 @@ into an error, a log line or a usage record.
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
 import time
@@ -26,8 +25,8 @@ from google.genai import types
 from PIL import Image
 
 from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
-from imagen.backends.sdk import LazyClient, attach_usage, one_line
-from imagen.backends.sizes import parse_aspect
+from imagen.backends.sdk import LazyClient, attach_usage, one_line, retry_after_from_headers, timeout_error
+from imagen.backends.sizes import GEMINI_ASPECTS, nearest_aspect, parse_aspect, size_rule
 from imagen.config import Settings
 from imagen.errors import (
     AuthError,
@@ -35,17 +34,20 @@ from imagen.errors import (
     ImagenError,
     InvalidRequest,
     NoImage,
-    ProviderTimeout,
     QuotaExhausted,
     RateLimited,
     TransientError,
 )
 
-# The ratios `ImageConfig.aspect_ratio` documents for generateContent (types.py, google-genai 3.6.1).
-ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "21:9")
+# The ratios every Gemini image model takes; some take more (sizes.size_rule knows which).
+ASPECT_RATIOS = GEMINI_ASPECTS
 DEFAULT_ASPECT = "1:1"
 # Options passed through to ImageConfig; everything else in request.options earns a warning.
 IMAGE_CONFIG_OPTIONS = ("image_size", "person_generation")
+# ImageConfig fields the Gemini Developer API (API-key mode) refuses; Vertex takes them.
+VERTEX_ONLY_OPTIONS = ("person_generation",)
+# With an API key the SDK's default version is v1, but Google documents image output on v1beta.
+DEFAULT_API_VERSION = "v1beta"
 
 # finish_reason values that mean the safety system withheld the output (providers.md §1.3).
 BLOCKING_FINISH_REASONS = frozenset(
@@ -64,30 +66,26 @@ BLOCKING_FINISH_REASONS = frozenset(
 )
 TRANSIENT_CODES = frozenset({408, 500, 502, 503, 504})
 _SAFETY_WORDS = re.compile(r"safety|prohibited|blocklist|responsible ai|content polic", re.IGNORECASE)
+_UNKNOWN_FIELD = re.compile(r"Unknown name|Cannot find field|response ?modalit", re.IGNORECASE)
 _KEY_LIKE = re.compile(r"AIza[0-9A-Za-z_\-]{10,}")
 
 
-def nearest_aspect_ratio(width: int, height: int) -> str:
+def nearest_aspect_ratio(width: int, height: int, aspects: tuple[str, ...] = ASPECT_RATIOS) -> str:
     """The supported ratio closest to width:height (compared on a log scale, so 2:1 and 1:2 are symmetric)."""
-    target = math.log(width / height)
-
-    def distance(ratio: str) -> float:
-        w, h = parse_aspect(ratio)
-        return abs(math.log(w / h) - target)
-
-    return min(ASPECT_RATIOS, key=distance)
+    return nearest_aspect(width, height, aspects)
 
 
-def choose_aspect_ratio(request: ImageRequest) -> tuple[str, list[str]]:
+def choose_aspect_ratio(request: ImageRequest, model: str | None = None) -> tuple[str, list[str]]:
     """The aspect ratio to send, plus warnings when the request cannot be honoured exactly.
 
     Gemini picks the pixel size itself (about 1K on the long side unless `image_size`
     says otherwise), so an explicit size is always approximated by its nearest ratio.
     """
+    aspects = size_rule("gemini", model).aspects if model else ASPECT_RATIOS
     warnings: list[str] = []
     if request.size:
         width, height = request.size
-        ratio = nearest_aspect_ratio(width, height)
+        ratio = nearest_aspect_ratio(width, height, aspects)
         rw, rh = parse_aspect(ratio)
         exact = width * rh == height * rw
         warnings.append(
@@ -99,9 +97,9 @@ def choose_aspect_ratio(request: ImageRequest) -> tuple[str, list[str]]:
     if request.aspect_ratio:
         w, h = parse_aspect(request.aspect_ratio)
         canonical = f"{w}:{h}"
-        if canonical in ASPECT_RATIOS:
+        if canonical in aspects:
             return canonical, warnings
-        ratio = nearest_aspect_ratio(w, h)
+        ratio = nearest_aspect_ratio(w, h, aspects)
         warnings.append(
             f"gemini does not support aspect ratio {request.aspect_ratio}; using the nearest, {ratio}"
         )
@@ -136,10 +134,13 @@ def vertex_enabled(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def _api_version(configured: str | None, *, vertex: bool) -> str | None:
+    """The API version to pin; None leaves Vertex on the SDK's default (v1beta1)."""
     # GOOGLE_GENAI_API_VERSION=beta is the SDK's shorthand for the beta path of either API.
     if configured == "beta":
         return "v1beta1" if vertex else "v1beta"
-    return configured or None
+    if configured:
+        return configured
+    return None if vertex else DEFAULT_API_VERSION
 
 
 def _parse_duration(text: Any) -> float | None:
@@ -160,32 +161,55 @@ def _error_details(payload: Any) -> list[Mapping[str, Any]]:
     return [d for d in details or [] if isinstance(d, Mapping)]
 
 
-def _is_daily_or_free_tier_quota(details: list[Mapping[str, Any]]) -> bool:
-    for detail in details:
-        for violation in detail.get("violations") or []:
-            if not isinstance(violation, Mapping):
-                continue
-            quota_id = str(violation.get("quotaId", ""))
-            if "PerDay" in quota_id or "FreeTier" in quota_id:
-                return True
-    return False
+def _quota_violations(details: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [
+        violation
+        for detail in details
+        for violation in detail.get("violations") or []
+        if isinstance(violation, Mapping) and "quotaId" in violation
+    ]
+
+
+def _permanent_quota(details: list[Mapping[str, Any]], message: str) -> str | None:
+    """Why a 429 cannot pass by waiting a minute, or None when it can.
+
+    A per-day quota lasts until the day turns; a quota whose limit is 0 (a model
+    the free tier does not include) never passes without billing. A free-tier
+    per-minute quota with a real limit is an ordinary rate limit.
+    """
+    for violation in _quota_violations(details):
+        quota_id = str(violation.get("quotaId", ""))
+        if str(violation.get("quotaValue", "")).strip() == "0":
+            return f"quota {quota_id} has a limit of 0 on this project (enable billing for this model)"
+        if "PerDay" in quota_id:
+            return f"daily quota {quota_id} is used up (it resets at midnight Pacific time)"
+    if re.search(r"\blimit: 0\b", message):
+        return "the quota's limit is 0 on this project (enable billing for this model)"
+    return None
 
 
 def _retry_delay(details: list[Mapping[str, Any]], headers: Any) -> float | None:
+    """Seconds from google.rpc.RetryInfo.retryDelay, else from the response headers."""
     for detail in details:
         if str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
             delay = _parse_duration(detail.get("retryDelay"))
             if delay is not None:
                 return delay
-    value = headers.get("retry-after") if headers is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    return retry_after_from_headers(headers)
 
 
 def _has_error_reason(details: list[Mapping[str, Any]], reason: str) -> bool:
     return any(d.get("reason") == reason for d in details)
+
+
+def _final_images(response: types.GenerateContentResponse) -> list[types.Blob]:
+    """The image parts of a response; Gemini 3 models may send draft images as thought parts, skipped."""
+    return [
+        part.inline_data
+        for candidate in response.candidates or []
+        for part in (candidate.content.parts if candidate.content else None) or []
+        if not part.thought and part.inline_data and part.inline_data.data
+    ]
 
 
 class _CallLedger:
@@ -208,7 +232,8 @@ class _CallLedger:
             return total
         return (total or 0) + value
 
-    def record(self, metadata: types.GenerateContentResponseUsageMetadata | None) -> None:
+    def record(self, metadata: types.GenerateContentResponseUsageMetadata | None, *, imaged: bool) -> None:
+        """Add one response's counts; `imaged` says whether it carried an image."""
         if metadata is None:
             self.calls.append({})
             return
@@ -217,6 +242,10 @@ class _CallLedger:
         for detail in metadata.candidates_tokens_details or []:
             if _enum_value(detail.modality) == "IMAGE":
                 image_tokens = (image_tokens or 0) + (detail.token_count or 0)
+        if not metadata.candidates_tokens_details and imaged:
+            # No per-modality breakdown: with response_modalities=["IMAGE"] and an image returned,
+            # every candidate token is an image token (thinking is counted apart, in thoughts_token_count).
+            image_tokens = metadata.candidates_token_count
         self.input_tokens = self._add(self.input_tokens, metadata.prompt_token_count)
         self.output_tokens = self._add(self.output_tokens, metadata.candidates_token_count)
         self.image_output_tokens = self._add(self.image_output_tokens, image_tokens)
@@ -238,6 +267,36 @@ class _CallLedger:
         )
 
 
+def _translate_other_transport(exc: Exception, model: str, detail: str, *, retry: bool) -> ImagenError | None:
+    """Errors from the paths that do not use httpx2: Vertex token refresh (google-auth over
+    requests) and the mTLS AuthorizedSession (requests). None when `exc` is none of those."""
+    from google.auth import exceptions as auth_exceptions
+
+    if isinstance(exc, auth_exceptions.TransportError | auth_exceptions.TimeoutError):
+        # Reaching the token endpoint failed: the credentials may be fine.
+        return TransientError(f"gemini (Vertex): could not refresh credentials ({detail})")
+    if isinstance(exc, auth_exceptions.GoogleAuthError):
+        if exc.retryable:
+            return TransientError(f"gemini (Vertex): credentials refresh failed, retryable ({detail})")
+        return AuthError(f"gemini (Vertex): credentials failed ({detail})")
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - google-auth's requests transport ships with google-genai
+        requests = None  # type: ignore[assignment]
+    if requests is not None:
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return TransientError(f"gemini: could not connect in time ({detail})")
+        if isinstance(exc, requests.exceptions.Timeout):
+            return timeout_error("gemini", model, exc, retry=retry)
+        if isinstance(exc, requests.exceptions.RequestException):
+            return TransientError(f"gemini: connection failed ({detail})")
+    if isinstance(exc, TimeoutError):
+        return timeout_error("gemini", model, exc, retry=retry)
+    if isinstance(exc, ConnectionError):
+        return TransientError(f"gemini: connection failed ({detail})")
+    return None
+
+
 class GeminiBackend:
     """Gemini image models via `generate_content`, with an API key or Vertex credentials."""
 
@@ -246,6 +305,8 @@ class GeminiBackend:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._client = LazyClient(self._build_client)
+        self._vertex = False
+        self._api_version: str | None = None
 
     def default_model(self) -> str:
         return self._settings.gemini_model
@@ -256,9 +317,10 @@ class GeminiBackend:
 
     def _build_client(self) -> genai.Client:
         vertex = vertex_enabled()
+        self._vertex = vertex
+        self._api_version = _api_version(self._settings.gemini_api_version, vertex=vertex)
         http_options = types.HttpOptions(
-            base_url=self._settings.gemini_base_url or None,
-            api_version=_api_version(self._settings.gemini_api_version, vertex=vertex),
+            base_url=self._settings.gemini_base_url or None, api_version=self._api_version
         )
         if not vertex:
             key = self._secret()
@@ -282,14 +344,22 @@ class GeminiBackend:
     def generate(self, request: ImageRequest) -> ImageResult:
         """Make `request.n` images, one `generate_content` call each (seed + i when seeded)."""
         model = request.model or self.default_model()
-        aspect, warnings = choose_aspect_ratio(request)
+        aspect, warnings = choose_aspect_ratio(request, model)
         if request.negative_prompt:
             warnings.append("gemini has no negative prompt; negative_prompt was ignored")
+        if request.quality:
+            warnings.append("gemini has no quality setting; quality was ignored")
         image_options = {k: request.options[k] for k in IMAGE_CONFIG_OPTIONS if k in request.options}
         warnings.extend(
             f"gemini ignores option {key!r}" for key in request.options if key not in IMAGE_CONFIG_OPTIONS
         )
         client = self._client.get()
+        refused = [k for k in VERTEX_ONLY_OPTIONS if k in image_options and not self._vertex]
+        if refused:
+            raise InvalidRequest(
+                f"gemini: {', '.join(refused)} works only with Vertex AI (GOOGLE_GENAI_USE_ENTERPRISE=true), "
+                "not with a Gemini API key"
+            )
         ledger = _CallLedger(self.name, model)
         images: list[GeneratedImage] = []
         echoed_model = model
@@ -299,9 +369,9 @@ class GeminiBackend:
             try:
                 response = client.models.generate_content(model=model, contents=request.prompt, config=config)
             except Exception as exc:
-                error = self._translate(exc, model)
+                error = self.translate(exc, model)
                 raise attach_usage(error, ledger.usage(error=str(error))) from None
-            ledger.record(response.usage_metadata)
+            ledger.record(response.usage_metadata, imaged=bool(_final_images(response)))
             echoed_model = response.model_version or echoed_model
             data, mime, width, height, seen = self._image_from(response, model, ledger)
             if seen > 1:
@@ -333,13 +403,7 @@ class GeminiBackend:
         self, response: types.GenerateContentResponse, model: str, ledger: _CallLedger
     ) -> tuple[bytes, str, int, int, int]:
         """The first final image of one response as (bytes, mime, width, height, image parts seen)."""
-        found = [
-            part.inline_data
-            for candidate in response.candidates or []
-            for part in (candidate.content.parts if candidate.content else None) or []
-            # Gemini 3 models may send draft images as thought parts; only final parts count.
-            if not part.thought and part.inline_data and part.inline_data.data
-        ]
+        found = _final_images(response)
         if not found:
             error = self._no_image_error(response, model)
             raise attach_usage(error, ledger.usage(error=str(error)))
@@ -380,32 +444,32 @@ class GeminiBackend:
         reason = finish or "no candidates"
         return NoImage(f"gemini model {model}: returned no image ({reason}){detail}")
 
-    def _translate(self, exc: Exception, model: str) -> ImagenError:
-        """One SDK or transport exception -> the imagen error the pipeline keys on."""
+    def translate(self, exc: Exception, model: str) -> ImagenError:
+        """One SDK, auth or transport exception -> the imagen error the pipeline keys on."""
         secret = self._secret()
         if isinstance(exc, ImagenError):
             return exc
         if isinstance(exc, genai_errors.APIError):
-            return self._translate_api_error(exc, model, secret)
+            return self._translate_api_error(exc, model, secret, self._api_version)
+        detail = one_line(_redact(f"{type(exc).__name__}: {exc}", secret))
         if isinstance(exc, httpx2.TimeoutException):
-            return ProviderTimeout(
-                f"gemini model {model}: no answer within the timeout ({type(exc).__name__})"
-            )
+            return timeout_error("gemini", model, exc, retry=self._settings.retry_timeouts)
         if isinstance(exc, httpx2.TransportError):
-            detail = one_line(_redact(str(exc), secret))
-            return TransientError(f"gemini: connection failed ({type(exc).__name__}: {detail})")
+            return TransientError(f"gemini: connection failed ({detail})")
         if isinstance(exc, genai_errors.UnknownApiResponseError):
-            return TransientError(f"gemini: unreadable response ({one_line(_redact(str(exc), secret))})")
-        try:
-            from google.auth import exceptions as auth_exceptions
-        except ImportError:  # pragma: no cover - google-auth ships with google-genai
-            auth_exceptions = None  # type: ignore[assignment]
-        if auth_exceptions is not None and isinstance(exc, auth_exceptions.GoogleAuthError):
-            return AuthError(f"gemini (Vertex): credentials failed ({one_line(_redact(str(exc), secret))})")
+            return TransientError(f"gemini: unreadable response ({detail})")
+        translated = _translate_other_transport(exc, model, detail, retry=self._settings.retry_timeouts)
+        if translated is not None:
+            return translated
+        if isinstance(exc, ValueError):
+            # The SDK checks a request while building it (an option this API mode lacks) with ValueError.
+            return InvalidRequest(f"gemini model {model}: request refused by the SDK ({detail})")
         raise exc
 
     @staticmethod
-    def _translate_api_error(exc: genai_errors.APIError, model: str, secret: str | None) -> ImagenError:
+    def _translate_api_error(
+        exc: genai_errors.APIError, model: str, secret: str | None, version: str | None
+    ) -> ImagenError:
         code = exc.code
         status = exc.status or ""
         message = one_line(_redact(exc.message or "", secret))
@@ -413,8 +477,9 @@ class GeminiBackend:
         label = f"{code} {status}".strip()
         headers = getattr(exc.response, "headers", None)
         if code == 429:
-            if _is_daily_or_free_tier_quota(details):
-                return QuotaExhausted(f"gemini model {model}: quota exhausted ({label}): {message}")
+            permanent = _permanent_quota(details, exc.message or "")
+            if permanent:
+                return QuotaExhausted(f"gemini model {model}: {permanent} ({label}): {message}")
             return RateLimited(
                 f"gemini model {model}: rate limited ({label}): {message}",
                 retry_after=_retry_delay(details, headers),
@@ -426,12 +491,23 @@ class GeminiBackend:
             )
         if code in (401, 403) or _has_error_reason(details, "API_KEY_INVALID"):
             return AuthError(
-                f"gemini: credentials rejected ({label}): {message}; check GEMINI_API_KEY/GOOGLE_API_KEY"
+                f"gemini: credentials rejected ({label}): {message}; check GEMINI_API_KEY/GOOGLE_API_KEY "
+                "and that the Generative Language API is enabled for the key's project"
             )
+        at = f" at API version {version}" if version else ""
         if code == 404:
-            return InvalidRequest(f"gemini model {model!r} not found or retired ({label}): {message}")
+            return InvalidRequest(
+                f"gemini model {model!r} not found{at} ({label}): {message}; check the model id "
+                "(IMAGEN_GEMINI_MODEL or params.model: it may be misspelt or retired) and "
+                "GOOGLE_GENAI_API_VERSION (image models are served on v1beta, the default)"
+            )
         if code == 400 and _SAFETY_WORDS.search(message):
             return ContentBlocked(
                 f"gemini model {model}: request refused by the safety system ({label}): {message}"
+            )
+        if code == 400 and _UNKNOWN_FIELD.search(message):
+            return InvalidRequest(
+                f"gemini model {model}: the API{at} does not know a field imagen sends ({label}): {message}; "
+                "unset GOOGLE_GENAI_API_VERSION or set it to v1beta"
             )
         return InvalidRequest(f"gemini model {model}: request rejected ({label}): {message}")

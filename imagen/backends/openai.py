@@ -12,20 +12,23 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import re
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import openai
 from PIL import Image
 
 from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
-from imagen.backends.sdk import LazyClient, attach_usage, one_line
-from imagen.backends.sizes import parse_aspect
+from imagen.backends.sdk import (
+    LazyClient,
+    attach_usage,
+    one_line,
+    retry_after_from_headers,
+    timeout_error,
+)
+from imagen.backends.sizes import check_size, size_for_aspect, size_rule
 from imagen.config import Settings
 from imagen.errors import (
     AuthError,
@@ -33,38 +36,41 @@ from imagen.errors import (
     ImagenError,
     InvalidRequest,
     NoImage,
-    ProviderTimeout,
     QuotaExhausted,
     RateLimited,
     TransientError,
 )
 
-# The sizes every GPT image model accepts; an aspect ratio maps onto the nearest.
-STANDARD_SIZES = ((1024, 1024), (1536, 1024), (1024, 1536))
 MAX_N_PER_CALL = 10
 # Options passed through to images.generate; everything else in request.options earns a warning.
-PASSTHROUGH_OPTIONS = ("quality", "background", "moderation")
+PASSTHROUGH_OPTIONS = ("background", "moderation")
+QUALITIES = ("auto", "low", "medium", "high", "xhigh", "max")
 BLOCKED_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
+# The refusal type of the Images API; its `code` may be null (seen through relays and on edits).
+REFUSAL_TYPE = "image_generation_user_error"
 QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+VERIFY_URL = "https://platform.openai.com/settings/organization/general"
 _KEY_LIKE = re.compile(r"sk-[0-9A-Za-z_*\-]{4,}")
+_VERIFICATION = re.compile(
+    r"must be verified|verify (your )?organi[sz]ation|organi[sz]ation verification", re.I
+)
 
 
-def choose_size(request: ImageRequest) -> tuple[str, list[str]]:
-    """'WxH' to send, plus a warning when an aspect ratio is only approximated."""
+def choose_size(request: ImageRequest, model: str) -> tuple[str, list[str]]:
+    """'WxH' to send for `model`, plus a warning when an aspect ratio is only approximated.
+
+    An explicit size the model cannot make is refused here (InvalidRequest), before
+    a round trip; an aspect ratio becomes the exact size on models that take any
+    size (gpt-image-2, 2.5, 2.6) and the nearest standard size on the others.
+    """
+    rule = size_rule("openai", model)
     if request.size:
+        check_size(rule, request.size)
         width, height = request.size
         return f"{width}x{height}", []
     if not request.aspect_ratio:
         return "1024x1024", []
-    w, h = parse_aspect(request.aspect_ratio)
-    target = math.log(w / h)
-    width, height = min(STANDARD_SIZES, key=lambda size: abs(math.log(size[0] / size[1]) - target))
-    warnings = []
-    if width * h != height * w:
-        warnings.append(
-            f"openai: aspect ratio {request.aspect_ratio} approximated by the nearest standard size "
-            f"{width}x{height} (pass an explicit size for gpt-image-2 custom sizes)"
-        )
+    (width, height), warnings = size_for_aspect(rule, request.aspect_ratio)
     return f"{width}x{height}", warnings
 
 
@@ -72,30 +78,6 @@ def _redact(text: str, secret: str | None) -> str:
     if secret:
         text = text.replace(secret, "***")
     return _KEY_LIKE.sub("sk-***", text)
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
-    if headers is None:
-        return None
-    value = headers.get("retry-after-ms")
-    if value is not None:
-        try:
-            return float(value) / 1000
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 class _CallLedger:
@@ -174,12 +156,16 @@ class OpenAIBackend:
     def generate(self, request: ImageRequest) -> ImageResult:
         """Make `request.n` images; the per-call timeout is `request.timeout_s`."""
         model = request.model or self.default_model()
-        size, warnings = choose_size(request)
+        size, warnings = choose_size(request, model)
+        quality = request.quality or self._settings.openai_quality
+        if quality not in QUALITIES:
+            raise InvalidRequest(f"openai: quality must be one of {', '.join(QUALITIES)}, not {quality!r}")
         if request.seed is not None:
             warnings.append("openai has no seed; seed was ignored and images are not reproducible")
         if request.negative_prompt:
             warnings.append("openai has no negative prompt; negative_prompt was ignored")
         extra = {k: request.options[k] for k in PASSTHROUGH_OPTIONS if k in request.options}
+        extra["quality"] = quality
         warnings.extend(
             f"openai ignores option {key!r}" for key in request.options if key not in PASSTHROUGH_OPTIONS
         )
@@ -237,7 +223,7 @@ class OpenAIBackend:
         if isinstance(exc, ImagenError):
             return exc
         if isinstance(exc, openai.APITimeoutError):
-            return ProviderTimeout(f"openai model {model}: no answer within the timeout")
+            return timeout_error("openai", model, exc.__cause__, retry=self._settings.retry_timeouts)
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__ or exc
             detail = one_line(_redact(f"{type(cause).__name__}: {cause}", secret))
@@ -254,7 +240,7 @@ class OpenAIBackend:
         body = exc.body if isinstance(exc.body, Mapping) else {}
         message = one_line(_redact(str(body.get("message") or exc.message), secret))
         request_id = f" (request id {exc.request_id})" if exc.request_id else ""
-        if code in BLOCKED_CODES:
+        if code in BLOCKED_CODES or (exc.type == REFUSAL_TYPE and not code):
             return ContentBlocked(
                 f"openai model {model}: refused by the safety system ({label}): {message}{request_id}"
             )
@@ -263,14 +249,25 @@ class OpenAIBackend:
         if status == 429:
             return RateLimited(
                 f"openai model {model}: rate limited ({label}): {message}{request_id}",
-                retry_after=_retry_after(exc.response.headers),
+                retry_after=retry_after_from_headers(exc.response.headers),
             )
         if status >= 500 or status in (408, 409):
             return TransientError(
                 f"openai model {model}: provider error ({label}): {message}{request_id}",
-                retry_after=_retry_after(exc.response.headers),
+                retry_after=retry_after_from_headers(exc.response.headers),
             )
-        if status in (401, 403):
+        if status == 403 and _VERIFICATION.search(message):
+            return AuthError(
+                f"openai: the organization must be verified before it can use {model} ({label}): {message}; "
+                f"the API key is fine: verify the organization at {VERIFY_URL} (access can take "
+                "up to 15 minutes to arrive), or set IMAGEN_OPENAI_MODEL to a model it may use"
+            )
+        if status == 403:
+            return AuthError(
+                f"openai: not allowed to use {model} ({label}): {message}; check the API key's project "
+                "permissions and model access, and that the organization may use the API from here"
+            )
+        if status == 401:
             return AuthError(f"openai: credentials rejected ({label}): {message}; check OPENAI_API_KEY")
         if status == 404:
             return InvalidRequest(f"openai model {model!r} not found or retired ({label}): {message}")

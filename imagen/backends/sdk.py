@@ -9,16 +9,23 @@ so the pipeline records the failed call. Nothing here knows a provider.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Generic, TypeVar
 
+import httpx2
+
 from imagen.backends.base import Usage
-from imagen.errors import ImagenError
+from imagen.errors import ImagenError, ProviderTimeout, RetriableProviderTimeout, TransientError
 
 T = TypeVar("T")
 
 MAX_MESSAGE = 300
+_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class LazyClient(Generic[T]):
@@ -47,3 +54,74 @@ def attach_usage(error: ImagenError, usage: Usage) -> ImagenError:
     carrier: Any = error
     carrier.usage = usage
     return error
+
+
+def _duration(text: str) -> float | None:
+    """'1s', '6m0s', '20ms', '1h2m3.5s' (OpenAI's x-ratelimit-reset-*) or a bare number -> seconds."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _GO_DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def retry_after_from_headers(headers: Any) -> float | None:
+    """Seconds to wait, from the headers of a 429 or 5xx, or None when they give no hint.
+
+    `retry-after-ms` wins, then `retry-after` (seconds or an HTTP date), then
+    OpenAI's `x-ratelimit-reset-requests`/`-tokens`: of those, the reset of a
+    limit whose `x-ratelimit-remaining-*` is 0, or the later one when neither says.
+    """
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is not None:
+        seconds = _duration(value)
+        if seconds is not None:
+            return max(0.0, seconds)
+        try:
+            return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+        except (TypeError, ValueError):
+            pass
+    resets = {}
+    for limit in ("requests", "tokens"):
+        reset = headers.get(f"x-ratelimit-reset-{limit}")
+        seconds = _duration(reset) if reset is not None else None
+        if seconds is not None:
+            resets[limit] = seconds
+    exhausted = [s for limit, s in resets.items() if headers.get(f"x-ratelimit-remaining-{limit}") == "0"]
+    chosen = exhausted or list(resets.values())
+    return max(chosen) if chosen else None
+
+
+def timeout_error(provider: str, model: str, cause: BaseException | None, *, retry: bool) -> ImagenError:
+    """A timeout as the pipeline should see it.
+
+    Nothing was sent when connecting (or waiting for a pooled connection) timed
+    out, so that is a plain TransientError. Any later timeout may have left the
+    provider making, and billing, the image: a ProviderTimeout, not retried
+    unless the operator opted in (IMAGEN_RETRY_TIMEOUTS=true).
+    """
+    if isinstance(cause, httpx2.ConnectTimeout | httpx2.PoolTimeout):
+        return TransientError(f"{provider}: could not connect in time ({type(cause).__name__})")
+    kind = type(cause).__name__ if cause is not None else "timeout"
+    if retry:
+        return RetriableProviderTimeout(
+            f"{provider} model {model}: no answer within the timeout ({kind}); retrying, "
+            "which may bill the image twice (IMAGEN_RETRY_TIMEOUTS=true)"
+        )
+    return ProviderTimeout(
+        f"{provider} model {model}: no answer within the timeout ({kind}); not retried because the "
+        "provider may still make and bill the image (raise IMAGEN_PROVIDER_TIMEOUT, or set "
+        "IMAGEN_RETRY_TIMEOUTS=true to retry anyway)"
+    )

@@ -98,6 +98,11 @@ def _usage_sink(settings: Settings, out_dir: Path, sync: bool) -> Any:
 )
 @click.option("--negative", help="negative prompt (where the backend supports one)")
 @click.option(
+    "--quality",
+    type=click.Choice(["auto", "low", "medium", "high", "xhigh", "max"]),
+    help="openai image quality, its main cost lever  [default: IMAGEN_OPENAI_QUALITY or auto]",
+)
+@click.option(
     "--out",
     "out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -112,7 +117,7 @@ def _usage_sink(settings: Settings, out_dir: Path, sync: bool) -> Any:
 @handle_errors
 def generate(
     prompt: str, backend: str | None, model: str | None, count: int, size: str | None, aspect: str | None,
-    preset: str | None, seed: int | None, negative: str | None, out: Path | None, sync: bool,
+    preset: str | None, seed: int | None, negative: str | None, quality: str | None, out: Path | None, sync: bool,
     owner: UUID | None, ownerless: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Generate images for PROMPT and write them (with JSON sidecars) to the output folder.
@@ -145,7 +150,7 @@ def generate(
         seed = random.randrange(2**31)  # recorded in each sidecar, so any image can be drawn again
     spec = GenerateSpec(
         prompt=prompt, backend=backend, model=model, n=count, size=parsed_size, aspect_ratio=aspect,
-        preset=preset, seed=seed, negative_prompt=negative,
+        preset=preset, seed=seed, negative_prompt=negative, quality=quality,
     )  # fmt: skip
     owner_id = owner or settings.owner_user_id
     if sync and owner_id is None and not ownerless:
@@ -202,9 +207,10 @@ def generate(
         click.echo(f"warning: {warning}", err=True)
     for written in result.written:
         click.echo(str(written.path))
-    cost = result.usage.cost_usd
+    cost, basis = result.usage.cost_usd, result.usage.cost_basis or ""
+    priced = f", est. ${cost:.4f}" if cost else (f", cost unknown ({basis})" if cost is None else "")
     click.echo(
         f"{len(result.written)} image(s) from {result.backend}/{result.model} in "
-        f"{result.usage.latency_ms / 1000:.2f}s" + (f", est. ${cost:.4f}" if cost else ""),
+        f"{result.usage.latency_ms / 1000:.2f}s{priced}",
         err=True,
     )

@@ -252,7 +252,13 @@ def show(job_id: UUID, as_json: bool) -> None:
     if detail.usage:
         click.echo("usage")
         for use in detail.usage:
-            cost = f"${float(use['cost_usd']):.4f}" if use["cost_usd"] is not None else "cost -"
+            cost = (
+                f"${float(use['cost_usd']):.4f}"
+                if use["cost_usd"] is not None
+                else (
+                    "cost unpriced" if str(use.get("cost_basis") or "").startswith("unpriced") else "cost -"
+                )
+            )
             outcome = "ok" if use["ok"] else f"failed: {_short(use['error'], 60)}"
             click.echo(
                 f"  {_when(use['created_at'])}  {use['backend']}/{use['model']}  images {use['images']}  "
@@ -341,7 +347,9 @@ def stats(window: timedelta, as_json: bool) -> None:
     Pickup is pending -> claimed_at (the last claim), counted from created_at or,
     for a retried or rescued job, from when it became pending again (pending_at);
     total is created_at -> finished_at; both over done jobs that finished inside
-    the window.
+    the window. Cost is the estimated provider spend of the usage rows written in
+    the window; calls the price table cannot cost are counted and named, not
+    silently left out.
     """
     with _connection() as conn:
         result = jobs_admin.job_stats(conn, window)
@@ -364,6 +372,13 @@ def stats(window: timedelta, as_json: bool) -> None:
         "  (pending -> claimed, done jobs in the window)",
         f"total       p50 {_duration(result.total_p50)}  p95 {_duration(result.total_p95)}"
         "  (created -> finished, done jobs in the window)",
+        f"cost        ${result.cost_usd:.4f} est. over {result.provider_calls} provider call(s) in the window"
+        + (
+            f"; {result.unpriced_calls} call(s) UNPRICED, not counted "
+            f"({', '.join(result.unpriced_models)}: see usage.cost_basis)"
+            if result.unpriced_calls
+            else ""
+        ),
     ]
     click.echo("\n".join(lines))
 

@@ -266,6 +266,127 @@ def test_openai_backend_writes_the_image_the_provider_returned(
     assert payload["usage"]["output_tokens"] == 196
 
 
+GEMINI_KEY = "AIzaSy-test-key-0000000000"
+
+
+def gemini_reply(image: bytes, usage: dict[str, Any]) -> ScriptedResponse:
+    """A generateContent answer in the wire format (shared/reference/providers.md §1.3)."""
+    part = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(image).decode()}}
+    return ScriptedResponse(
+        body={
+            "candidates": [
+                {"content": {"role": "model", "parts": [part]}, "finishReason": "STOP", "index": 0}
+            ],
+            "usageMetadata": usage,
+            "modelVersion": "gemini-2.5-flash-image",
+            "responseId": "resp-1",
+        }
+    )
+
+
+def test_gemini_first_call_with_only_key_and_address_writes_the_image_and_costs_about_four_cents(
+    tmp_path: Path, out: Path, provider: FakeProvider
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    served = png_bytes(128, 72, (30, 160, 90))
+    # No per-modality breakdown, as some responses come: the image must still cost what it costs.
+    provider.reply(
+        gemini_reply(served, {"promptTokenCount": 7, "candidatesTokenCount": 1290, "totalTokenCount": 1297})
+    )
+
+    payload = generate_json(
+        tmp_path, out, "--backend", "gemini", "--aspect", "16:9",
+        GEMINI_API_KEY=GEMINI_KEY, GOOGLE_GEMINI_BASE_URL=provider.url, IMAGEN_USAGE_LOG=str(ledger),
+    )  # fmt: skip
+
+    (request,) = provider.requests
+    assert (request.method, request.path) == ("POST", "/v1beta/models/gemini-2.5-flash-image:generateContent")
+    assert request.headers["x-goog-api-key"] == GEMINI_KEY
+    assert request.body["generationConfig"]["imageConfig"] == {"aspectRatio": "16:9"}
+    (image,) = payload["images"]
+    assert Path(image["path"]).read_bytes() == served
+    (record,) = [json.loads(row) for row in ledger.read_text(encoding="utf-8").splitlines()]
+    assert (record["backend"], record["model"], record["ok"], record["images"]) == (
+        "gemini", "gemini-2.5-flash-image", True, 1,
+    )  # fmt: skip
+    assert record["cost_usd"] == pytest.approx(0.0387, abs=0.0005)
+    assert "gemini-2.5-flash-image as of" in record["cost_basis"]
+    assert GEMINI_KEY not in ledger.read_text(encoding="utf-8")
+
+
+def test_openai_first_call_with_only_key_and_address_sends_an_exact_size_and_records_its_cost(
+    tmp_path: Path, out: Path, provider: FakeProvider
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    served = png_bytes(128, 72, (200, 60, 20))
+    usage = {
+        **OPENAI_USAGE,
+        "output_tokens": 1584,
+        "output_tokens_details": {"image_tokens": 1584, "text_tokens": 0},
+    }
+    provider.reply(
+        ScriptedResponse(
+            body={"created": 1, "data": [{"b64_json": base64.b64encode(served).decode()}], "usage": usage}
+        )
+    )
+
+    payload = generate_json(
+        tmp_path, out, "--backend", "openai", "--aspect", "16:9", "--quality", "medium",
+        OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=f"{provider.url}/v1", IMAGEN_USAGE_LOG=str(ledger),
+    )  # fmt: skip
+
+    (request,) = provider.requests
+    assert (request.body["model"], request.body["size"], request.body["quality"]) == (
+        "gpt-image-2.5-flare", "1280x720", "medium",
+    )  # fmt: skip
+    assert payload["warnings"] == []
+    (record,) = [json.loads(row) for row in ledger.read_text(encoding="utf-8").splitlines()]
+    assert record["cost_usd"] == pytest.approx((9 * 5.0 + 1584 * 30.0) / 1e6)
+    assert 0.04 < record["cost_usd"] < 0.06
+    assert "(secondary source)" in record["cost_basis"]
+
+
+def test_unpriced_model_is_said_to_cost_unknown_not_nothing(
+    tmp_path: Path, out: Path, provider: FakeProvider
+) -> None:
+    provider.reply(
+        ScriptedResponse(
+            body={
+                "created": 1,
+                "data": [{"b64_json": base64.b64encode(png_bytes()).decode()}],
+                "usage": OPENAI_USAGE,
+            }
+        )
+    )
+
+    result = imagen(
+        tmp_path, "generate", PROMPT, "--out", str(out), "--backend", "openai", "--model", "gpt-image-9",
+        OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=f"{provider.url}/v1",
+    )  # fmt: skip
+
+    assert result.returncode == 0, explain(result)
+    assert "cost unknown (unpriced: no price for model 'gpt-image-9'" in result.stderr
+    (record,) = [json.loads(row) for row in (out / "usage.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert record["cost_usd"] is None
+    assert record["cost_basis"].startswith("unpriced:")
+
+
+def test_openai_size_the_model_cannot_make_fails_before_any_request_and_records_the_refusal(
+    tmp_path: Path, out: Path, provider: FakeProvider
+) -> None:
+    result = imagen(
+        tmp_path, "generate", PROMPT, "--out", str(out), "--backend", "openai", "--size", "1000x700",
+        OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=f"{provider.url}/v1",
+    )  # fmt: skip
+
+    assert result.returncode == 1, explain(result)
+    (line,) = result.stderr.strip().splitlines()
+    assert "cannot make 1000x700" in line and "multiple of 16" in line
+    assert provider.requests == []
+    (record,) = [json.loads(row) for row in (out / "usage.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert (record["ok"], record["images"], record["cost_usd"]) == (False, 0, 0.0)
+
+
 def test_openai_run_without_seed_warns_about_nothing(
     tmp_path: Path, out: Path, provider: FakeProvider
 ) -> None:

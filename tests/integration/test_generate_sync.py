@@ -88,3 +88,34 @@ def test_generate_sync_without_an_owner_refuses_before_generating(db_url: str, t
     assert not (tmp_path / "out").exists(), "nothing generated when the sync could not be owned"
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM imagen.images").fetchone() == (0,)
+
+
+def test_gemini_generate_sync_writes_a_usage_row_with_a_plausible_cost_and_its_basis(
+    db_url: str, tmp_path: Path
+) -> None:
+    import base64
+
+    from tests.fake_providers import ScriptedResponse, fake_provider, png_bytes
+
+    part = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png_bytes(64, 64)).decode()}}
+    body = {
+        "candidates": [{"content": {"role": "model", "parts": [part]}, "finishReason": "STOP"}],
+        "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 1290, "totalTokenCount": 1297},
+        "modelVersion": "gemini-2.5-flash-image",
+    }
+    with fake_provider() as provider:
+        provider.reply(ScriptedResponse(body=body))
+        env = clean_env(
+            IMAGEN_DATABASE_URL=db_url, IMAGEN_STORAGE_DIR=str(tmp_path / "storage"),
+            IMAGEN_OWNER_USER_ID=str(uuid.uuid4()), GEMINI_API_KEY="AIza-test", GOOGLE_GEMINI_BASE_URL=provider.url,
+            NO_PROXY="127.0.0.1,localhost",
+        )  # fmt: skip
+        result = run_imagen("generate", "a fox", "--backend", "gemini", "--sync", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(db_url) as conn:
+        ((backend, model, cost, basis),) = conn.execute(
+            "SELECT backend, model, cost_usd, cost_basis FROM imagen.usage"
+        ).fetchall()
+    assert (backend, model) == ("gemini", "gemini-2.5-flash-image")
+    assert 0.038 < float(cost) < 0.04
+    assert "gemini-2.5-flash-image as of" in basis

@@ -152,6 +152,11 @@ def test_show_prints_stage_timings_error_and_usage_of_a_failed_job(db_url: str, 
             " VALUES (%s, %s, 'mock', 'mock-1', 0, 12, false, 'simulated transient failure')",
             (OWNER_A, job_id),
         )
+        conn.execute(
+            "INSERT INTO imagen.usage (owner_user_id, job_id, backend, model, images, ok, cost_basis)"
+            " VALUES (%s, %s, 'openai', 'gpt-image-9', 1, true, 'unpriced: no price for model')",
+            (OWNER_A, job_id),
+        )
 
     text = ok(imagen_jobs("show", str(job_id)))
     lines = text.splitlines()
@@ -171,6 +176,8 @@ def test_show_prints_stage_timings_error_and_usage_of_a_failed_job(db_url: str, 
     assert "image       -" in lines
     usage = [line for line in lines if "mock/mock-1" in line]
     assert len(usage) == 1 and "failed: simulated transient failure" in usage[0]
+    (unpriced,) = [line for line in lines if "openai/gpt-image-9" in line]
+    assert "cost unpriced" in unpriced
 
     data = json.loads(ok(imagen_jobs("show", str(job_id), "--json")))
     assert data["job"]["id"] == str(job_id) and data["job"]["status"] == "failed"
@@ -181,7 +188,8 @@ def test_show_prints_stage_timings_error_and_usage_of_a_failed_job(db_url: str, 
         ("failed", 1.25),
     ]
     assert data["image"] is None
-    assert [(u["backend"], u["ok"]) for u in data["usage"]] == [("mock", False)]
+    assert [(u["backend"], u["ok"]) for u in data["usage"]] == [("mock", False), ("openai", True)]
+    assert data["usage"][1]["cost_basis"].startswith("unpriced:")
 
     missing = imagen_jobs("show", str(uuid.uuid4()))
     assert missing.returncode == 1 and missing.stderr.startswith("imagen: no job "), explain(missing)
@@ -349,8 +357,9 @@ def test_stats_reports_counts_depth_oldest_pending_and_percentiles(db_url: str, 
     text = ok(imagen_jobs("stats")).splitlines()
     assert text[0].startswith("pending     2  (queue depth; oldest 5m")
     assert text[1] == "running     3  (generating 2, syncing 1)"
-    assert "pickup      p50 350.0 ms  p95 " in text[-2]
-    assert text[-1].startswith("total       p50 1.20 s  p95 ")
+    assert "pickup      p50 350.0 ms  p95 " in text[-3]
+    assert text[-2].startswith("total       p50 1.20 s  p95 ")
+    assert text[-1] == "cost        $0.0000 est. over 0 provider call(s) in the window"
 
     bad = imagen_jobs("stats", "--window", "soon")
     assert bad.returncode == 2 and "not a duration" in bad.stderr, explain(bad)
@@ -361,6 +370,33 @@ def test_stats_on_an_empty_table_prints_no_latencies(db_url: str, imagen_jobs: R
     assert data["counts"] == dict.fromkeys(("pending", "running", "done", "failed", "cancelled"), 0)
     assert data["oldest_pending_seconds"] is None and data["pickup_p50"] is None
     assert "pickup      p50 -  p95 -" in ok(imagen_jobs("stats"))
+
+
+def test_stats_counts_provider_spend_and_names_calls_the_price_table_cannot_cost(
+    db_url: str, imagen_jobs: Run
+) -> None:
+    rows = [
+        ("gemini", "gemini-2.5-flash-image", 0.0387, "imagen/data/prices.toml gemini-2.5-flash-image ..."),
+        ("openai", "gpt-image-2.5-flare", 0.0060, "imagen/data/prices.toml gpt-image-2.5-flare ..."),
+        ("openai", "gpt-image-9", None, "unpriced: no price for model 'gpt-image-9'"),
+    ]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for backend, model, cost, basis in rows:
+            conn.execute(
+                "INSERT INTO imagen.usage (backend, model, images, ok, cost_usd, cost_basis)"
+                " VALUES (%s, %s, 1, true, %s, %s)",
+                (backend, model, cost, basis),
+            )
+
+    data = json.loads(ok(imagen_jobs("stats", "--json")))
+    text = ok(imagen_jobs("stats"))
+
+    assert data["provider_calls"] == 3
+    assert data["cost_usd"] == pytest.approx(0.0447)
+    assert (data["unpriced_calls"], data["unpriced_models"]) == (1, ["openai/gpt-image-9"])
+    assert "$0.0447 est. over 3 provider call(s)" in text
+    assert "1 call(s) UNPRICED" in text
+    assert "openai/gpt-image-9" in text
 
 
 def test_prune_deletes_only_old_terminal_jobs_and_dry_run_deletes_nothing(

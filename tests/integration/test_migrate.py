@@ -21,6 +21,7 @@ ALL = [
     "005_running_index.sql",
     "006_job_ownership.sql",
     "008_pending_wakeup.sql",
+    "009_usage_cost_basis.sql",
 ]
 
 
@@ -153,6 +154,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "005_running_index.sql": "applied",
         "006_job_ownership.sql": "applied",
         "008_pending_wakeup.sql": "applied",
+        "009_usage_cost_basis.sql": "applied",
         "099_next.sql": "pending",
     }
 

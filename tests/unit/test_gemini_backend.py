@@ -91,11 +91,8 @@ def server() -> Iterator[FakeProvider]:
 
 
 def make_backend(server: FakeProvider, **overrides: Any) -> GeminiBackend:
-    fields: dict[str, Any] = {
-        "gemini_api_key": KEY,
-        "gemini_base_url": server.url,
-        "gemini_api_version": "v1beta",
-    }
+    """A backend configured as an operator would: key and address only, API version left unset."""
+    fields: dict[str, Any] = {"gemini_api_key": KEY, "gemini_base_url": server.url}
     fields.update(overrides)
     return GeminiBackend(Settings(_env_file=None, **fields))
 
@@ -174,7 +171,9 @@ def test_nearest_aspect_ratio_keeps_exact_ratios_and_rounds_others() -> None:
     assert nearest_aspect_ratio(1080, 1920) == "9:16"
     assert nearest_aspect_ratio(1024, 1024) == "1:1"
     assert nearest_aspect_ratio(2520, 1080) == "21:9"
-    assert nearest_aspect_ratio(5, 4) == "4:3"
+    assert nearest_aspect_ratio(5, 4) == "5:4"
+    assert nearest_aspect_ratio(4, 5) == "4:5"
+    assert nearest_aspect_ratio(7, 5) == "4:3"
 
 
 def test_negative_prompt_is_a_warning_not_an_error_and_is_not_sent(server: FakeProvider) -> None:
@@ -316,15 +315,27 @@ def test_server_errors_are_transient_after_exactly_one_request(
     assert (usage.ok, usage.backend, usage.model) == (False, "gemini", MODEL)
 
 
-def test_slow_answer_past_the_timeout_is_a_transient_provider_timeout(server: FakeProvider) -> None:
+def test_slow_answer_past_the_timeout_is_not_retried_by_default_because_it_may_bill_twice(
+    server: FakeProvider,
+) -> None:
     server.reply(ScriptedResponse(body=image_response(), delay_s=5.0))
     started = time.monotonic()
     error = fail(make_backend(server), ImageRequest(prompt="a red fox", timeout_s=0.3))
 
     assert isinstance(error, ProviderTimeout)
-    assert error.is_transient
+    assert not isinstance(error, TransientError)
+    assert not error.is_transient
+    assert "bill" in str(error)
     assert time.monotonic() - started < 3.0
     assert len(server.requests) == 1
+
+
+def test_slow_answer_is_a_transient_timeout_when_the_operator_opts_in(server: FakeProvider) -> None:
+    server.reply(ScriptedResponse(body=image_response(), delay_s=5.0))
+    error = fail(make_backend(server, retry_timeouts=True), ImageRequest(prompt="a red fox", timeout_s=0.3))
+
+    assert isinstance(error, ProviderTimeout)
+    assert error.is_transient
 
 
 def test_refused_connection_is_transient() -> None:
@@ -335,7 +346,6 @@ def test_refused_connection_is_transient() -> None:
         _env_file=None,
         gemini_api_key=KEY,
         gemini_base_url=f"http://127.0.0.1:{port}",
-        gemini_api_version="v1beta",
     )
     error = fail(GeminiBackend(settings))
 
@@ -370,7 +380,8 @@ def test_404_is_invalid_request_naming_the_retired_model(server: FakeProvider) -
     assert isinstance(error, InvalidRequest)
     assert not error.is_transient
     assert MODEL in str(error)
-    assert "not found or retired" in str(error)
+    assert "not found at API version v1beta" in str(error)
+    assert "retired" in str(error)
     assert len(server.requests) == 1
 
 
@@ -411,3 +422,183 @@ def test_missing_key_is_auth_error_naming_both_variables_without_a_request(serve
     assert "GOOGLE_API_KEY" in str(error)
     assert "\n" not in str(error)
     assert server.requests == []
+
+
+def test_api_version_left_unset_goes_to_v1beta_where_image_output_is_documented(server: FakeProvider) -> None:
+    server.reply(ScriptedResponse(body=image_response()))
+    make_backend(server).generate(ImageRequest(prompt="a red fox"))
+
+    assert server.requests[0].path == f"/v1beta/models/{MODEL}:generateContent"
+
+
+def test_an_explicit_v1_is_honoured_and_its_404_names_the_version_to_change(server: FakeProvider) -> None:
+    server.reply(
+        api_error(
+            404,
+            "NOT_FOUND",
+            f"models/{MODEL} is not found for API version v1, or is not supported for generateContent.",
+        )
+    )
+    error = fail(make_backend(server, gemini_api_version="v1"))
+
+    assert server.requests[0].path == f"/v1/models/{MODEL}:generateContent"
+    assert isinstance(error, InvalidRequest)
+    assert "API version v1" in str(error)
+    assert "GOOGLE_GENAI_API_VERSION" in str(error)
+
+
+def test_unknown_field_400_on_another_version_points_at_the_version(server: FakeProvider) -> None:
+    server.reply(
+        api_error(
+            400,
+            "INVALID_ARGUMENT",
+            "Invalid JSON payload received. Unknown name \"imageConfig\" at 'generation_config': Cannot find field.",
+        )
+    )
+    error = fail(make_backend(server, gemini_api_version="v1"))
+
+    assert isinstance(error, InvalidRequest)
+    assert "GOOGLE_GENAI_API_VERSION" in str(error)
+
+
+def test_response_without_modality_breakdown_still_costs_an_image(server: FakeProvider) -> None:
+    body = image_response()
+    body["usageMetadata"] = {"promptTokenCount": 9, "candidatesTokenCount": 1290, "totalTokenCount": 1299}
+    server.reply(ScriptedResponse(body=body))
+    usage = make_backend(server).generate(ImageRequest(prompt="a red fox")).usage
+
+    assert usage.image_output_tokens == 1290
+    cost = estimate_cost(usage)
+    assert cost == pytest.approx((9 * 0.30 + 1290 * 30.0) / 1e6)
+    assert 0.03 < cost < 0.05
+
+
+def test_text_only_answer_without_breakdown_is_not_priced_as_image_tokens(server: FakeProvider) -> None:
+    server.reply(
+        ScriptedResponse(
+            body={
+                "candidates": [
+                    {"content": {"role": "model", "parts": [{"text": "no"}]}, "finishReason": "NO_IMAGE"}
+                ],
+                "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 8, "totalTokenCount": 17},
+            }
+        )
+    )
+    error = fail(make_backend(server))
+
+    assert usage_of(error).image_output_tokens is None
+
+
+@pytest.mark.parametrize(
+    ("model", "aspect", "sent", "warned"),
+    [
+        (MODEL, "4:5", "4:5", False),
+        (MODEL, "5:4", "5:4", False),
+        (MODEL, "4:1", "21:9", True),
+        ("gemini-3.1-flash-image", "4:1", "4:1", False),
+        ("gemini-3.1-flash-lite-image", "1:8", "1:8", False),
+    ],
+)
+def test_aspect_ratios_follow_the_model(
+    server: FakeProvider, model: str, aspect: str, sent: str, warned: bool
+) -> None:
+    body = image_response()
+    body["modelVersion"] = model
+    server.reply(ScriptedResponse(body=body))
+    result = make_backend(server).generate(ImageRequest(prompt="a red fox", aspect_ratio=aspect, model=model))
+
+    assert server.requests[0].body["generationConfig"]["imageConfig"] == {"aspectRatio": sent}
+    assert bool(result.warnings) is warned
+
+
+def test_person_generation_with_an_api_key_is_a_typed_invalid_request_without_a_request(
+    server: FakeProvider,
+) -> None:
+    request = ImageRequest(prompt="a red fox", options={"person_generation": "ALLOW_ADULT"})
+    error = fail(make_backend(server), request)
+
+    assert isinstance(error, InvalidRequest)
+    assert "Vertex" in str(error)
+    assert server.requests == []
+
+
+def test_free_tier_per_minute_429_with_a_real_limit_is_a_transient_rate_limit(server: FakeProvider) -> None:
+    details = quota_details("GenerateRequestsPerMinutePerProjectPerModel-FreeTier", retry_delay="21s")
+    details[0]["violations"][0]["quotaValue"] = "10"
+    server.reply(api_error(429, "RESOURCE_EXHAUSTED", "You exceeded your current quota.", details))
+    error = fail(make_backend(server))
+
+    assert isinstance(error, RateLimited)
+    assert error.retry_after == 21.0
+
+
+def test_free_tier_429_with_limit_zero_is_permanent_and_says_to_enable_billing(server: FakeProvider) -> None:
+    details = quota_details("GenerateRequestsPerMinutePerProjectPerModel-FreeTier")
+    details[0]["violations"][0]["quotaValue"] = "0"
+    server.reply(
+        api_error(
+            429,
+            "RESOURCE_EXHAUSTED",
+            "Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_free_tier_requests, "
+            f"limit: 0, model: {MODEL}",
+            details,
+        )
+    )
+    error = fail(make_backend(server))
+
+    assert isinstance(error, QuotaExhausted)
+    assert "billing" in str(error)
+
+
+def test_429_without_retry_info_takes_retry_after_from_the_header(server: FakeProvider) -> None:
+    error_body = {"error": {"code": 429, "message": "Resource exhausted.", "status": "RESOURCE_EXHAUSTED"}}
+    server.reply(ScriptedResponse(429, error_body, headers={"retry-after": "12"}))
+    error = fail(make_backend(server))
+
+    assert isinstance(error, RateLimited)
+    assert error.retry_after == 12.0
+
+
+def vertex_refresh_error(token_server: FakeProvider | None) -> Exception:
+    """The exception google-auth really raises when a Vertex token refresh meets this token endpoint."""
+    from google.auth.transport.requests import Request
+    from google.oauth2.credentials import Credentials
+
+    if token_server is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            uri = f"http://127.0.0.1:{sock.getsockname()[1]}/token"
+    else:
+        uri = f"{token_server.url}/token"
+    credentials = Credentials(token=None, refresh_token="r", client_id="c", client_secret="s", token_uri=uri)
+    with pytest.raises(Exception) as caught:
+        credentials.refresh(Request())  # type: ignore[no-untyped-call]
+    return caught.value
+
+
+def test_vertex_token_refresh_that_cannot_reach_the_token_endpoint_is_transient(server: FakeProvider) -> None:
+    error = make_backend(server).translate(vertex_refresh_error(None), MODEL)
+
+    assert isinstance(error, TransientError)
+    assert not isinstance(error, AuthError)
+
+
+def test_vertex_token_refresh_refused_by_the_token_endpoint_is_an_auth_error(server: FakeProvider) -> None:
+    server.reply(ScriptedResponse(400, {"error": "invalid_grant", "error_description": "Bad Request"}))
+    error = make_backend(server).translate(vertex_refresh_error(server), MODEL)
+
+    assert isinstance(error, AuthError)
+    assert "invalid_grant" in str(error)
+
+
+def test_transport_errors_outside_httpx2_are_translated(server: FakeProvider) -> None:
+    import requests
+
+    backend = make_backend(server)
+
+    assert isinstance(backend.translate(requests.exceptions.ConnectionError("reset"), MODEL), TransientError)
+    assert isinstance(backend.translate(requests.exceptions.ConnectTimeout("slow"), MODEL), TransientError)
+    read_timeout = backend.translate(requests.exceptions.ReadTimeout("slow"), MODEL)
+    assert isinstance(read_timeout, ProviderTimeout)
+    assert not read_timeout.is_transient
+    assert isinstance(backend.translate(ConnectionResetError("reset"), MODEL), TransientError)

@@ -104,6 +104,7 @@ def test_generate_posts_model_prompt_n_size_and_png_with_bearer_key(server: Fake
         "prompt": "a red fox",
         "n": 2,
         "size": "1536x1024",
+        "quality": "auto",
         "output_format": "png",
     }
     assert [(img.width, img.height, img.mime, img.index, img.seed) for img in result.images] == [
@@ -127,21 +128,28 @@ def test_usage_comes_from_the_response_and_prices_image_tokens_at_image_rate(ser
 
 
 @pytest.mark.parametrize(
-    ("aspect", "size", "warned"),
+    ("model", "aspect", "size", "warned"),
     [
-        ("1:1", "1024x1024", False),
-        ("3:2", "1536x1024", False),
-        ("16:9", "1536x1024", True),
-        ("9:16", "1024x1536", True),
+        (MODEL, "1:1", "1024x1024", False),
+        (MODEL, "3:2", "1536x1024", False),
+        (MODEL, "16:9", "1280x720", False),
+        (MODEL, "9:16", "720x1280", False),
+        (MODEL, "21:9", "1568x672", False),
+        ("gpt-image-2", "4:5", "896x1120", False),
+        ("gpt-image-1.5", "16:9", "1536x1024", True),
+        ("gpt-image-1-mini", "9:16", "1024x1536", True),
+        ("chatgpt-image-latest", "1:1", "1024x1024", False),
     ],
 )
-def test_aspect_ratio_maps_to_a_standard_size_and_warns_when_approximate(
-    server: FakeProvider, aspect: str, size: str, warned: bool
+def test_aspect_ratio_is_exact_on_models_with_free_sizes_and_nearest_standard_size_on_the_others(
+    server: FakeProvider, model: str, aspect: str, size: str, warned: bool
 ) -> None:
     server.reply(ScriptedResponse(body=images_response()))
-    result = make_backend(server).generate(ImageRequest(prompt="a red fox", aspect_ratio=aspect))
+    result = make_backend(server).generate(ImageRequest(prompt="a red fox", aspect_ratio=aspect, model=model))
 
     assert server.requests[0].body["size"] == size
+    width, height = map(int, size.split("x"))
+    assert width % 16 == 0 and height % 16 == 0
     assert any(aspect in w for w in result.warnings) is warned
 
 
@@ -190,11 +198,11 @@ def test_400_moderation_is_permanent_content_blocked_after_one_request(
 
 
 def test_other_400_is_invalid_request(server: FakeProvider) -> None:
-    server.reply(api_error(400, "invalid_value", "Invalid size '1000x700'. Sides must be multiples of 16."))
-    error = fail(make_backend(server), ImageRequest(prompt="a red fox", size=(1000, 700)))
+    server.reply(api_error(400, "invalid_value", "Invalid value for 'background': 'sparkly'."))
+    error = fail(make_backend(server))
 
     assert isinstance(error, InvalidRequest)
-    assert "multiples of 16" in str(error)
+    assert "sparkly" in str(error)
 
 
 def test_429_rate_limit_is_transient_and_honours_retry_after(server: FakeProvider) -> None:
@@ -246,15 +254,28 @@ def test_server_errors_are_transient_after_exactly_one_request(server: FakeProvi
     assert (usage.ok, usage.backend, usage.model) == (False, "openai", MODEL)
 
 
-def test_slow_answer_past_the_timeout_is_a_transient_provider_timeout(server: FakeProvider) -> None:
+def test_slow_answer_past_the_timeout_is_not_retried_by_default_because_it_may_bill_twice(
+    server: FakeProvider,
+) -> None:
     server.reply(ScriptedResponse(body=images_response(), delay_s=5.0))
     started = time.monotonic()
     error = fail(make_backend(server), ImageRequest(prompt="a red fox", timeout_s=0.3))
 
     assert isinstance(error, ProviderTimeout)
-    assert error.is_transient
+    assert not isinstance(error, TransientError)
+    assert not error.is_transient
+    assert "IMAGEN_RETRY_TIMEOUTS" in str(error)
     assert time.monotonic() - started < 3.0
     assert len(server.requests) == 1
+
+
+def test_slow_answer_is_a_transient_timeout_when_the_operator_opts_in(server: FakeProvider) -> None:
+    server.reply(ScriptedResponse(body=images_response(), delay_s=5.0))
+    error = fail(make_backend(server, retry_timeouts=True), ImageRequest(prompt="a red fox", timeout_s=0.3))
+
+    assert isinstance(error, ProviderTimeout)
+    assert isinstance(error, TransientError)
+    assert error.is_transient
 
 
 def test_refused_connection_is_transient() -> None:
@@ -313,3 +334,124 @@ def test_missing_key_is_auth_error_naming_the_variable_without_a_request(server:
     assert isinstance(error, AuthError)
     assert "OPENAI_API_KEY" in str(error)
     assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "reason"),
+    [
+        (MODEL, (1000, 700), "multiple of 16"),
+        (MODEL, (3840, 2400), "pixels"),
+        (MODEL, (3072, 768), "too narrow"),
+        (MODEL, (512, 512), "pixels"),
+        ("gpt-image-1.5", (1536, 864), "not one of its sizes"),
+    ],
+)
+def test_size_the_model_cannot_make_is_refused_before_any_request(
+    server: FakeProvider, model: str, size: tuple[int, int], reason: str
+) -> None:
+    error = fail(make_backend(server), ImageRequest(prompt="a red fox", size=size, model=model))
+
+    assert isinstance(error, InvalidRequest)
+    assert reason in str(error)
+    assert f"{size[0]}x{size[1]}" in str(error)
+    assert server.requests == []
+
+
+def test_custom_size_within_the_limits_is_sent_as_asked(server: FakeProvider) -> None:
+    server.reply(ScriptedResponse(body=images_response()))
+    make_backend(server).generate(ImageRequest(prompt="a red fox", size=(1536, 864)))
+
+    assert server.requests[0].body["size"] == "1536x864"
+
+
+def test_aspect_ratio_beyond_three_to_one_is_refused_before_any_request(server: FakeProvider) -> None:
+    error = fail(make_backend(server), ImageRequest(prompt="a red fox", aspect_ratio="4:1"))
+
+    assert isinstance(error, InvalidRequest)
+    assert "4:1" in str(error)
+    assert server.requests == []
+
+
+def test_quality_comes_from_the_setting_and_a_request_overrides_it(server: FakeProvider) -> None:
+    server.reply(ScriptedResponse(body=images_response()), ScriptedResponse(body=images_response()))
+    backend = make_backend(server, openai_quality="low")
+    backend.generate(ImageRequest(prompt="a red fox"))
+    backend.generate(ImageRequest(prompt="a red fox", quality="high"))
+
+    assert [r.body["quality"] for r in server.requests] == ["low", "high"]
+
+
+def test_403_organization_verification_says_to_verify_not_to_check_the_key(server: FakeProvider) -> None:
+    server.reply(
+        api_error(
+            403,
+            None,
+            "Your organization must be verified to use the model `gpt-image-2.5-flare`. Please go to: "
+            "https://platform.openai.com/settings/organization/general and click on Verify Organization. "
+            "If you just verified, it can take up to 15 minutes for access to propagate.",
+        )
+    )
+    error = fail(make_backend(server))
+
+    assert isinstance(error, AuthError)
+    assert not error.is_transient
+    text = str(error)
+    assert "organization must be verified" in text
+    assert "https://platform.openai.com/settings/organization/general" in text
+    assert "check OPENAI_API_KEY" not in text
+    assert len(server.requests) == 1
+
+
+def test_other_403_points_at_the_projects_permissions(server: FakeProvider) -> None:
+    server.reply(api_error(403, None, "You have insufficient permissions for this operation."))
+    error = fail(make_backend(server))
+
+    assert isinstance(error, AuthError)
+    assert "permissions" in str(error)
+
+
+def test_refusal_with_a_null_code_but_the_image_refusal_type_is_content_blocked(server: FakeProvider) -> None:
+    server.reply(
+        api_error(
+            400,
+            None,
+            "Your request was rejected by the safety system. safety_violations=[violence].",
+            kind="image_generation_user_error",
+        )
+    )
+    error = fail(make_backend(server))
+
+    assert isinstance(error, ContentBlocked)
+    assert "safety system" in str(error)
+    assert usage_of(error).ok is False
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after-ms": "1500", "retry-after": "9"}, 1.5),
+        ({"retry-after": "9"}, 9.0),
+        (
+            {
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "6m0s",
+                "x-ratelimit-remaining-tokens": "5000",
+                "x-ratelimit-reset-tokens": "20ms",
+            },
+            360.0,
+        ),
+        ({"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "2.5s"}, 2.5),
+        ({}, None),
+    ],
+    ids=["retry-after-ms-wins", "retry-after", "reset-of-the-exhausted-limit", "later-reset", "none"],
+)
+def test_429_retry_after_comes_from_the_headers_in_seconds(
+    server: FakeProvider, headers: dict[str, str], seconds: float | None
+) -> None:
+    server.reply(
+        api_error(429, "rate_limit_exceeded", "Rate limit reached.", kind="requests", headers=headers)
+    )
+    error = fail(make_backend(server))
+
+    assert isinstance(error, RateLimited)
+    assert error.retry_after == (pytest.approx(seconds) if seconds is not None else None)

@@ -11,7 +11,15 @@ import pytest
 
 from imagen.backends.base import Usage
 from imagen.errors import ConfigError
-from imagen.prices import RATE_FIELDS, estimate_cost, load_prices, parse_prices, price_for
+from imagen.prices import (
+    RATE_FIELDS,
+    SOURCE_QUALITIES,
+    estimate_cost,
+    load_prices,
+    parse_prices,
+    price_for,
+    price_usage,
+)
 
 # Usage blocks as the providers send them (shared/reference/providers.md §1.3 and §2.2).
 GEMINI_USAGE_METADATA = {
@@ -98,7 +106,7 @@ def test_gemini_pro_prices_thoughts_and_text_output_at_text_rate_and_image_token
 def test_preview_alias_uses_the_same_price_as_its_model() -> None:
     usage = gemini_usage("gemini-3.1-flash-image-preview", GEMINI_USAGE_METADATA)
 
-    assert estimate_cost(usage) == pytest.approx((9 * 0.50 + 1290 * 60.0) / 1e6)
+    assert estimate_cost(usage) == pytest.approx((9 * 0.50 + 1290 * 60.0 + 5 * 1.50) / 1e6)
 
 
 def test_openai_reference_usage_prices_text_in_and_image_out() -> None:
@@ -150,6 +158,8 @@ def test_failed_call_without_tokens_costs_nothing_but_images_without_tokens_are_
         ({"source": "x", "as_of": date(2026, 1, 1)}, "no rate"),
         ({"text_in": -1.0, "source": "x", "as_of": date(2026, 1, 1)}, "non-negative"),
         ({"txt_in": 1.0, "source": "x", "as_of": date(2026, 1, 1)}, "unknown keys"),
+        ({"text_in": 1.0, "source": "x", "as_of": date(2026, 1, 1)}, "quality"),
+        ({"text_in": 1.0, "source": "x", "as_of": date(2026, 1, 1), "quality": "rumour"}, "quality"),
     ],
 )
 def test_malformed_entries_are_config_errors_naming_the_problem(entry: dict[str, Any], problem: str) -> None:
@@ -158,6 +168,69 @@ def test_malformed_entries_are_config_errors_naming_the_problem(entry: dict[str,
 
 
 def test_an_alias_that_repeats_a_model_is_rejected() -> None:
-    entry = {"per_image": 0.01, "source": "x", "as_of": date(2026, 1, 1)}
+    entry = {"per_image": 0.01, "source": "x", "as_of": date(2026, 1, 1), "quality": "vendor"}
     with pytest.raises(ConfigError, match="priced twice"):
         parse_prices({"models": {"a": entry, "b": {**entry, "aliases": ["a"]}}})
+
+
+def test_every_packaged_entry_states_its_source_quality() -> None:
+    text = resources.files("imagen").joinpath("data", "prices.toml").read_text(encoding="utf-8")
+    for model, entry in tomllib.loads(text)["models"].items():
+        assert entry.get("quality") in SOURCE_QUALITIES, model
+
+
+@pytest.mark.parametrize(
+    "model", ["gpt-image-1.5", "chatgpt-image-latest", "gemini-3.1-flash-lite-image", "gpt-image-2.6-flare"]
+)
+def test_current_models_named_by_the_sdks_are_priced(model: str) -> None:
+    assert price_for(model) is not None
+
+
+def test_gpt_image_2_text_output_tokens_are_not_free() -> None:
+    block = {
+        **OPENAI_USAGE,
+        "output_tokens": 296,
+        "output_tokens_details": {"image_tokens": 196, "text_tokens": 100},
+    }
+    usage = openai_usage("gpt-image-2.5-flare", block)
+
+    assert estimate_cost(usage) == pytest.approx((12 * 5.0 + 196 * 30.0 + 100 * 10.0) / 1e6)
+
+
+def test_flash_lite_image_costs_about_three_cents_an_image() -> None:
+    metadata = {
+        **GEMINI_USAGE_METADATA,
+        "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1120}],
+    }
+    metadata["candidatesTokenCount"] = 1120
+    cost = estimate_cost(gemini_usage("gemini-3.1-flash-lite-image", metadata))
+
+    assert cost == pytest.approx(0.0336, abs=0.0005)
+
+
+def test_basis_names_the_price_entry_its_date_and_source_quality() -> None:
+    estimate = price_usage(openai_usage("gpt-image-2-2026-04-21", OPENAI_USAGE))
+
+    assert "gpt-image-2 as of 2026-11-30 (secondary source)" in estimate.basis
+
+
+def test_unknown_model_is_unpriced_and_the_basis_says_which_model() -> None:
+    estimate = price_usage(openai_usage("gpt-image-9", OPENAI_USAGE))
+
+    assert estimate.usd is None
+    assert estimate.basis.startswith("unpriced:")
+    assert "gpt-image-9" in estimate.basis
+
+
+def test_images_without_image_output_tokens_are_unpriced_not_almost_free() -> None:
+    usage = Usage(backend="gemini", model="gemini-2.5-flash-image", images=1, input_tokens=9)
+    estimate = price_usage(usage)
+
+    assert estimate.usd is None
+    assert "no image-output tokens" in estimate.basis
+
+
+def test_text_tokens_without_a_published_rate_are_named_in_the_basis() -> None:
+    estimate = price_usage(gemini_usage("gemini-2.5-flash-image", GEMINI_USAGE_METADATA))
+
+    assert "5 text-output tokens have no published rate" in estimate.basis
