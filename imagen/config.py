@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     listener_metrics_port: int = Field(default=9300, ge=0, le=65535)
     metrics_addr: str = "127.0.0.1"
     worker_metrics: bool = True
+    web_token: SecretStr | None = Field(default=None, description="imagen web: required on every request")
     gemini_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("GOOGLE_API_KEY", "GEMINI_API_KEY")
     )

@@ -41,6 +41,7 @@ FROM imagen.jobs
 WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(owner)s::uuid IS NULL OR owner_user_id = %(owner)s::uuid)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+  AND (%(pattern)s::text IS NULL OR prompt ILIKE %(pattern)s::text)
 ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s
 """
@@ -242,12 +243,20 @@ def list_jobs(
     statuses: Sequence[str] = (),
     owner: UUID | None = None,
     since: datetime | None = None,
+    text: str | None = None,
     limit: int = 50,
 ) -> list[JobSummary]:
-    """Jobs newest first, filtered by status (any of), owner and creation time."""
+    """Jobs newest first, filtered by status (any of), owner, creation time and text in the prompt."""
+    pattern = "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%" if text else None
     rows = conn.execute(
         LIST,
-        {"statuses": list(statuses) or None, "owner": owner, "since": since, "limit": limit},
+        {
+            "statuses": list(statuses) or None,
+            "owner": owner,
+            "since": since,
+            "pattern": pattern,
+            "limit": limit,
+        },
     ).fetchall()
     return [JobSummary(*row) for row in rows]
 

@@ -16,6 +16,8 @@ ENTITY_TOO_LARGE and DATABASE_TIMEOUT). It must never listen beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 import uuid
@@ -25,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 DEFAULT_KEY = "sb_secret_fake-service-role-key-0123456789"
 DEFAULT_BUCKET = "imagen"
@@ -88,6 +90,7 @@ class StorageRequest:
     headers: dict[str, str]
     body: bytes
     form: dict[str, FormPart] = field(default_factory=dict)
+    query: str = ""
 
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
@@ -224,6 +227,8 @@ class FakeStorage:
         failure = self._take_failure(request)
         if failure is not None:
             return failure.status, failure.body, failure.content_type
+        if request.method == "GET" and request.path.startswith(PREFIX + "/sign/"):
+            return self._signed_get(request)
         refused = self._refusal(request.headers)
         if refused is not None:
             return refused
@@ -236,6 +241,8 @@ class FakeStorage:
             return self._info(*_split(rest[len("info/") :]))
         if request.method == "DELETE" and "/" not in rest:
             return self._remove(rest, request)
+        if request.method == "POST" and rest.startswith("sign/"):
+            return self._sign(*_split(rest[len("sign/") :]))
         bucket, path = _split(rest)
         if bucket not in self.buckets:
             return _json(400, BUCKET_NOT_FOUND)
@@ -289,6 +296,29 @@ class FakeStorage:
             },
         )  # fmt: skip
 
+    def _sign_token(self, bucket: str, path: str) -> str:
+        return hmac.new(self.key.encode(), f"{bucket}/{path}".encode(), hashlib.sha256).hexdigest()
+
+    def _sign(self, bucket: str, path: str) -> tuple[int, bytes, str]:
+        """A signed URL, relative to /storage/v1 as the service answers it (no expiry kept here)."""
+        with self._lock:
+            exists = (bucket, path) in self.objects
+        if not exists:
+            return _json(400, NOT_FOUND)
+        token = self._sign_token(bucket, path)
+        return _json(200, {"signedURL": f"/object/sign/{quote(bucket)}/{quote(path)}?token={token}"})
+
+    def _signed_get(self, request: StorageRequest) -> tuple[int, bytes, str]:
+        bucket, path = _split(request.path[len(PREFIX + "/sign/") :])
+        token = parse_qs(request.query).get("token", [""])[0]
+        if not hmac.compare_digest(token, self._sign_token(bucket, path)):
+            return _json(400, {"statusCode": "400", "error": "InvalidJWT", "message": "invalid signature"})
+        with self._lock:
+            stored = self.objects.get((bucket, path))
+        if stored is None:
+            return _json(400, NOT_FOUND)
+        return 200, stored[0], stored[1]
+
     def _info(self, bucket: str, path: str) -> tuple[int, bytes, str]:
         if bucket not in self.buckets:
             return _json(400, BUCKET_NOT_FOUND)
@@ -340,6 +370,7 @@ class FakeStorage:
                     headers=headers,
                     body=body,
                     form=form,
+                    query=urlsplit(self.path).query,
                 )
                 status, payload, payload_type = storage._handle(request)
                 try:

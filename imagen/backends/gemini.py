@@ -3,7 +3,8 @@
 One provider call per image (the API has no count parameter), each with
 `response_modalities=["IMAGE"]` and an `ImageConfig` aspect ratio. The SDK's own
 retries stay off: the pipeline owns the one retry policy, so this module only
-translates every outcome into `imagen.errors` once. A 200 without an image is a
+translates every outcome into `imagen.errors` once (the rules for error responses
+and transports are in gemini_errors.py). A 200 without an image is a
 failure (blocked or no image), never a success. It must never put the API key
 into an error, a log line or a usage record.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +25,8 @@ from google.genai import types
 from PIL import Image
 
 from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
-from imagen.backends.sdk import LazyClient, attach_usage, one_line, retry_after_from_headers, timeout_error
+from imagen.backends.gemini_errors import redact, translate_api_error, translate_other_transport
+from imagen.backends.sdk import LazyClient, attach_usage, one_line, timeout_error
 from imagen.backends.sizes import GEMINI_ASPECTS, nearest_aspect, parse_aspect, size_rule
 from imagen.config import Settings
 from imagen.errors import (
@@ -34,8 +35,6 @@ from imagen.errors import (
     ImagenError,
     InvalidRequest,
     NoImage,
-    QuotaExhausted,
-    RateLimited,
     TransientError,
 )
 
@@ -64,10 +63,6 @@ BLOCKING_FINISH_REASONS = frozenset(
         "MODEL_ARMOR",
     }
 )
-TRANSIENT_CODES = frozenset({408, 500, 502, 503, 504})
-_SAFETY_WORDS = re.compile(r"safety|prohibited|blocklist|responsible ai|content polic", re.IGNORECASE)
-_UNKNOWN_FIELD = re.compile(r"Unknown name|Cannot find field|response ?modalit", re.IGNORECASE)
-_KEY_LIKE = re.compile(r"AIza[0-9A-Za-z_\-]{10,}")
 
 
 def nearest_aspect_ratio(width: int, height: int, aspects: tuple[str, ...] = ASPECT_RATIOS) -> str:
@@ -107,12 +102,6 @@ def choose_aspect_ratio(request: ImageRequest, model: str | None = None) -> tupl
     return DEFAULT_ASPECT, warnings
 
 
-def _redact(text: str, secret: str | None) -> str:
-    if secret:
-        text = text.replace(secret, "***")
-    return _KEY_LIKE.sub("***", text)
-
-
 def _enum_value(value: Any) -> str | None:
     if value is None:
         return None
@@ -141,65 +130,6 @@ def _api_version(configured: str | None, *, vertex: bool) -> str | None:
     if configured:
         return configured
     return None if vertex else DEFAULT_API_VERSION
-
-
-def _parse_duration(text: Any) -> float | None:
-    """'12s' or '1.5s' (protobuf Duration JSON) -> seconds."""
-    if not isinstance(text, str):
-        return None
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)s\s*", text)
-    return float(match[1]) if match else None
-
-
-def _error_details(payload: Any) -> list[Mapping[str, Any]]:
-    if isinstance(payload, list) and payload:
-        payload = payload[0]
-    if not isinstance(payload, Mapping):
-        return []
-    inner = payload.get("error", payload)
-    details = inner.get("details") if isinstance(inner, Mapping) else None
-    return [d for d in details or [] if isinstance(d, Mapping)]
-
-
-def _quota_violations(details: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [
-        violation
-        for detail in details
-        for violation in detail.get("violations") or []
-        if isinstance(violation, Mapping) and "quotaId" in violation
-    ]
-
-
-def _permanent_quota(details: list[Mapping[str, Any]], message: str) -> str | None:
-    """Why a 429 cannot pass by waiting a minute, or None when it can.
-
-    A per-day quota lasts until the day turns; a quota whose limit is 0 (a model
-    the free tier does not include) never passes without billing. A free-tier
-    per-minute quota with a real limit is an ordinary rate limit.
-    """
-    for violation in _quota_violations(details):
-        quota_id = str(violation.get("quotaId", ""))
-        if str(violation.get("quotaValue", "")).strip() == "0":
-            return f"quota {quota_id} has a limit of 0 on this project (enable billing for this model)"
-        if "PerDay" in quota_id:
-            return f"daily quota {quota_id} is used up (it resets at midnight Pacific time)"
-    if re.search(r"\blimit: 0\b", message):
-        return "the quota's limit is 0 on this project (enable billing for this model)"
-    return None
-
-
-def _retry_delay(details: list[Mapping[str, Any]], headers: Any) -> float | None:
-    """Seconds from google.rpc.RetryInfo.retryDelay, else from the response headers."""
-    for detail in details:
-        if str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
-            delay = _parse_duration(detail.get("retryDelay"))
-            if delay is not None:
-                return delay
-    return retry_after_from_headers(headers)
-
-
-def _has_error_reason(details: list[Mapping[str, Any]], reason: str) -> bool:
-    return any(d.get("reason") == reason for d in details)
 
 
 def _final_images(response: types.GenerateContentResponse) -> list[types.Blob]:
@@ -267,36 +197,6 @@ class _CallLedger:
         )
 
 
-def _translate_other_transport(exc: Exception, model: str, detail: str, *, retry: bool) -> ImagenError | None:
-    """Errors from the paths that do not use httpx2: Vertex token refresh (google-auth over
-    requests) and the mTLS AuthorizedSession (requests). None when `exc` is none of those."""
-    from google.auth import exceptions as auth_exceptions
-
-    if isinstance(exc, auth_exceptions.TransportError | auth_exceptions.TimeoutError):
-        # Reaching the token endpoint failed: the credentials may be fine.
-        return TransientError(f"gemini (Vertex): could not refresh credentials ({detail})")
-    if isinstance(exc, auth_exceptions.GoogleAuthError):
-        if exc.retryable:
-            return TransientError(f"gemini (Vertex): credentials refresh failed, retryable ({detail})")
-        return AuthError(f"gemini (Vertex): credentials failed ({detail})")
-    try:
-        import requests
-    except ImportError:  # pragma: no cover - google-auth's requests transport ships with google-genai
-        requests = None  # type: ignore[assignment]
-    if requests is not None:
-        if isinstance(exc, requests.exceptions.ConnectTimeout):
-            return TransientError(f"gemini: could not connect in time ({detail})")
-        if isinstance(exc, requests.exceptions.Timeout):
-            return timeout_error("gemini", model, exc, retry=retry)
-        if isinstance(exc, requests.exceptions.RequestException):
-            return TransientError(f"gemini: connection failed ({detail})")
-    if isinstance(exc, TimeoutError):
-        return timeout_error("gemini", model, exc, retry=retry)
-    if isinstance(exc, ConnectionError):
-        return TransientError(f"gemini: connection failed ({detail})")
-    return None
-
-
 class GeminiBackend:
     """Gemini image models via `generate_content`, with an API key or Vertex credentials."""
 
@@ -338,7 +238,7 @@ class GeminiBackend:
             raise AuthError(
                 "gemini backend (Vertex): no usable credentials; set GOOGLE_CLOUD_PROJECT and "
                 "GOOGLE_CLOUD_LOCATION with application default credentials, or GOOGLE_API_KEY "
-                f"for express mode ({one_line(_redact(str(exc), self._secret()))})"
+                f"for express mode ({one_line(redact(str(exc), self._secret()))})"
             ) from None
 
     def generate(self, request: ImageRequest) -> ImageResult:
@@ -450,64 +350,18 @@ class GeminiBackend:
         if isinstance(exc, ImagenError):
             return exc
         if isinstance(exc, genai_errors.APIError):
-            return self._translate_api_error(exc, model, secret, self._api_version)
-        detail = one_line(_redact(f"{type(exc).__name__}: {exc}", secret))
+            return translate_api_error(exc, model, secret, self._api_version)
+        detail = one_line(redact(f"{type(exc).__name__}: {exc}", secret))
         if isinstance(exc, httpx2.TimeoutException):
             return timeout_error("gemini", model, exc, retry=self._settings.retry_timeouts)
         if isinstance(exc, httpx2.TransportError):
             return TransientError(f"gemini: connection failed ({detail})")
         if isinstance(exc, genai_errors.UnknownApiResponseError):
             return TransientError(f"gemini: unreadable response ({detail})")
-        translated = _translate_other_transport(exc, model, detail, retry=self._settings.retry_timeouts)
+        translated = translate_other_transport(exc, model, detail, retry=self._settings.retry_timeouts)
         if translated is not None:
             return translated
         if isinstance(exc, ValueError):
             # The SDK checks a request while building it (an option this API mode lacks) with ValueError.
             return InvalidRequest(f"gemini model {model}: request refused by the SDK ({detail})")
         raise exc
-
-    @staticmethod
-    def _translate_api_error(
-        exc: genai_errors.APIError, model: str, secret: str | None, version: str | None
-    ) -> ImagenError:
-        code = exc.code
-        status = exc.status or ""
-        message = one_line(_redact(exc.message or "", secret))
-        details = _error_details(exc.details)
-        label = f"{code} {status}".strip()
-        headers = getattr(exc.response, "headers", None)
-        if code == 429:
-            permanent = _permanent_quota(details, exc.message or "")
-            if permanent:
-                return QuotaExhausted(f"gemini model {model}: {permanent} ({label}): {message}")
-            return RateLimited(
-                f"gemini model {model}: rate limited ({label}): {message}",
-                retry_after=_retry_delay(details, headers),
-            )
-        if code in TRANSIENT_CODES or code >= 500:
-            return TransientError(
-                f"gemini model {model}: provider error ({label}): {message}",
-                retry_after=_retry_delay(details, headers),
-            )
-        if code in (401, 403) or _has_error_reason(details, "API_KEY_INVALID"):
-            return AuthError(
-                f"gemini: credentials rejected ({label}): {message}; check GEMINI_API_KEY/GOOGLE_API_KEY "
-                "and that the Generative Language API is enabled for the key's project"
-            )
-        at = f" at API version {version}" if version else ""
-        if code == 404:
-            return InvalidRequest(
-                f"gemini model {model!r} not found{at} ({label}): {message}; check the model id "
-                "(IMAGEN_GEMINI_MODEL or params.model: it may be misspelt or retired) and "
-                "GOOGLE_GENAI_API_VERSION (image models are served on v1beta, the default)"
-            )
-        if code == 400 and _SAFETY_WORDS.search(message):
-            return ContentBlocked(
-                f"gemini model {model}: request refused by the safety system ({label}): {message}"
-            )
-        if code == 400 and _UNKNOWN_FIELD.search(message):
-            return InvalidRequest(
-                f"gemini model {model}: the API{at} does not know a field imagen sends ({label}): {message}; "
-                "unset GOOGLE_GENAI_API_VERSION or set it to v1beta"
-            )
-        return InvalidRequest(f"gemini model {model}: request rejected ({label}): {message}")

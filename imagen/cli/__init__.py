@@ -137,7 +137,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from imagen.cli import bench, db, generate, jobs, pipeline, presets
+    from imagen.cli import bench, db, generate, jobs, pipeline, presets, web
 
     main.add_command(generate.generate)
     main.add_command(db.db)
@@ -147,6 +147,7 @@ def _register() -> None:
     main.add_command(pipeline.demo)
     main.add_command(bench.bench)
     main.add_command(presets.presets)
+    main.add_command(web.web)
 
 
 _register()

@@ -22,6 +22,7 @@ ALL = [
     "006_job_ownership.sql",
     "008_pending_wakeup.sql",
     "009_usage_cost_basis.sql",
+    "010_dashboard_indexes.sql",
 ]
 
 
@@ -155,6 +156,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "006_job_ownership.sql": "applied",
         "008_pending_wakeup.sql": "applied",
         "009_usage_cost_basis.sql": "applied",
+        "010_dashboard_indexes.sql": "applied",
         "099_next.sql": "pending",
     }
 
