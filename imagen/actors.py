@@ -78,7 +78,16 @@ class ChainStages(dramatiq.Middleware):
         context.chain_for_worker(worker.consumer_whitelist or None)
 
 
+class ReplayUsage(dramatiq.Middleware):
+    """At boot, starts writing the usage records spooled while the database was away (this
+    host's, a killed process's included), then keeps replaying every poll interval."""
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        context.replay_usage()
+
+
 broker.add_middleware(ChainStages())
+broker.add_middleware(ReplayUsage())
 
 _stage_options: dict[str, Any] = {"on_retry_exhausted": EXHAUSTED_ACTOR}
 _short_limit = SYNC_TIME_LIMIT_S * 1000

@@ -20,9 +20,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from imagen.errors import ConfigError
 
 
-def _default_storage_dir() -> Path:
+def _data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "imagen" / "storage"
+    return Path(base) / "imagen"
+
+
+def _default_storage_dir() -> Path:
+    return _data_dir() / "storage"
+
+
+def _default_usage_spool_dir() -> Path:
+    return _data_dir() / "usage-spool"
 
 
 class Settings(BaseSettings):
@@ -70,6 +78,10 @@ class Settings(BaseSettings):
     provider_timeout: float = Field(default=300.0, gt=0)
     retry_timeouts: bool = False
     usage_log: Path | None = None
+    # Usage records the database did not take yet wait here (imagen.usage_spool); shared by a host's processes.
+    usage_spool_dir: Path = Field(default_factory=_default_usage_spool_dir)
+    # The mock backend appends one line per call here (tests count provider calls with it); off when unset.
+    mock_call_log: Path | None = None
     presets_file: Path | None = None
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"

@@ -1,15 +1,15 @@
-"""A job's image row, written and discarded only under the job's fence, for its owner only.
+"""A job's image row, written only under the job's fence, for its owner only.
 
 The statements that tie an `imagen.images` row to its job: the sync stage's
 start, the images row (once per job, ON CONFLICT on the unique job_id), the
-chained path's row-and-done, and the discard of a cancelled job's image. Each
-locks or updates the job row in the same statement, so the image and the job
-always agree; none of them ever writes an image for a job this attempt no
-longer holds. The owner of an images row is the locked job's owner, never a
-value the caller passes, and every statement matches a row on job id AND owner:
-no statement here can return, link or delete another owner's row (issue 14;
-`imagen.images.job_id` also references the job, sql/006_job_ownership.sql).
-`imagen generate --sync` uses `insert_image`, without a job.
+chained path's row-and-done. Each locks or updates the job row in the same
+statement, so the image and the job always agree; none of them ever writes an
+image for a job this attempt no longer holds. The owner of an images row is the
+locked job's owner, never a value the caller passes, and every statement matches
+a row on job id AND owner: no statement here can return, link or delete another
+owner's row (issue 14; `imagen.images.job_id` also references the job,
+sql/006_job_ownership.sql). The discard of an ended job's image is
+`imagen.image_sweep`. `imagen generate --sync` uses `insert_image`, without a job.
 """
 
 from __future__ import annotations
@@ -27,24 +27,6 @@ VALUES (%(owner_user_id)s, %(job_id)s, %(bucket)s, %(path)s, %(mime)s, %(width)s
         %(prompt)s, %(backend)s, %(model)s, %(params)s)
 ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
 RETURNING id
-"""
-
-# A job cancelled (or failed) after its image was recorded keeps no image: the row goes, under the
-# job's row lock so a concurrent retry cannot reuse it half-way; the caller removes the object.
-DISCARD_IMAGE = """
-WITH ended AS (
-    SELECT id, owner_user_id FROM imagen.jobs
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status IN ('cancelled', 'failed')
-    FOR UPDATE
-)
-DELETE FROM imagen.images i USING ended
-WHERE i.job_id = ended.id AND i.owner_user_id = ended.owner_user_id
-RETURNING i.bucket, i.path
-"""
-
-IMAGE_FOR_JOB = """
-SELECT i.id, i.bucket, i.path FROM imagen.images i JOIN imagen.jobs j ON j.id = i.job_id
-WHERE i.job_id = %(job_id)s AND i.owner_user_id = j.owner_user_id
 """
 
 # The sync stage's start: fence + stage + heartbeat, and whether an earlier run already wrote the row.
@@ -126,12 +108,6 @@ def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:
     return UUID(str(row[0]))
 
 
-def discard_image(conn: Conn, job_id: UUID | str, attempt: int) -> tuple[str, str] | None:
-    """Delete the images row of a job that ended cancelled or failed at `attempt`; (bucket, path) of its object."""
-    row = execute_once(conn, DISCARD_IMAGE, {"id": job_id, "attempt": attempt}).fetchone()
-    return (row[0], row[1]) if row else None
-
-
 def begin_sync(conn: Conn, job_id: UUID | str, attempt: int) -> tuple[RunningJob | None, UUID | None]:
     """Start the sync stage (fenced); also the image id if a previous run already recorded it."""
     row = execute_once(conn, BEGIN_SYNC, {"id": job_id, "attempt": attempt}).fetchone()
@@ -173,9 +149,3 @@ def record_job_image(
             query = RECORD_USAGE_AND_COMPLETE
         row = execute_once(conn, query, params).fetchone()
     return UUID(str(row[0])) if row else None
-
-
-def image_for_job(conn: Conn, job_id: UUID | str) -> tuple[UUID, str, str] | None:
-    """The job's own images row (its owner's), if any."""
-    row = conn.execute(IMAGE_FOR_JOB, {"job_id": job_id}).fetchone()
-    return (UUID(str(row[0])), row[1], row[2]) if row else None

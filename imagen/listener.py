@@ -1,10 +1,13 @@
 """The listener: LISTEN on imagen_jobs, claim pending rows, forward them to Dramatiq.
 
-It is small on purpose and knows nothing of images. Three parts, each with one
-job: the notifier (a dedicated LISTEN connection, self-checked, reconnected with
-backoff), the claimer (fair batches with FOR UPDATE SKIP LOCKED, committed before
-forwarding; a failed forward puts the row back) and the rescuer (running rows
-whose lease expired go back to pending, or fail at the maximum attempts).
+It is small on purpose, and knows of images only to remove those of ended jobs.
+Three parts, each with one job: the notifier (a dedicated LISTEN connection,
+self-checked, reconnected with backoff), the claimer (fair batches with FOR
+UPDATE SKIP LOCKED, committed before forwarding; a failed forward puts the row
+back) and the rescuer (running rows whose lease expired go back to pending, or
+fail at the maximum attempts; then the sweep removes the image of jobs that
+ended failed or cancelled, `imagen.image_sweep`: the one place the listener
+touches storage).
 Notifications only wake it: on every wake it drains the whole backlog, so a lost
 notification costs at most one safety poll. It must never reset running rows
 wholesale: other hosts' in-flight work lives in Redis.
@@ -18,7 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -28,6 +31,9 @@ from imagen.config import Settings
 from imagen.db import describe_error
 from imagen.errors import ConfigError
 from imagen.logs import transition
+
+if TYPE_CHECKING:
+    from imagen.storage import Storage
 
 log = logging.getLogger("imagen.listener")
 
@@ -41,6 +47,7 @@ HEALTH_INTERVAL = 10.0
 SATURATED_POLL = 0.01  # the shortest wait between counts while the in-flight cap is reached
 SATURATED_POLL_MAX = 0.25  # the longest, while nothing finishes
 MAX_BACKOFF = 5.0
+SWEEP_BATCH = 100  # ended jobs a sweep visits per poll: each costs a storage call under its row lock
 
 
 @dataclass
@@ -51,6 +58,7 @@ class ListenerStats:
     forward_failures: int = 0
     rescued: int = 0
     gave_up: int = 0
+    swept: int = 0
     reconnects: int = 0
     mode: str = "starting"
 
@@ -67,6 +75,10 @@ class _Metrics:
         )
         self.rescues = Counter("imagen_listener_rescues", "Expired leases rescued", ["outcome"])
         self.reconnects = Counter("imagen_listener_reconnects", "Database reconnects of the listener")
+        self.swept = Counter(
+            "imagen_listener_swept_images",
+            "Failed or cancelled jobs whose images row or object the sweep removed",
+        )
         self.pickup = Histogram(
             "imagen_listener_pickup_seconds",
             "Pending (INSERT, or back to pending after a retry or rescue) to claim latency",
@@ -106,6 +118,8 @@ class Listener:
         self._saturated_wait = SATURATED_POLL
         self._last_count: tuple[float, int] | None = None  # (when, running) at the last count at the cap
         self._pace: float | None = None  # slots freed per second at the cap, from the last refill
+        self._storage: Storage | None = None  # opened by the first sweep
+        self._storage_error = ""
         self._refill = max(1, min(settings.claim_batch, settings.max_in_flight // 8))
         port = settings.listener_metrics_port if metrics_port is None else metrics_port
         self._metrics = _Metrics(port, settings.metrics_addr) if port else None
@@ -166,6 +180,7 @@ class Listener:
                 backoff = 0.05
                 self.drain()
                 self.rescue()
+                self.sweep()
                 self._loop()
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 if self.stopping:
@@ -216,6 +231,7 @@ class Listener:
                 self.drain()
             if now >= next_poll:
                 self.rescue()
+                self.sweep()
                 next_poll = now + poll
             if now >= next_health:
                 self._health_check()
@@ -367,6 +383,31 @@ class Listener:
         if any(item.status == "pending" for item in rescued):
             self.drain()
         return rescued
+
+    def sweep(self) -> int:
+        """Remove the images row and object of jobs that ended failed or cancelled since the last sweep."""
+        from imagen.image_sweep import sweep_ended
+
+        conn = self._work_conn
+        assert conn is not None
+        if self._storage is None:
+            from imagen.errors import ImagenError
+            from imagen.storage import open_storage
+
+            try:
+                self._storage = open_storage(self.settings)
+            except ImagenError as exc:
+                if str(exc) != self._storage_error:  # once, not every poll
+                    log.warning(
+                        "sweep: cannot open storage (%s); images of ended jobs stay until it can", exc
+                    )
+                    self._storage_error = str(exc)
+                return 0
+        swept = len(sweep_ended(conn, self._storage, limit=SWEEP_BATCH))
+        self.stats.swept += swept
+        if self._metrics and swept:
+            self._metrics.swept.inc(swept)
+        return swept
 
 
 def _first_line(exc: BaseException) -> str:

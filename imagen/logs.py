@@ -125,6 +125,7 @@ _LEVELS = {
     "failed": logging.WARNING,
     "dropped": logging.WARNING,
     "rescued": logging.WARNING,
+    "swept": logging.WARNING,
 }
 
 

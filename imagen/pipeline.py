@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from imagen.backends import canonical_name, get_backend
 from imagen.backends.base import Backend, GeneratedImage, ImageRequest, Usage
@@ -61,10 +61,10 @@ def _cost(usage: Usage) -> tuple[float | None, str | None]:
     return estimate.usd, estimate.basis
 
 
-def _record(usage: Usage, owner_user_id: UUID | None, job_id: UUID | None) -> UsageRecord:
+def _record(usage: Usage, owner_user_id: UUID | None, job_id: UUID | None, call_id: UUID) -> UsageRecord:
     cost, basis = _cost(usage)
     return UsageRecord.from_usage(
-        usage, cost_usd=cost, cost_basis=basis, owner_user_id=owner_user_id, job_id=job_id
+        usage, cost_usd=cost, cost_basis=basis, owner_user_id=owner_user_id, job_id=job_id, call_id=call_id
     )
 
 
@@ -128,6 +128,9 @@ def generate(
         if resolved.backend not in backends:
             backends[resolved.backend] = get_backend(resolved.backend, settings)
         backend = backends[resolved.backend]
+    # The call's id exists before the call: whatever happens after the answer, its usage row is
+    # written under this id, so writing it again (a lost reply, a spool replay) adds no second row.
+    call_id = uuid4()
     request = ImageRequest(
         prompt=resolved.prompt,
         negative_prompt=resolved.negative_prompt,
@@ -139,6 +142,7 @@ def generate(
         quality=resolved.quality,
         timeout_s=settings.provider_timeout,
         options=dict(resolved.options),
+        call_id=str(call_id),
     )
     model = resolved.model or backend.default_model()
     started = time.monotonic()
@@ -149,9 +153,9 @@ def generate(
             backend=backend.name, model=model, latency_ms=(time.monotonic() - started) * 1000
         )
         failed = replace(failed, ok=False, error=failed.error or f"{type(exc).__name__}: {exc}")
-        sink.record(_record(failed, owner_user_id, job_id))
+        sink.record(_record(failed, owner_user_id, job_id, call_id))
         raise
-    record = _record(result.usage, owner_user_id, job_id)
+    record = _record(result.usage, owner_user_id, job_id, call_id)
     sink.record(record)
     params: dict[str, Any] = {
         "size": f"{resolved.size[0]}x{resolved.size[1]}" if resolved.size else None,

@@ -133,6 +133,7 @@ def pipeline_env(database_url: str, redis_url: str, workdir: Path, **extra: str)
             "IMAGEN_STORAGE": "local",
             "IMAGEN_STORAGE_DIR": str(workdir / "storage"),
             "IMAGEN_OUTPUT_DIR": str(workdir / "out"),
+            "IMAGEN_USAGE_SPOOL_DIR": str(workdir / "usage-spool"),
             "IMAGEN_LISTENER_METRICS_PORT": "0",
             "IMAGEN_WORKER_METRICS": "0",
             "PYTHONUNBUFFERED": "1",

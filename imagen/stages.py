@@ -38,10 +38,12 @@ from imagen.broker import (
 from imagen.config import Settings
 from imagen.errors import ImagenError
 from imagen.handoff import Handoff
+from imagen.image_sweep import discard_ended
 from imagen.logs import transition
 from imagen.params import spec_from_params
 from imagen.storage import Storage, job_object_path, open_storage
 from imagen.usage import DatabaseSink, HeldSink
+from imagen.usage_spool import SpoolReplayer, UsageSpool
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,17 @@ class StageContext:
         return open_storage(self.settings)
 
     @cached_property
+    def usage_spool(self) -> UsageSpool:
+        return UsageSpool(self.settings.usage_spool_dir)
+
+    @cached_property
     def usage_sink(self) -> DatabaseSink:
-        return DatabaseSink(self.pool.connection)
+        # A row the database did not take waits in the spool; `replay_usage` writes it later.
+        return DatabaseSink(self.pool.connection, spool=self.usage_spool)
+
+    def replay_usage(self) -> None:
+        """Write the host's spooled usage records now (at worker boot) and every poll interval after."""
+        SpoolReplayer(self.usage_spool, self.pool.connection, self.settings.poll_interval).start()
 
     @cached_property
     def presets(self) -> Any:
@@ -133,6 +144,10 @@ def _fail(ctx: StageContext, job_id: str, attempt: int, stage: str, error: str) 
 def _note_transient(ctx: StageContext, job_id: str, attempt: int, stage: str, exc: BaseException) -> None:
     label = STAGE_LABELS.get(stage, stage)
     text = f"{label}: {exc}" if isinstance(exc, ImagenError) else f"{label}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, psycopg.OperationalError):
+        # The server dropped connections (a restart, a failover, a terminated backend): the pool's
+        # idle ones are likely dead too. Test them now, or each retry may draw the next dead one.
+        ctx.pool.check()
     try:
         with ctx.pool.connection() as conn:
             jobs.note_transient(conn, job_id, attempt, text)
@@ -375,34 +390,34 @@ def _record_image(
             held.written()  # fence or not
         if image_id is not None:
             return image_id
+        # The job moved on while we uploaded. If it ended failed or cancelled, our object goes,
+        # decided under the job's row lock (a retry waits; a newer attempt's job is left alone).
+        _discard_ended(ctx, conn, job_id)
         state = jobs.job_state(conn, job_id)
-        has_image = job_images.image_for_job(conn, job_id) is not None
-    # The job moved on while we uploaded. Remove our object only when nobody can still want it:
-    # a newer attempt of a running job writes the very same path.
-    if state and state[0] in ("cancelled", "failed") and not has_image:
-        try:
-            ctx.storage.delete(path)
-        except ImagenError as exc:
-            log.warning("could not remove orphan object %s: %s", path, exc)
     _log_drop(job_id, attempt, "syncing", state)
     return None
+
+
+def _discard_ended(ctx: StageContext, conn: Any, job_id: str) -> None:
+    """A job that ended failed or cancelled keeps no image; whatever this fails to remove, the
+    listener's sweep removes later."""
+    try:
+        discard_ended(conn, job_id, ctx.storage)
+    except ImagenError as exc:
+        log.warning("could not remove the image of ended job %s: %s; the sweep will", job_id, exc)
 
 
 def run_finalize(ctx: StageContext, job_id: str, attempt: int, image_id: str) -> None:
     """Final stage: done + image_id in one conditional UPDATE."""
     with ctx.pool.connection() as conn:
         done = jobs.complete_job(conn, job_id, attempt, image_id)
-        discarded = None if done else job_images.discard_image(conn, job_id, attempt)
+        if not done:
+            # Cancelled (or failed) between the images row and this stage: a job that is not done
+            # keeps no image. A newer attempt of a running job is left alone: it reuses the row.
+            _discard_ended(ctx, conn, job_id)
     if done:
         transition("done", job_id, attempt, "finalizing", image_id=image_id)
         return
-    if discarded is not None:
-        # Cancelled (or failed) between the images row and this stage: a job that is not done keeps
-        # no image. A newer attempt of a running job is left alone: it reuses the row.
-        try:
-            ctx.storage.delete(discarded[1])
-        except ImagenError as exc:
-            log.warning("could not remove the image of ended job %s at %s: %s", job_id, discarded[1], exc)
     _drop(ctx, job_id, attempt, "finalizing")
 
 

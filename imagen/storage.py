@@ -64,8 +64,8 @@ class Storage(Protocol):
         """Create or replace the object at `path`."""
         ...
 
-    def delete(self, path: str) -> None:
-        """Remove the object; missing is fine."""
+    def delete(self, path: str) -> bool:
+        """Remove the object; missing is fine. Whether there was one."""
         ...
 
     def exists(self, path: str) -> bool: ...
@@ -130,8 +130,16 @@ class LocalStorage:
             ) from None
         return StoredObject(bucket=self.bucket, path=path, bytes=len(data))
 
-    def delete(self, path: str) -> None:
-        self._file(path).unlink(missing_ok=True)
+    def delete(self, path: str) -> bool:
+        try:
+            self._file(path).unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(
+                f"cannot remove {self.root / self.bucket / path}: {exc.strerror or exc}"
+            ) from None
+        return True
 
     def exists(self, path: str) -> bool:
         return self._file(path).is_file()
@@ -205,12 +213,13 @@ class SupabaseStorage:
             raise self._translate(exc, "upload", path) from None
         return StoredObject(bucket=self.bucket, path=path, bytes=len(data))
 
-    def delete(self, path: str) -> None:
+    def delete(self, path: str) -> bool:
         self._check_path(path, "delete")
         try:
-            self._client.storage.from_(self.bucket).remove([path])
+            removed = self._client.storage.from_(self.bucket).remove([path])
         except Exception as exc:
             raise self._translate(exc, "delete", path) from None
+        return bool(removed)  # the objects Storage removed: none when there was none
 
     def check_bucket(self) -> None:
         """Raise StorageConfigError unless the bucket exists and the key may read it (a clear

@@ -1,9 +1,12 @@
 """Usage sinks: one record per provider call, failed and blocked calls included.
 
 A record is what the provider reported plus our cost estimate, attributed to an
-owner and (for pipeline runs) a job. Sinks never raise into the pipeline for a
-bookkeeping problem they can recover from: losing an image because a ledger
-write failed would be the wrong trade.
+owner and (for pipeline runs) a job, under the call's id. Every database write
+of it is idempotent on that id (`imagen.usage.call_id` is UNIQUE), so it may be
+written again whenever it is unclear whether a write landed. Sinks never raise
+into the pipeline for a bookkeeping problem they can recover from: losing an
+image because a ledger write failed would be the wrong trade; a record the
+database did not take goes to the local spool (`imagen.usage_spool`) instead.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
-from uuid import UUID
+from typing import TYPE_CHECKING, Any, Protocol
+from uuid import UUID, uuid4
 
 from imagen.backends.base import Usage
+
+if TYPE_CHECKING:
+    from imagen.usage_spool import UsageSpool
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,8 @@ class UsageRecord:
     job_id: UUID | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     raw: dict[str, Any] = field(default_factory=dict)
+    # The provider call's id (imagen.usage.call_id, UNIQUE): what makes every write of the row idempotent.
+    call_id: UUID = field(default_factory=uuid4)
 
     @classmethod
     def from_usage(
@@ -54,9 +62,11 @@ class UsageRecord:
         cost_usd: float | None,
         owner_user_id: UUID | None = None,
         job_id: UUID | None = None,
+        call_id: UUID | None = None,
         cost_basis: str | None = None,
     ) -> UsageRecord:
         return cls(
+            call_id=call_id or uuid4(),
             backend=usage.backend,
             model=usage.model,
             images=usage.images,
@@ -81,7 +91,19 @@ class UsageRecord:
         data["created_at"] = self.created_at.isoformat()
         data["owner_user_id"] = str(self.owner_user_id) if self.owner_user_id else None
         data["job_id"] = str(self.job_id) if self.job_id else None
+        data["call_id"] = str(self.call_id)
         return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UsageRecord:
+        """The record `to_json` wrote (the spool's files); unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        for key in ("owner_user_id", "job_id", "call_id"):
+            if values.get(key):
+                values[key] = UUID(str(values[key]))
+        values["created_at"] = datetime.fromisoformat(values["created_at"])
+        return cls(**values)
 
 
 class UsageSink(Protocol):
@@ -109,27 +131,35 @@ class JsonlSink:
 
 def usage_insert(prefix: str = "") -> str:
     """The INSERT of one usage row, one column per `UsageRecord` field, parameters named `prefix` +
-    field (see `usage_params`); a prefix lets it sit in a larger statement."""
+    field (see `usage_params`); a prefix lets it sit in a larger statement. A row whose call id
+    is already there is left alone: writing a record twice leaves one row."""
     names = [f.name for f in fields(UsageRecord)]
     values = ", ".join(f"%({prefix}{name})s" for name in names)
-    return f"INSERT INTO imagen.usage ({', '.join(names)}) VALUES ({values})"
+    return f"INSERT INTO imagen.usage ({', '.join(names)}) VALUES ({values}) ON CONFLICT (call_id) DO NOTHING"
 
 
 class DatabaseSink:
-    """Inserts rows into imagen.usage through a connection factory (one short transaction each)."""
+    """Inserts rows into imagen.usage through a connection factory (one short transaction each).
+
+    A record the database did not take (connection lost, server down) goes to `spool`, which
+    keeps it on disk until a replay writes it; without a spool it is logged and lost.
+    """
 
     INSERT = usage_insert()
 
-    def __init__(self, connect: Callable[[], AbstractContextManager[Any]]) -> None:
+    def __init__(
+        self, connect: Callable[[], AbstractContextManager[Any]], *, spool: UsageSpool | None = None
+    ) -> None:
         # `connect` is a pool's `connection` method or a function opening one connection:
         # the actors share their pool, the CLI opens a short-lived connection.
         self.connect = connect
+        self.spool = spool
 
     @classmethod
-    def from_url(cls, conninfo: str) -> DatabaseSink:
+    def from_url(cls, conninfo: str, *, spool: UsageSpool | None = None) -> DatabaseSink:
         import psycopg
 
-        return cls(lambda: psycopg.connect(conninfo, autocommit=True))
+        return cls(lambda: psycopg.connect(conninfo, autocommit=True), spool=spool)
 
     def record(self, record: UsageRecord) -> None:
         import psycopg
@@ -138,7 +168,14 @@ class DatabaseSink:
             with self.connect() as conn:
                 conn.execute(self.INSERT, usage_params(record))
         except psycopg.Error as exc:
-            log.warning("usage: could not insert into imagen.usage: %s", exc)
+            if self.spool is not None and self.spool.put(record):
+                log.warning(
+                    "usage: could not insert into imagen.usage (%s); spooled call %s", exc, record.call_id
+                )
+            else:
+                log.error(
+                    "usage: could not insert into imagen.usage: %s; call %s not recorded", exc, record.call_id
+                )
 
 
 def usage_params(record: UsageRecord, prefix: str = "") -> dict[str, Any]:

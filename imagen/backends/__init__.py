@@ -30,7 +30,7 @@ def get_backend(name: str, settings: Settings) -> Backend:
     if key == "mock":
         from imagen.backends.mock import MockBackend
 
-        return MockBackend()
+        return MockBackend(call_log=settings.mock_call_log)
     try:
         if key == "gemini":
             from imagen.backends.gemini import GeminiBackend

@@ -26,6 +26,8 @@ class ImageRequest:
     quality: str | None = None
     timeout_s: float = 300.0
     options: Mapping[str, Any] = field(default_factory=dict)
+    # The id imagen.usage will record this call under; a backend may pass it on as a request id.
+    call_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -3,22 +3,26 @@
 It is the default everywhere (CLI, demo, tests, benchmarks), so it must be fast
 and exact: the same inputs give the same bytes within one environment. Options
 `delay_ms` and `fail` ('transient' | 'permanent') let tests and demos simulate a
-slow or failing provider without a provider.
+slow or failing provider without a provider. With a call log
+(`IMAGEN_MOCK_CALL_LOG`) it appends one line per call it answers, as a provider's
+own bill would list it, so the reliability tests can hold imagen.usage to it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import time
 import zlib
 from functools import lru_cache
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
 from imagen.backends.sizes import resolve_size
-from imagen.errors import ContentBlocked, InvalidRequest, TransientError
+from imagen.errors import ContentBlocked, ImagenError, InvalidRequest, TransientError
 
 MODEL = "mock-1"
 
@@ -101,10 +105,26 @@ class MockBackend:
 
     name = "mock"
 
+    def __init__(self, call_log: Path | None = None) -> None:
+        self.call_log = call_log
+
     def default_model(self) -> str:
         return MODEL
 
     def generate(self, request: ImageRequest) -> ImageResult:
+        # Logged when the call answers, with images or with an error a provider would bill as a
+        # call (ImagenError); not when it was interrupted (a time limit), which answers nothing.
+        try:
+            result = self._generate(request)
+        except ImagenError:
+            if self.call_log is not None:
+                _log_call(self.call_log, request.call_id, False)
+            raise
+        if self.call_log is not None:
+            _log_call(self.call_log, request.call_id, True)
+        return result
+
+    def _generate(self, request: ImageRequest) -> ImageResult:
         started = time.monotonic()
         delay_ms = request.options.get("delay_ms", 0)
         if delay_ms:
@@ -133,3 +153,14 @@ class MockBackend:
         model = request.model or MODEL
         usage = Usage(backend=self.name, model=model, images=len(images), latency_ms=latency)
         return ImageResult(images=images, usage=usage, model=model)
+
+
+def _log_call(path: Path, call_id: str | None, ok: bool) -> None:
+    """One line per answered call, `call_id pid ok`: one write with O_APPEND, so lines of
+    concurrent threads and processes never interleave, and a SIGKILL after it keeps it."""
+    line = f"{call_id or '-'} {os.getpid()} {int(ok)}\n".encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)

@@ -68,10 +68,13 @@ def with_retries(call: Callable[[], T], *, quiet: bool) -> T:
 def _usage_sink(settings: Settings, out_dir: Path, sync: bool) -> Any:
     """JSONL next to the images (or IMAGEN_USAGE_LOG); also imagen.usage when syncing to the database."""
     from imagen.usage import DatabaseSink, JsonlSink, MultiSink
+    from imagen.usage_spool import UsageSpool
 
     jsonl = JsonlSink(settings.usage_log or out_dir / "usage.jsonl")
     if sync and settings.database_url:
-        return MultiSink(jsonl, DatabaseSink.from_url(settings.database_url))
+        # A row the database did not take waits in the host's spool for the workers to write it.
+        spool = UsageSpool(settings.usage_spool_dir)
+        return MultiSink(jsonl, DatabaseSink.from_url(settings.database_url, spool=spool))
     return jsonl
 
 

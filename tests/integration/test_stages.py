@@ -368,6 +368,7 @@ class FlakyStorage:
 
     def __init__(self, inner: Any, failures: int = 0, before_put: Any = None) -> None:
         self.inner, self.failures, self.before_put, self.puts = inner, failures, before_put, 0
+        self.bucket = inner.bucket
 
     def put(self, path: str, data: bytes, mime: str) -> Any:
         self.puts += 1
@@ -378,8 +379,8 @@ class FlakyStorage:
             raise TransientStorageError("storage upload: 503 Service Unavailable")
         return self.inner.put(path, data, mime)
 
-    def delete(self, path: str) -> None:
-        self.inner.delete(path)
+    def delete(self, path: str) -> bool:
+        return bool(self.inner.delete(path))
 
 
 def test_chained_worker_generates_syncs_and_completes_in_one_message_without_hand_off(

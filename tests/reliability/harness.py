@@ -44,6 +44,7 @@ LEASE_SLACK = 3.0
 PROVIDER_SECRETS = (
     "OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY",
 )  # fmt: skip
+_SPOOLED_LINE = re.compile(r"; spooled call ([0-9a-f-]{36})")
 _DONE_LINE = re.compile(r"job ([0-9a-f-]{36}) attempt=(\d+) stage=finalizing done\b")
 
 
@@ -212,6 +213,9 @@ class Harness:
         servers.flush_redis()
         self.procs = PipelineProcesses(self._env(), workdir / "logs")
         self.figures: dict[str, Any] = {}
+        # Processes killed with SIGKILL: a provider call they had answered but not yet recorded
+        # is the one loss the usage rule allows (docs/reliability.md).
+        self.killed_pids: set[int] = set()
         self.started = time.monotonic()
         self.monitor = LeaseMonitor(self.db_url)
         self.monitor.start()
@@ -228,6 +232,14 @@ class Harness:
     def storage_root(self) -> Path:
         return self.workdir / "storage" / BUCKET
 
+    @property
+    def mock_calls(self) -> Path:
+        return self.workdir / "mock-calls.log"
+
+    @property
+    def usage_spool(self) -> Path:
+        return self.workdir / "usage-spool"
+
     def _env(self) -> dict[str, str]:
         env = pipeline_env(self.db_url, self.redis_url, self.workdir, **self.tuning.env())
         # Nothing reaches the internet or a real account: no inherited keys, providers on a dead port.
@@ -235,6 +247,8 @@ class Harness:
             env.pop(name, None)
         env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{self._dead_port}/v1"
         env["GOOGLE_GEMINI_BASE_URL"] = f"http://127.0.0.1:{self._dead_port}"
+        # The mock provider's own record of the calls it answered: what imagen.usage must match.
+        env["IMAGEN_MOCK_CALL_LOG"] = str(self.mock_calls)
         return env
 
     def retune(self, **changes: Any) -> None:
@@ -247,8 +261,9 @@ class Harness:
 
     # processes
 
-    def start_workers(self, processes: int = 1, threads: int = 4, *, wait: bool = True) -> Proc:
-        proc = self.procs.start_workers(processes, threads)
+    def start_workers(self, processes: int = 1, threads: int = 4, *extra: str, wait: bool = True) -> Proc:
+        """`dramatiq imagen.actors -p processes -t threads *extra` (for example `--queues ...`)."""
+        proc = self.procs.start_workers(processes, threads, *extra)
         if wait:
             self.wait(lambda: proc.ready_count() >= processes, 30, "workers ready")
         return proc
@@ -270,6 +285,7 @@ class Harness:
 
     def kill(self, proc: Proc) -> None:
         """SIGKILL a process and everything in its group (a dramatiq master and its workers)."""
+        self.killed_pids |= group_pids(proc.popen.pid)
         proc.kill_group()
         proc.wait(10)
 
@@ -379,6 +395,23 @@ class Harness:
         return self.figures
 
 
+def group_pids(pgid: int) -> set[int]:
+    """The processes of a process group (a dramatiq master and its worker processes), from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            found.add(int(entry.name))
+    return found
+
+
 def check_invariants(h: Harness, *, deadline: float) -> dict[str, Any]:
     """The promise, checked after every scenario; returns the scenario's figures.
 
@@ -389,7 +422,10 @@ def check_invariants(h: Harness, *, deadline: float) -> dict[str, Any]:
     - every failed job carries a readable error;
     - no job stayed running past lease + poll while a rescuer was connected;
     - no hand-off key in Redis without a TTL, and none left once the TTL has passed;
-    - no job was completed twice (one `done` transition per job in the worker logs).
+    - no job was completed twice (one `done` transition per job in the worker logs);
+    - every call the mock provider answered has exactly one imagen.usage row, and every mock
+      usage row is a call it answered; the only call allowed no row is one a SIGKILLed worker
+      had answered (counted, not hidden), once the workers' spools are empty.
     """
     problems: list[str] = []
     started = time.monotonic()
@@ -455,6 +491,7 @@ def check_invariants(h: Harness, *, deadline: float) -> dict[str, Any]:
     twice = [job for job, n in done_lines.items() if n > 1]
     if twice:
         problems.append(f"{len(twice)} jobs completed more than once: {twice[:3]}")
+    usage_figures = _check_usage(h, problems)
     regenerated = h.scalar(
         "SELECT count(*) FROM (SELECT job_id FROM imagen.usage GROUP BY job_id HAVING count(*) > 1) t"
     )
@@ -473,7 +510,68 @@ def check_invariants(h: Harness, *, deadline: float) -> dict[str, Any]:
         "handoff_keys_left": handoff_left,
         "handoff_expiry_wait_s": round(handoff_wait, 1),
         "partial_uploads": len(partial),
+        **usage_figures,
     }
+
+
+def _check_usage(h: Harness, problems: list[str]) -> dict[str, Any]:
+    """Usage rows against the mock provider's own call log: one row per answered call."""
+    bound = h.tuning.poll_interval * 3 + 5
+    try:
+        wait_until(lambda: not _spooled(h), timeout=bound, interval=0.1, message="usage spool replayed")
+    except AssertionError:
+        problems.append(f"usage records still spooled after {bound:.0f}s: {_spooled(h)[:3]}")
+    rejected = list((h.usage_spool / "rejected").glob("*.json")) if h.usage_spool.exists() else []
+    if rejected:
+        problems.append(f"{len(rejected)} spooled usage records refused by the database: {rejected[:3]}")
+    calls: dict[str, int] = {}
+    text = h.mock_calls.read_text() if h.mock_calls.exists() else ""
+    for line in text.splitlines():
+        call_id, pid, _ok = line.split()
+        if call_id in calls:
+            problems.append(f"the mock answered call {call_id} twice")
+        calls[call_id] = int(pid)
+    rows = h.query(
+        "SELECT call_id::text, count(*), max(extract(epoch FROM written_at - created_at))"
+        " FROM imagen.usage WHERE backend = 'mock' GROUP BY call_id"
+    )
+    # A spooled record's first durable write is its spool file, not its (later) row.
+    spooled = set(_SPOOLED_LINE.findall(h.all_log_text()))
+    written = {r[0]: r[1] for r in rows}
+    twice = [c for c, n in written.items() if n != 1]
+    if twice:
+        problems.append(f"{len(twice)} provider calls with more than one usage row: {twice[:3]}")
+    phantom = [c for c in written if c not in calls]
+    if phantom:
+        problems.append(f"{len(phantom)} usage rows for calls the provider never answered: {phantom[:3]}")
+    missing = [c for c in calls if c not in written]
+    lost_to_kill = [c for c in missing if calls[c] in h.killed_pids]
+    unexplained = [c for c in missing if calls[c] not in h.killed_pids]
+    if unexplained:
+        problems.append(f"{len(unexplained)} provider calls without a usage row: {unexplained[:3]}")
+    windows = sorted(float(r[2]) * 1000 for r in rows if r[2] is not None and r[0] not in spooled)
+    return {
+        "provider_calls": len(calls),
+        "usage_rows": sum(written.values()),
+        "usage_spooled": len(spooled),
+        "usage_lost_to_sigkill": len(lost_to_kill),
+        "usage_window_ms": _percentiles(windows),
+    }
+
+
+def _spooled(h: Harness) -> list[Path]:
+    return list(h.usage_spool.glob("*.json")) if h.usage_spool.exists() else []
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p99 and max of sorted values, rounded (empty: {})."""
+    if not values:
+        return {}
+
+    def at(q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))], 1)
+
+    return {"p50": at(0.5), "p99": at(0.99), "max": round(values[-1], 1)}
 
 
 def _check_handoff_keys(h: Harness, problems: list[str]) -> tuple[int, float]:

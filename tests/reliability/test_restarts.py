@@ -100,3 +100,4 @@ def test_postgres_restart_mid_backlog_everything_completes(
     figures = h.finish(deadline=90)
     assert figures["jobs"] == len(ids)
     assert listener.alive() and h.alive("workers"), "both processes survive a PostgreSQL restart"
+    assert figures["usage_rows"] == figures["provider_calls"], "one usage row per provider call"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -138,3 +140,19 @@ def test_failure_comes_after_the_delay_like_a_slow_failing_provider() -> None:
 def test_unknown_fail_value_is_an_invalid_request() -> None:
     with pytest.raises(InvalidRequest, match="sometimes"):
         MockBackend().generate(ImageRequest(prompt="p", options={"fail": "sometimes"}))
+
+
+def test_call_log_has_one_line_per_answered_call_failures_included(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    backend = MockBackend(call_log=log)
+    backend.generate(ImageRequest(prompt="p", size=(8, 8), call_id="call-ok"))
+    with pytest.raises(TransientError):
+        backend.generate(ImageRequest(prompt="p", options={"fail": "transient"}, call_id="call-503"))
+    lines = [line.split() for line in log.read_text().splitlines()]
+    assert lines == [["call-ok", str(os.getpid()), "1"], ["call-503", str(os.getpid()), "0"]]
+
+
+def test_without_a_call_log_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    MockBackend().generate(ImageRequest(prompt="p", size=(8, 8), call_id="c"))
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,112 @@
+"""No image for a job that is not done: discard a failed or cancelled job's images row and object.
+
+Whatever ended the job (the owner's cancel, a permanent error, retries or
+attempts exhausted) and whatever was lost on the way (a finalize message with
+Redis, a worker killed between its upload and its images row), the job must not
+keep an `imagen.images` row or an object at its path. `discard_ended` removes
+both while it holds the job's row lock, and only if the job is failed or
+cancelled at that moment: an operator retry waits for the lock, so its new
+attempt uploads after the delete, never before it, and a done or running job
+(a newer attempt writes the very same path) is never touched. The stages call
+it when their fence fails; the listener's sweep (`sweep_ended`) calls it for
+every job that ended since it was last swept. Both are idempotent: deleting a
+missing row or object is nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from uuid import UUID
+
+from imagen.errors import ImagenError
+from imagen.jobs import Conn
+from imagen.logs import transition
+from imagen.storage import EXTENSIONS, Storage, job_object_path
+
+log = logging.getLogger(__name__)
+
+# The job's row lock is what a retry (failed/cancelled -> pending) waits for.
+LOCK_ENDED = """
+SELECT status, owner_user_id, attempt FROM imagen.jobs
+WHERE id = %(id)s AND status IN ('failed', 'cancelled')
+FOR UPDATE
+"""
+
+DELETE_IMAGE = """
+DELETE FROM imagen.images WHERE job_id = %(id)s AND owner_user_id = %(owner)s RETURNING path
+"""
+
+# A path another images row still names is not this job's to remove: a detached image of a pruned
+# job whose id an operator gave again (sql/006_job_ownership.sql).
+PATHS_IN_USE = "SELECT path FROM imagen.images WHERE bucket = %(bucket)s AND path = ANY(%(paths)s)"
+
+MARK_SWEPT = "UPDATE imagen.jobs SET image_swept_at = clock_timestamp() WHERE id = %(id)s"
+
+# Jobs that ended since they were last swept, through the partial index that holds only those.
+UNSWEPT = """
+SELECT id FROM imagen.jobs
+WHERE status IN ('failed', 'cancelled') AND (image_swept_at IS NULL OR image_swept_at < finished_at)
+ORDER BY finished_at
+LIMIT %(limit)s
+"""
+
+
+@dataclass(frozen=True)
+class Discarded:
+    """What `discard_ended` removed for one job."""
+
+    job_id: UUID
+    status: str
+    attempt: int
+    row: bool
+    objects: list[str]
+
+    @property
+    def removed_anything(self) -> bool:
+        return self.row or bool(self.objects)
+
+
+def discard_ended(conn: Conn, job_id: UUID | str, storage: Storage) -> Discarded | None:
+    """Remove a failed or cancelled job's images row and the objects at its path, under its row lock.
+
+    None when the job is not failed or cancelled (done, running, pending, gone): nothing is
+    touched. A storage error rolls the row delete back too (and propagates), so the next
+    try finds both as they were. On an autocommit connection with no transaction open.
+    """
+    with conn.transaction():
+        row = conn.execute(LOCK_ENDED, {"id": job_id}).fetchone()
+        if row is None:
+            return None
+        status, owner, attempt = row
+        deleted = conn.execute(DELETE_IMAGE, {"id": job_id, "owner": owner}).fetchall()
+        # Every path the job's image can have: the row's, and the deterministic one for each
+        # type (an upload whose images row was never written leaves no other trace).
+        paths = {r[0] for r in deleted} | {job_object_path(owner, UUID(str(job_id)), m) for m in EXTENSIONS}
+        in_use = conn.execute(PATHS_IN_USE, {"bucket": storage.bucket, "paths": sorted(paths)}).fetchall()
+        paths -= {r[0] for r in in_use}
+        objects = [path for path in sorted(paths) if storage.delete(path)]
+        conn.execute(MARK_SWEPT, {"id": job_id})
+    return Discarded(UUID(str(job_id)), status, attempt, bool(deleted), objects)
+
+
+def sweep_ended(conn: Conn, storage: Storage, *, limit: int = 100) -> list[Discarded]:
+    """Discard the image of up to `limit` jobs that ended failed or cancelled since their last sweep.
+
+    Returns the jobs that had something to remove; each gets a `swept` log line. A job
+    whose storage call fails stays unswept (logged) and is tried again at the next sweep.
+    """
+    found = []
+    for (job_id,) in conn.execute(UNSWEPT, {"limit": limit}).fetchall():
+        try:
+            done = discard_ended(conn, job_id, storage)
+        except ImagenError as exc:
+            log.warning("sweep: could not remove the image of job %s: %s; will try again", job_id, exc)
+            continue
+        if done is not None and done.removed_anything:
+            transition(
+                "swept", job_id, done.attempt, None, status=done.status, images_row=done.row,
+                objects=len(done.objects),
+            )  # fmt: skip
+            found.append(done)
+    return found
