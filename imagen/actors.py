@@ -16,7 +16,6 @@ import sys
 from typing import Any
 
 import dramatiq
-from dramatiq.middleware import Retries, TimeLimit
 
 from imagen.broker import (
     FINALIZE_ACTOR,
@@ -27,7 +26,7 @@ from imagen.broker import (
     SYNC_QUEUE,
     build_broker,
 )
-from imagen.config import load_settings
+from imagen.config import Settings, load_settings
 from imagen.db import preflight
 from imagen.errors import ConfigError
 from imagen.logs import configure_logging
@@ -41,34 +40,6 @@ from imagen.stages import (
 )
 
 EXHAUSTED_ACTOR = "stage_exhausted"
-
-try:
-    settings = load_settings()
-    # A database that can never work (unknown, wrong password, not migrated) stops the worker with
-    # exit 78, which the systemd unit does not restart; one that is down is the stages' to retry.
-    unreachable = preflight(settings.require_database_url())
-except ConfigError as exc:
-    print(f"imagen.actors: {exc}", file=sys.stderr)
-    raise SystemExit(78) from None
-
-configure_logging(settings.log_format, settings.log_level)
-if unreachable is not None:
-    logging.getLogger("imagen.actors").warning("%s; the stages retry until it answers", unreachable)
-broker = build_broker(settings)
-for middleware in list(broker.middleware):
-    if isinstance(middleware, Retries):
-        middleware.max_retries = settings.stage_retries
-        middleware.min_backoff = settings.retry_min_backoff_ms
-        middleware.max_backoff = settings.retry_max_backoff_ms
-    if isinstance(middleware, TimeLimit):
-        middleware.time_limit = int(settings.generate_time_limit * 1000)
-if settings.worker_metrics:
-    from dramatiq.middleware.prometheus import Prometheus
-
-    # Serves dramatiq_* metrics from a forked process on dramatiq_prom_host:dramatiq_prom_port (0.0.0.0:9191).
-    broker.add_middleware(Prometheus())
-dramatiq.set_broker(broker)
-context = StageContext(settings, broker)
 
 
 class ChainStages(dramatiq.Middleware):
@@ -86,8 +57,33 @@ class ReplayUsage(dramatiq.Middleware):
         context.replay_usage()
 
 
-broker.add_middleware(ChainStages())
-broker.add_middleware(ReplayUsage())
+def _configure() -> tuple[Settings, dramatiq.Broker]:
+    """Settings, logging and the broker the actors are defined on; a bad configuration exits 78."""
+    try:
+        settings = load_settings()
+        # A database that can never work (unknown, wrong password, not migrated) stops the worker with
+        # exit 78, which the systemd unit does not restart; one that is down is the stages' to retry.
+        unreachable = preflight(settings.require_database_url())
+    except ConfigError as exc:
+        print(f"imagen.actors: {exc}", file=sys.stderr)
+        raise SystemExit(78) from None
+    configure_logging(settings.log_format, settings.log_level)
+    if unreachable is not None:
+        logging.getLogger("imagen.actors").warning("%s; the stages retry until it answers", unreachable)
+    broker = build_broker(settings)
+    if settings.worker_metrics:
+        from dramatiq.middleware.prometheus import Prometheus
+
+        # Serves dramatiq_* metrics from a forked process on dramatiq_prom_host:dramatiq_prom_port (0.0.0.0:9191).
+        broker.add_middleware(Prometheus())
+    broker.add_middleware(ChainStages())
+    broker.add_middleware(ReplayUsage())
+    dramatiq.set_broker(broker)
+    return settings, broker
+
+
+settings, broker = _configure()
+context = StageContext(settings, broker)
 
 _stage_options: dict[str, Any] = {"on_retry_exhausted": EXHAUSTED_ACTOR}
 _short_limit = SYNC_TIME_LIMIT_S * 1000

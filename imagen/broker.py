@@ -132,10 +132,24 @@ class _WakingConsumer(_RedisConsumer):
 
 
 def build_broker(settings: Settings) -> WakingRedisBroker:
-    """The broker for workers and the listener, from IMAGEN_REDIS_URL."""
+    """The broker for workers and the listener, from IMAGEN_REDIS_URL.
+
+    Retries (IMAGEN_STAGE_RETRIES, IMAGEN_RETRY_MIN/MAX_BACKOFF_MS) and the default time
+    limit (IMAGEN_GENERATE_TIME_LIMIT; the shorter stages set theirs per actor) are built
+    with their settings here, so nothing is patched after the fact.
+    """
     # Dramatiq's default middleware without Callbacks and Pipelines: no imagen message uses
     # on_success/on_failure or pipe_target, and each costs work after every message.
-    middleware = [AgeLimit(), TimeLimit(), ShutdownNotifications(), Retries()]
+    middleware = [
+        AgeLimit(),
+        TimeLimit(time_limit=int(settings.generate_time_limit * 1000)),
+        ShutdownNotifications(),
+        Retries(
+            max_retries=settings.stage_retries,
+            min_backoff=settings.retry_min_backoff_ms,
+            max_backoff=settings.retry_max_backoff_ms,
+        ),
+    ]
     return WakingRedisBroker(url=settings.redis_url, middleware=middleware)
 
 

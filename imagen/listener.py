@@ -39,7 +39,7 @@ log = logging.getLogger("imagen.listener")
 
 CHANNEL = "imagen_jobs"
 LISTEN_SQL = f"LISTEN {CHANNEL}"
-# The LISTEN connection runs only these two statements, so `imagen.runner.listeners_listening` can
+# The LISTEN connection runs only these two statements, so `imagen.devtools.runner.listeners_listening` can
 # find it in pg_stat_activity by its last query: application_name is no use for that, since
 # Supavisor's session mode replaces it.
 HEALTH_SQL = "SELECT count(*) FROM pg_listening_channels() c WHERE c = 'imagen_jobs'"

@@ -17,11 +17,11 @@ from uuid import UUID, uuid4
 
 from imagen.config import Settings
 from imagen.errors import ConfigError, StorageError, TransientStorageError
-from imagen.writer import replace_atomically
+from imagen.writer import IMAGE_EXTENSIONS, image_extension, replace_atomically
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+EXTENSIONS = IMAGE_EXTENSIONS  # the writer's table: one MIME table for files and objects
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,10 @@ class StoredObject:
 
 
 def extension_for(mime: str) -> str:
-    try:
-        return EXTENSIONS[mime]
-    except KeyError:
-        raise StorageError(f"cannot store images of type {mime!r}") from None
+    ext = image_extension(mime)
+    if ext is None:
+        raise StorageError(f"cannot store images of type {mime!r}")
+    return ext
 
 
 def job_object_path(owner_user_id: UUID, job_id: UUID, mime: str) -> str:
@@ -67,8 +67,6 @@ class Storage(Protocol):
     def delete(self, path: str) -> bool:
         """Remove the object; missing is fine. Whether there was one."""
         ...
-
-    def exists(self, path: str) -> bool: ...
 
 
 class LocalStorage:
@@ -141,10 +139,8 @@ class LocalStorage:
             ) from None
         return True
 
-    def exists(self, path: str) -> bool:
-        return self._file(path).is_file()
-
     def local_path(self, path: str) -> Path:
+        """The file an object is, checked to stay inside the bucket folder (the dashboard serves it)."""
         return self._file(path)
 
 
@@ -228,13 +224,6 @@ class SupabaseStorage:
             self._client.storage.get_bucket(self.bucket)
         except Exception as exc:
             raise self._translate(exc, "bucket check", "") from None
-
-    def exists(self, path: str) -> bool:
-        self._check_path(path, "exists")
-        try:
-            return bool(self._client.storage.from_(self.bucket).exists(path))
-        except Exception as exc:
-            raise self._translate(exc, "exists", path) from None
 
 
 def open_storage(settings: Settings) -> Storage:

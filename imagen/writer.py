@@ -25,7 +25,8 @@ from typing import Any
 from imagen.backends.base import GeneratedImage
 from imagen.errors import PermanentError, StorageError
 
-_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/jpg": "jpg", "image/webp": "webp"}
+# The one MIME table: the writer names files and storage names objects with it.
+IMAGE_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/jpg": "jpg", "image/webp": "webp"}
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _MAX_COLLISIONS = 10_000
 
@@ -124,8 +125,13 @@ def slugify(text: str, max_len: int = 40) -> str:
     return slug or "image"
 
 
+def image_extension(mime: str) -> str | None:
+    """The file extension for an image MIME type (parameters and case ignored), None if unsupported."""
+    return IMAGE_EXTENSIONS.get(mime.split(";")[0].strip().lower())
+
+
 def _extension(mime: str) -> str:
-    ext = _EXTENSIONS.get(mime.split(";")[0].strip().lower())
+    ext = image_extension(mime)
     if ext is None:
         raise PermanentError(f"cannot write an image of type {mime!r} (expected png, jpeg or webp)")
     return ext

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imagen import db
 from imagen.config import load_settings
-from imagen.servers import PostgresServer, free_port
+from imagen.devtools.servers import PostgresServer, free_port
 from imagen.web import WebOptions, create_app
 
 FILL = """

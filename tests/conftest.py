@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from imagen.servers import PostgresServer, RedisServer
+from imagen.devtools.servers import PostgresServer, RedisServer
 
 
 @pytest.fixture(scope="session")

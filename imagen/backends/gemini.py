@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,9 +23,9 @@ from google.genai import errors as genai_errors
 from google.genai import types
 from PIL import Image
 
-from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
+from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult
 from imagen.backends.gemini_errors import redact, translate_api_error, translate_other_transport
-from imagen.backends.sdk import LazyClient, attach_usage, one_line, timeout_error
+from imagen.backends.sdk import CallLedger, LazyClient, attach_usage, one_line, timeout_error
 from imagen.backends.sizes import GEMINI_ASPECTS, nearest_aspect, parse_aspect, size_rule
 from imagen.config import Settings
 from imagen.errors import (
@@ -142,25 +141,8 @@ def _final_images(response: types.GenerateContentResponse) -> list[types.Blob]:
     ]
 
 
-class _CallLedger:
+class _CallLedger(CallLedger):
     """Token counts across the calls of one `generate`, so a failure can report what was spent."""
-
-    def __init__(self, backend: str, model: str) -> None:
-        self.backend = backend
-        self.model = model
-        self.started = time.monotonic()
-        self.images = 0
-        self.input_tokens: int | None = None
-        self.output_tokens: int | None = None
-        self.image_output_tokens: int | None = None
-        self.thought_tokens: int | None = None
-        self.calls: list[dict[str, Any]] = []
-
-    @staticmethod
-    def _add(total: int | None, value: int | None) -> int | None:
-        if value is None:
-            return total
-        return (total or 0) + value
 
     def record(self, metadata: types.GenerateContentResponseUsageMetadata | None, *, imaged: bool) -> None:
         """Add one response's counts; `imaged` says whether it carried an image."""
@@ -176,24 +158,11 @@ class _CallLedger:
             # No per-modality breakdown: with response_modalities=["IMAGE"] and an image returned,
             # every candidate token is an image token (thinking is counted apart, in thoughts_token_count).
             image_tokens = metadata.candidates_token_count
-        self.input_tokens = self._add(self.input_tokens, metadata.prompt_token_count)
-        self.output_tokens = self._add(self.output_tokens, metadata.candidates_token_count)
-        self.image_output_tokens = self._add(self.image_output_tokens, image_tokens)
-        self.thought_tokens = self._add(self.thought_tokens, metadata.thoughts_token_count)
-
-    def usage(self, *, error: str | None = None) -> Usage:
-        return Usage(
-            backend=self.backend,
-            model=self.model,
-            images=self.images,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
-            image_output_tokens=self.image_output_tokens,
-            thought_tokens=self.thought_tokens,
-            latency_ms=(time.monotonic() - self.started) * 1000,
-            ok=error is None,
-            error=error,
-            raw={"calls": list(self.calls)},
+        self.add(
+            input_tokens=metadata.prompt_token_count,
+            output_tokens=metadata.candidates_token_count,
+            image_output_tokens=image_tokens,
+            thought_tokens=metadata.thoughts_token_count,
         )
 
 

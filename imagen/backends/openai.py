@@ -13,15 +13,15 @@ import base64
 import binascii
 import io
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import openai
 from PIL import Image
 
-from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
+from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult
 from imagen.backends.sdk import (
+    CallLedger,
     LazyClient,
     attach_usage,
     one_line,
@@ -80,19 +80,8 @@ def _redact(text: str, secret: str | None) -> str:
     return _KEY_LIKE.sub("sk-***", text)
 
 
-class _CallLedger:
+class _CallLedger(CallLedger):
     """Token counts across the calls of one `generate` (more than one only when n > 10)."""
-
-    def __init__(self, backend: str, model: str) -> None:
-        self.backend = backend
-        self.model = model
-        self.started = time.monotonic()
-        self.images = 0
-        self.input_tokens: int | None = None
-        self.output_tokens: int | None = None
-        self.image_output_tokens: int | None = None
-        self.calls: list[dict[str, Any]] = []
-        self.request_ids: list[str] = []
 
     def record(self, usage: Any, request_id: str | None) -> None:
         if request_id:
@@ -104,25 +93,10 @@ class _CallLedger:
         details = usage.output_tokens_details
         # Without output details every output token of an image model is an image token.
         image_tokens = details.image_tokens if details is not None else usage.output_tokens
-        self.input_tokens = (self.input_tokens or 0) + usage.input_tokens
-        self.output_tokens = (self.output_tokens or 0) + usage.output_tokens
-        self.image_output_tokens = (self.image_output_tokens or 0) + image_tokens
-
-    def usage(self, *, error: str | None = None) -> Usage:
-        raw: dict[str, Any] = {"calls": list(self.calls)}
-        if self.request_ids:
-            raw["request_ids"] = list(self.request_ids)
-        return Usage(
-            backend=self.backend,
-            model=self.model,
-            images=self.images,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
-            image_output_tokens=self.image_output_tokens,
-            latency_ms=(time.monotonic() - self.started) * 1000,
-            ok=error is None,
-            error=error,
-            raw=raw,
+        self.add(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            image_output_tokens=image_tokens,
         )
 
 

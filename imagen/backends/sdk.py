@@ -1,4 +1,4 @@
-"""What the SDK-backed backends share: a client built once on first use, and their error text.
+"""What the SDK-backed backends share: a client built once on first use, a usage tally, error text.
 
 A backend instance serves every thread of a worker process, so its SDK client
 is built lazily (credentials are read then, and may fail with a readable
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -41,6 +42,62 @@ class LazyClient(Generic[T]):
             if self._client is None:
                 self._client = self._build()
             return self._client
+
+
+class CallLedger:
+    """Token counts across the provider calls of one `generate`, so a failure can report what was spent.
+
+    Each provider's subclass adds a `record` that reads its SDK's usage object and calls
+    `add`; the Usage row (and the raw per-call counts) is built here the same way for all.
+    """
+
+    def __init__(self, backend: str, model: str) -> None:
+        self.backend = backend
+        self.model = model
+        self.started = time.monotonic()
+        self.images = 0
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.image_output_tokens: int | None = None
+        self.thought_tokens: int | None = None
+        self.calls: list[dict[str, Any]] = []
+        self.request_ids: list[str] = []
+
+    @staticmethod
+    def _sum(total: int | None, value: int | None) -> int | None:
+        return total if value is None else (total or 0) + value
+
+    def add(
+        self,
+        *,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        image_output_tokens: int | None,
+        thought_tokens: int | None = None,
+    ) -> None:
+        """Add one response's counts; a count the provider did not report leaves the total as it is."""
+        self.input_tokens = self._sum(self.input_tokens, input_tokens)
+        self.output_tokens = self._sum(self.output_tokens, output_tokens)
+        self.image_output_tokens = self._sum(self.image_output_tokens, image_output_tokens)
+        self.thought_tokens = self._sum(self.thought_tokens, thought_tokens)
+
+    def usage(self, *, error: str | None = None) -> Usage:
+        raw: dict[str, Any] = {"calls": list(self.calls)}
+        if self.request_ids:
+            raw["request_ids"] = list(self.request_ids)
+        return Usage(
+            backend=self.backend,
+            model=self.model,
+            images=self.images,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            image_output_tokens=self.image_output_tokens,
+            thought_tokens=self.thought_tokens,
+            latency_ms=(time.monotonic() - self.started) * 1000,
+            ok=error is None,
+            error=error,
+            raw=raw,
+        )
 
 
 def one_line(text: str | None) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from imagen.cli import handle_errors, round_times
+from imagen.cli.exits import handle_errors
+from imagen.cli.options import round_times
 
 
 def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -82,7 +83,7 @@ def bench(
     With --peers it runs our job next to pgqueuer's and procrastinate's instead, on
     the same fresh servers, and prints each peer's figure with ours over it.
     """
-    from imagen.bench import bench_config, render_table, report_json, run_bench
+    from imagen.devtools.bench import bench_config, render_table, report_json, run_bench
 
     config = bench_config(
         quick=quick, jobs=jobs, samples=samples, workers=workers, scratch=scratch, rounds=rounds
@@ -93,7 +94,7 @@ def bench(
             raise click.UsageError(
                 "--peers runs one worker process per system, once: drop --workers and --rounds"
             )
-        from imagen.bench.peers import peers_json, render_peers, run_peers
+        from imagen.devtools.bench.peers import peers_json, render_peers, run_peers
 
         peer_report = run_peers(config, echo=lambda line: click.echo(f"bench: {line}", err=True))
         click.echo(render_peers(peer_report))

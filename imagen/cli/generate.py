@@ -15,7 +15,8 @@ from uuid import UUID
 
 import click
 
-from imagen.cli import check_blank_prompt, handle_errors, round_times
+from imagen.cli.exits import handle_errors
+from imagen.cli.options import check_blank_prompt, round_times
 from imagen.config import Settings, load_settings
 from imagen.errors import TransientError
 

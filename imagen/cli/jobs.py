@@ -15,7 +15,8 @@ from uuid import UUID
 import click
 
 from imagen import jobs_admin
-from imagen.cli import check_prompt, handle_errors, round_times
+from imagen.cli.exits import handle_errors
+from imagen.cli.options import check_prompt, round_times
 from imagen.config import load_settings
 
 if TYPE_CHECKING:

@@ -6,7 +6,8 @@ from uuid import UUID
 
 import click
 
-from imagen.cli import EXIT_FAILED, check_prompt, fail, handle_errors, round_times
+from imagen.cli.exits import EXIT_FAILED, fail, handle_errors
+from imagen.cli.options import check_prompt, round_times
 from imagen.config import load_settings
 
 
@@ -120,7 +121,7 @@ def demo(count: int, workdir: str, timeout: float, use_env: bool) -> None:
     """
     from pathlib import Path
 
-    from imagen.demo import run_demo
+    from imagen.devtools.demo import run_demo
 
     ok = run_demo(Path(workdir), count=count, timeout=timeout, echo=click.echo, use_env=use_env)
     if not ok:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from imagen.cli import handle_errors
+from imagen.cli.exits import handle_errors
 from imagen.config import load_settings
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from imagen.cli import handle_errors
+from imagen.cli.exits import handle_errors
 from imagen.config import load_settings
 
 

@@ -36,10 +36,12 @@ SELECT id, job_id, owner_user_id, bucket, path, mime, width, height, bytes
 FROM imagen.images WHERE id = %(image_id)s
 """
 
-# The listeners' LISTEN connections, found by their last statement (the LISTEN or its self-check,
-# imagen.listener), not by application_name, which Supavisor's session mode replaces.
+# Each `imagen listen` holds one dedicated connection for its LISTEN; it is found by its last
+# statement (the LISTEN, or the self-check that replaces it every 10 s, imagen.listener), never by
+# application_name, which Supavisor's session mode replaces. Another role's sessions are hidden
+# unless this role has pg_read_all_stats.
 LISTENERS = """
-SELECT pid, host(client_addr), backend_start, state_change, true AS listening
+SELECT pid, host(client_addr), backend_start, state_change
 FROM pg_stat_activity
 WHERE datname = current_database() AND state = 'idle' AND query IN (%(listen)s, %(health)s)
 ORDER BY backend_start
@@ -86,7 +88,6 @@ class Listener:
     client: str | None
     connected_at: datetime
     state_since: datetime | None
-    listening: bool
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,8 @@ class Health:
         return sum(self.running_by_stage.values())
 
     @property
-    def listening(self) -> int:
-        return sum(1 for listener in self.listeners if listener.listening)
+    def listeners_connected(self) -> int:
+        return len(self.listeners)
 
 
 def capped_counts(conn: Conn, cap: int = COUNT_CAP) -> dict[str, int]:

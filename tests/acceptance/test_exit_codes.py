@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from imagen.cli import EXIT_CONFIG, EXIT_TEMPFAIL
-from imagen.servers import free_port
+from imagen.devtools.servers import free_port
 from tests.cli import clean_env, explain, run_imagen
 from tests.waiting import wait_until
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from imagen.runner import PipelineProcesses, Proc, listeners_listening, pipeline_env
+from imagen.devtools.runner import PipelineProcesses, Proc, listeners_listening, pipeline_env
 from tests.waiting import wait_until
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import psycopg
 
-from imagen.runner import listeners_listening
+from imagen.devtools.runner import listeners_listening
 
 
 class LiveRunRefused(Exception):

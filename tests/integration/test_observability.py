@@ -6,7 +6,7 @@ import json
 import urllib.request
 from typing import Any
 
-from imagen.servers import free_port
+from imagen.devtools.servers import free_port
 from tests.integration.test_pipeline_e2e import submit, wait_terminal
 from tests.waiting import wait_until
 

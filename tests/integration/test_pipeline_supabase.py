@@ -111,7 +111,7 @@ def test_live_supabase_job_reaches_done_with_image_row_and_storage_object(pipeli
         assert done["status"] == "done", done["error"]
         image = query(url, "SELECT id, bucket, path FROM imagen.images WHERE job_id = %s", job_id)
         assert image and image[0][0] == done["image_id"]
-        assert storage.exists(image[0][2])
+        assert storage._client.storage.from_(storage.bucket).exists(image[0][2])
         failed = False
     finally:
         problems = _clean_up(url, storage, job_id)
@@ -159,7 +159,7 @@ def _clean_up(url: str, storage: Any, job_id: uuid.UUID) -> list[str]:
 @pytest.fixture
 def pipeline_live(tmp_path: Any, redis_url: str) -> Any:
     """Our own listener and workers (on a throwaway Redis), for a project with no deployed pipeline."""
-    from imagen.runner import PipelineProcesses, pipeline_env
+    from imagen.devtools.runner import PipelineProcesses, pipeline_env
     from tests.integration.conftest import listener_ready, workers_ready
     from tests.waiting import wait_until
 

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 
 from imagen import jobs
-from imagen.runner import listeners_listening
+from imagen.devtools.runner import listeners_listening
 from tests.cli import clean_env, explain, run_imagen
 from tests.integration.rows import scalar
 from tests.integration.test_pipeline_e2e import row, submit, wait_terminal

@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 
 from imagen import jobs, jobs_admin
 from imagen.config import Settings
-from imagen.servers import free_port
+from imagen.devtools.servers import free_port
 from imagen.stages import StageContext, run_finalize, run_generate, run_sync
 from tests.integration.conftest import RecordingBroker
 from tests.waiting import wait_until

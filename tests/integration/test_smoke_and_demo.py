@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from imagen.servers import free_port
+from imagen.devtools.servers import free_port
 from tests.cli import clean_env, explain, run_imagen
 from tests.integration.rows import query
 

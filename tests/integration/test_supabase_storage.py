@@ -267,33 +267,14 @@ def test_service_key_never_appears_in_error_text_even_when_the_server_echoes_it(
         with pytest.raises(StorageError) as caught:
             storage.put(PATH, png(), "image/png")
         errors.append(caught.value)
-    for action in (lambda: storage.exists(PATH), lambda: storage.delete(PATH)):
-        server.fail_next(1, 503)
-        with pytest.raises(StorageError) as caught:
-            action()
-        errors.append(caught.value)
+    server.fail_next(1, 503)
+    with pytest.raises(StorageError) as caught:
+        storage.delete(PATH)
+    errors.append(caught.value)
 
-    assert len(errors) == 6
+    assert len(errors) == 5
     for error in errors:
         assert_no_key(error)
-
-
-def test_exists_reports_present_and_missing_objects(server: FakeStorage, storage: SupabaseStorage) -> None:
-    assert storage.exists(PATH) is False
-
-    storage.put(PATH, png(), "image/png")
-
-    assert storage.exists(PATH) is True
-    assert storage.exists(f"{OWNER}/{uuid.uuid4()}.png") is False
-
-
-def test_exists_during_an_outage_raises_transient_instead_of_answering_false(
-    server: FakeStorage, storage: SupabaseStorage
-) -> None:
-    server.fail_next(1, 503)
-
-    with pytest.raises(TransientStorageError):
-        storage.exists(PATH)
 
 
 def test_delete_removes_the_object_and_deleting_a_missing_one_is_fine(
@@ -313,13 +294,12 @@ def test_delete_removes_the_object_and_deleting_a_missing_one_is_fine(
 
 
 @pytest.mark.parametrize("path", ["../../etc/passwd.png", "a/./b.png", "%2e%2e/x.png", "a//b.png", ""])
-@pytest.mark.parametrize("action", ["put", "exists", "delete"])
+@pytest.mark.parametrize("action", ["put", "delete"])
 def test_a_path_that_is_not_plain_is_refused_permanently_before_any_request(
     server: FakeStorage, storage: SupabaseStorage, path: str, action: str
 ) -> None:
     calls = {
         "put": lambda: storage.put(path, png(), "image/png"),
-        "exists": lambda: storage.exists(path),
         "delete": lambda: storage.delete(path),
     }
 

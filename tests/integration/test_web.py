@@ -18,10 +18,12 @@ from starlette.testclient import TestClient
 from imagen.broker import GENERATE_QUEUE, SYNC_QUEUE, build_broker, stage_message
 from imagen.config import Settings, load_settings
 from imagen.errors import ConfigError
+from imagen.listener import HEALTH_SQL, LISTEN_SQL
 from imagen.web import WebOptions, create_app
 from imagen.web.app import check_bind
 from imagen.web.queries import capped_counts
 from tests.cli import clean_env, run_imagen
+from tests.waiting import wait_until
 
 TOKEN = "a-test-token-0123456789abcdef"
 LOCAL = "http://127.0.0.1"
@@ -316,19 +318,29 @@ def test_health_shows_listeners_queue_depths_in_flight_and_last_hour(
     broker.enqueue(stage_message("sync_stage", SYNC_QUEUE, str(uuid.uuid4()), 1))
     broker.close()
     insert_job(db_url, status="running", stage="generating", attempt=1, claimed_at=_ago(5))
+    finished = _ago(60)  # one moment for both, so they land in the same minute's bar
     for _ in range(2):
         insert_job(
-            db_url, status="done", attempt=1, created_at=_ago(70), claimed_at=_ago(69.9), finished_at=_ago(60)
+            db_url,
+            status="done",
+            attempt=1,
+            created_at=finished - timedelta(seconds=10),
+            claimed_at=finished - timedelta(seconds=9.9),
+            finished_at=finished,
         )
     with psycopg.connect(db_url, autocommit=True, application_name="Supavisor") as listener:
-        listener.execute("LISTEN imagen_jobs")
+        listener.execute(LISTEN_SQL)
+        # The listener's self-check runs on the same connection every 10 s: still one listener.
+        listener.execute(HEALTH_SQL)
         html = client.get("/health").text
-    assert 'id="listeners">1<' in html and 'id="in-flight">1<' in html
+    cards = html.split('<div class="panels">')[0]
+    assert 'id="listeners">1<' in cards and 'id="in-flight">1<' in cards, cards
     rows = {q: html.split(f'data-queue="{q}">')[1].split("</tr>")[0] for q in (GENERATE_QUEUE, SYNC_QUEUE)}
     assert '<td class="num">3</td>' in rows[GENERATE_QUEUE] and '<td class="num">1</td>' in rows[SYNC_QUEUE]
     assert "finished: done 2, failed 0" in html
     assert "<title>done 2</title>" in html  # a bar for the minute they finished
-    assert "none listening" in client.get("/fragments/health").text  # the listener left
+    # The listener left; its backend exits a moment after the client closes.
+    wait_until(lambda: "none connected" in client.get("/fragments/health").text, timeout=10)
 
 
 def test_health_names_an_unreachable_redis(db_url: str, tmp_path: Path) -> None:

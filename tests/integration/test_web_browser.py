@@ -26,8 +26,8 @@ import psycopg
 import pytest
 
 from imagen import jobs
-from imagen.runner import pipeline_env
-from imagen.servers import free_port
+from imagen.devtools.runner import pipeline_env
+from imagen.devtools.servers import free_port
 from tests.integration.test_web import insert_job, status_of
 from tests.waiting import wait_until
 
@@ -216,6 +216,12 @@ def test_read_only_dashboard_shows_no_buttons_and_refuses_a_forged_post(
     )
     assert status == 403
     assert status_of(db_url, failed) == "failed"
+
+    page.goto(server.url + "/")
+    expect(page.locator(".live")).to_have_text("live")
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=10)
+    expect(page.locator(".live")).to_have_text("offline: no answer")  # not a quiet queue
 
 
 def test_token_mode_refuses_the_browser_until_it_gives_the_token(

@@ -1,10 +1,10 @@
 """The reliability harness: private servers, the real processes, one invariant.
 
 Each test module gets its own PostgreSQL cluster and Redis server on free ports
-(imagen.servers), so a scenario may stop, crash or restart them; each test gets
+(imagen.devtools.servers), so a scenario may stop, crash or restart them; each test gets
 a fresh database copied from a migrated template and a flushed Redis. The
 pipeline runs as operators run it (`imagen listen`, `dramatiq imagen.actors`,
-through imagen.runner) with a short lease and poll so recovery happens in
+through imagen.devtools.runner) with a short lease and poll so recovery happens in
 seconds. After every scenario `check_invariants` proves the user's promise
 and returns the figures the scenario reports. It must never touch the
 machine's shared PostgreSQL or Redis, and never fix up rows it checks.
@@ -29,9 +29,9 @@ import redis
 from psycopg.types.json import Jsonb
 
 from imagen import db
+from imagen.devtools.runner import PipelineProcesses, Proc, pipeline_env
+from imagen.devtools.servers import PostgresServer, RedisServer, free_port
 from imagen.handoff import PREFIX as HANDOFF_PREFIX
-from imagen.runner import PipelineProcesses, Proc, pipeline_env
-from imagen.servers import PostgresServer, RedisServer, free_port
 from tests.waiting import wait_until
 
 T = TypeVar("T")

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from imagen.broker import GENERATE_QUEUE
-from imagen.runner import listeners_listening
+from imagen.devtools.runner import listeners_listening
 from tests.reliability.harness import Harness
 from tests.waiting import wait_until
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from imagen.bench import (
+from imagen.cli import main
+from imagen.devtools.bench import (
     LATENCY_LABELS,
     RATIO_LEGEND,
     BenchConfig,
@@ -32,9 +33,8 @@ from imagen.bench import (
     render_table,
     report_json,
 )
-from imagen.bench.config import default_scratch, size_note
-from imagen.bench.machine import filesystem_type
-from imagen.cli import main
+from imagen.devtools.bench.config import default_scratch, size_note
+from imagen.devtools.bench.machine import filesystem_type
 
 
 def make_report(**latency_p50: float) -> Report:
@@ -261,7 +261,7 @@ def test_quick_bench_end_to_end_writes_every_figure(tmp_path: Path) -> None:
 
 
 def test_peers_without_their_packages_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    from imagen.bench import peers
+    from imagen.devtools.bench import peers
 
     monkeypatch.setattr(peers, "missing_peer_modules", lambda: ["pgqueuer", "procrastinate"])
     result = CliRunner().invoke(main, ["bench", "--peers", "--quick"])
@@ -277,7 +277,7 @@ def test_peers_refuses_the_options_it_would_ignore() -> None:
 
 
 def test_peers_table_puts_ours_over_each_peer() -> None:
-    from imagen.bench.peers import render_peers
+    from imagen.devtools.bench.peers import render_peers
 
     report = Report(bench_config(quick=True))
     report.latency = {

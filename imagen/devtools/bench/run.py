@@ -27,24 +27,24 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.message import Message
 from psycopg.types.json import Jsonb
 
-from imagen.bench.baselines import BARE_ACTORS, DONE_KEY, RAW_CLAIMER, RAW_SCHEMA
-from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo, default_scratch, size_note
-from imagen.bench.machine import cpu_pressure, describe_machine, filesystem_type
-from imagen.bench.procs import (
-    _clean_env,
-    _interrupt_on_sigterm,
-    _processes,
-    _ready,
-    _spawn,
-    _text,
-    _wait_for,
-    process_tree,
-)
-from imagen.bench.report import LATENCY_LABELS, Report, Summary
-from imagen.bench.throughput import _Backlogs
 from imagen.broker import WakingRedisBroker
-from imagen.runner import DRAMATIQ_READY, Proc, listeners_listening, pipeline_env
-from imagen.servers import PostgresServer, RedisServer
+from imagen.devtools.bench.baselines import BARE_ACTORS, DONE_KEY, RAW_CLAIMER, RAW_SCHEMA
+from imagen.devtools.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo, default_scratch, size_note
+from imagen.devtools.bench.machine import cpu_pressure, describe_machine, filesystem_type
+from imagen.devtools.bench.procs import (
+    _interrupt_on_sigterm,
+    _ready,
+    clean_env,
+    proc_text,
+    process_tree,
+    processes,
+    spawn,
+    wait_for,
+)
+from imagen.devtools.bench.report import LATENCY_LABELS, Report, Summary
+from imagen.devtools.bench.throughput import Backlogs
+from imagen.devtools.runner import DRAMATIQ_READY, Proc, listeners_listening, pipeline_env
+from imagen.devtools.servers import PostgresServer, RedisServer
 
 POLL_CLAIM = 0.0002  # seconds between polls while waiting for a claim
 POLL_DONE = 0.001
@@ -66,7 +66,7 @@ class _Idle:
     owner: uuid.UUID
 
 
-class _Run(_Backlogs):
+class BenchRun(Backlogs):
     """The phases of one run; every server, process and folder it makes is on the ExitStack."""
 
     def __init__(self, config: BenchConfig, echo: Echo, stack: contextlib.ExitStack) -> None:
@@ -106,7 +106,7 @@ class _Run(_Backlogs):
         self.bare_folder.mkdir()
         (self.bare_folder / "bench_actors.py").write_text(BARE_ACTORS)
         (self.root / "raw_claimer.py").write_text(RAW_CLAIMER)
-        self.pipeline_env = _clean_env(pipeline_env(self.db_url, self.redis.url, self.files))
+        self.pipeline_env = clean_env(pipeline_env(self.db_url, self.redis.url, self.files))
 
     def _gap(self, gap_ms: tuple[float, float] | None = None) -> None:
         time.sleep(self.random.uniform(*(gap_ms or self.config.gap_ms)) / 1000)
@@ -115,30 +115,30 @@ class _Run(_Backlogs):
 
     @contextlib.contextmanager
     def _raw_claimer(self) -> Iterator[Proc]:
-        env = _clean_env(BENCH_DATABASE_URL=self.db_url)
-        with _processes(env, self.root / "raw") as procs:
-            proc = _spawn(procs, "raw-claimer", [sys.executable, str(self.root / "raw_claimer.py")])
-            _wait_for(lambda: _ready(proc, "raw claimer ready"), 30, "the raw claimer")
+        env = clean_env(BENCH_DATABASE_URL=self.db_url)
+        with processes(env, self.root / "raw") as procs:
+            proc = spawn(procs, "raw-claimer", [sys.executable, str(self.root / "raw_claimer.py")])
+            wait_for(lambda: _ready(proc, "raw claimer ready"), 30, "the raw claimer")
             yield proc
 
     @contextlib.contextmanager
     def _bare_workers(self, kind: str, n: int, **extra: str) -> Iterator[Proc]:
-        env = _clean_env(BENCH_REDIS_URL=self.bare_url, BENCH_BROKER=kind, **extra)
+        env = clean_env(BENCH_REDIS_URL=self.bare_url, BENCH_BROKER=kind, **extra)
         argv = [sys.executable, "-m", "dramatiq", "bench_actors", "--path", str(self.bare_folder)]
         argv += ["-p", str(n), "-t", str(self.config.threads)]
-        with _processes(env, self.bare_folder / f"{kind}-{n}") as procs:
-            proc = _spawn(procs, "bare-workers", argv)
-            _wait_for(lambda: _ready(proc, DRAMATIQ_READY, n), 60, f"{n} bare Dramatiq worker(s)")
+        with processes(env, self.bare_folder / f"{kind}-{n}") as procs:
+            proc = spawn(procs, "bare-workers", argv)
+            wait_for(lambda: _ready(proc, DRAMATIQ_READY, n), 60, f"{n} bare Dramatiq worker(s)")
             yield proc
 
     @contextlib.contextmanager
     def _pipeline(self, n: int) -> Iterator[tuple[Proc, Proc]]:
         """`dramatiq imagen.actors -p n` and `imagen listen`, as an operator starts them."""
-        with _processes(self.pipeline_env, self.root / "pipeline" / f"p{n}") as procs:
+        with processes(self.pipeline_env, self.root / "pipeline" / f"p{n}") as procs:
             workers = procs.start_workers(processes=n, threads=self.config.threads)
-            _wait_for(lambda: _ready(workers, DRAMATIQ_READY, n), 60, f"{n} imagen worker(s)")
+            wait_for(lambda: _ready(workers, DRAMATIQ_READY, n), 60, f"{n} imagen worker(s)")
             listener = procs.start_listener()
-            _wait_for(lambda: listeners_listening(self.db_url) > 0, 30, "the listener's LISTEN")
+            wait_for(lambda: listeners_listening(self.db_url) > 0, 30, "the listener's LISTEN")
             yield listener, workers
 
     # the phases
@@ -296,7 +296,7 @@ class _Run(_Backlogs):
     ) -> float:
         """Enqueue one message; seconds until the last actor ran."""
         message: Message[Any] = Message(queue_name=queue, actor_name=actor, args=(i,), kwargs={}, options={})
-        return _stamped(client, DONE_KEY, lambda: broker.enqueue(message), i, f"{actor} message")
+        return stamped(client, DONE_KEY, lambda: broker.enqueue(message), i, f"{actor} message")
 
     def _stock_references(self, client: redis.Redis) -> None:
         """Stock RedisBroker chains for reference: worker_timeout=20, and the defaults on an idle queue."""
@@ -325,7 +325,7 @@ class _Run(_Backlogs):
             stock.close()
 
 
-def _stamped(client: redis.Redis, key: str, send: Callable[[], object], token: int, what: str) -> float:
+def stamped(client: redis.Redis, key: str, send: Callable[[], object], token: int, what: str) -> float:
     """Send one job that pushes "<token> <time.time()>" to `key` when it runs: seconds from just
     before the send to that stamp (one host, one clock)."""
     started = time.time()
@@ -333,13 +333,13 @@ def _stamped(client: redis.Redis, key: str, send: Callable[[], object], token: i
     got = client.blpop([key], timeout=30)
     if got is None:
         raise BenchError(f"{what} {token} did not finish within 30 s")
-    seen, stamp = _text(got[1]).split()
+    seen, stamp = proc_text(got[1]).split()
     if seen != str(token):
         raise BenchError(f"{what}: expected token {token}, got {seen}")
     return float(stamp) - started
 
 
-def _execute(run_type: type[_Run], config: BenchConfig, echo: Echo | None) -> _Run:
+def execute(run_type: type[BenchRun], config: BenchConfig, echo: Echo | None) -> BenchRun:
     """Start a run's servers and measure, timing each line; whatever happens, every process and
     server it started is stopped before this returns or raises."""
     started = time.monotonic()
@@ -375,7 +375,7 @@ def _execute(run_type: type[_Run], config: BenchConfig, echo: Echo | None) -> _R
 
 @dataclass
 class _Probe:
-    """One sequential sample in seconds (see `_Run._row_sample`); None where it does not apply."""
+    """One sequential sample in seconds (see `BenchRun._row_sample`); None where it does not apply."""
 
     row_id: Any
     sent_wall: float  # time.time() just before the INSERT was sent
@@ -387,7 +387,7 @@ class _Probe:
 
 def run_bench(config: BenchConfig, echo: Echo | None = None) -> Report:
     """Run every phase on fresh servers; stop all processes and servers however it ends."""
-    report = _execute(_Run, config, echo).report
+    report = execute(BenchRun, config, echo).report
     busy = report.machine["loadavg"][0]
     if busy > report.machine["nproc"]:
         report.notes.append(

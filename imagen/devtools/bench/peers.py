@@ -22,11 +22,11 @@ import psycopg
 import redis
 from psycopg.types.json import Jsonb
 
-from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
-from imagen.bench.procs import _clean_env, _processes, _spawn, _wait_for
-from imagen.bench.report import Report, Summary, format_value, format_versus, rate
-from imagen.bench.run import JOB_INSERT, JOB_POLL, _execute, _Run, _stamped
-from imagen.runner import Proc
+from imagen.devtools.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
+from imagen.devtools.bench.procs import clean_env, processes, spawn, wait_for
+from imagen.devtools.bench.report import Report, Summary, format_value, format_versus, rate
+from imagen.devtools.bench.run import JOB_INSERT, JOB_POLL, BenchRun, execute, stamped
+from imagen.devtools.runner import Proc
 
 PEER_MODULES = ("pgqueuer", "asyncpg", "procrastinate")
 STARTED_KEY = "bench:started"
@@ -126,8 +126,8 @@ class _Enqueuers:
         self._conn.close()
 
 
-class _PeersRun(_Run):
-    """Ours and the peers, one worker process each, on the servers `_Run` starts; the figures go
+class _PeersRun(BenchRun):
+    """Ours and the peers, one worker process each, on the servers `BenchRun` starts; the figures go
     into the same `Report`, keyed as in LATENCY_ROWS and THROUGHPUT_ROWS."""
 
     def install_peers(self) -> None:
@@ -135,7 +135,7 @@ class _PeersRun(_Run):
         self.peers_folder.mkdir()
         (self.peers_folder / "peer_pgqueuer.py").write_text(PGQUEUER_APP)
         (self.peers_folder / "peer_procrastinate.py").write_text(PROCRASTINATE_APP)
-        self.peers_env = _clean_env(
+        self.peers_env = clean_env(
             BENCH_DATABASE_URL=self.db_url,
             BENCH_REDIS_URL=self.bare_url,
             PGDSN=self.db_url,
@@ -148,8 +148,8 @@ class _PeersRun(_Run):
                 [sys.executable, "-m", "procrastinate", "--app=peer_procrastinate.app", "schema", "--apply"],
             ),
         ):
-            with _processes(self.peers_env, self.peers_folder / "install") as procs:
-                proc = _spawn(procs, name.replace(" ", "-"), argv)
+            with processes(self.peers_env, self.peers_folder / "install") as procs:
+                proc = spawn(procs, name.replace(" ", "-"), argv)
                 if proc.popen.wait(60) != 0:
                     raise BenchError(f"{name} failed:\n{proc.tail(2000)}")
 
@@ -165,8 +165,8 @@ class _PeersRun(_Run):
                 "worker",
             ],
         }[peer]
-        with _processes(self.peers_env, self.peers_folder / peer) as procs:
-            yield _spawn(procs, peer, argv)
+        with processes(self.peers_env, self.peers_folder / peer) as procs:
+            yield spawn(procs, peer, argv)
 
     def measure(self) -> None:
         self.echo("installing pgqueuer's and procrastinate's schemas")
@@ -205,11 +205,11 @@ class _PeersRun(_Run):
             probes += 1
             return client.blpop([STARTED_KEY], timeout=1) is not None
 
-        _wait_for(started, 60, f"{peer}'s worker")
+        wait_for(started, 60, f"{peer}'s worker")
         for i in range(self.config.warmup):
             enqueue.one(peer, f"w{i}")
         expected = probes - 1 + self.config.warmup
-        _wait_for(lambda: client.llen(STARTED_KEY) >= expected, 60, f"{peer}'s warm-up jobs")
+        wait_for(lambda: client.llen(STARTED_KEY) >= expected, 60, f"{peer}'s warm-up jobs")
         client.delete(STARTED_KEY)
 
     def _peer_latency(self, client: redis.Redis, enqueue: _Enqueuers) -> None:
@@ -253,9 +253,7 @@ class _PeersRun(_Run):
 
     def _peer_sample(self, client: redis.Redis, enqueue: _Enqueuers, peer: str, i: int) -> dict[str, float]:
         return {
-            f"{peer}_start": _stamped(
-                client, STARTED_KEY, lambda: enqueue.one(peer, str(i)), i, f"{peer} job"
-            )
+            f"{peer}_start": stamped(client, STARTED_KEY, lambda: enqueue.one(peer, str(i)), i, f"{peer} job")
         }
 
     def _peer_throughput(self, client: redis.Redis, enqueue: _Enqueuers, peer: str, worker: Proc) -> None:
@@ -275,7 +273,7 @@ def run_peers(config: BenchConfig, echo: Echo | None = None) -> Report:
             f"--peers needs {', '.join(missing)}, not installed here: pip install -e '.[peers]'"
             " (pgqueuer, asyncpg and procrastinate)"
         )
-    return _execute(_PeersRun, config, echo).report
+    return execute(_PeersRun, config, echo).report
 
 
 def render_peers(report: Report) -> str:

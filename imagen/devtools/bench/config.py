@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from imagen.bench.machine import filesystem_type
+from imagen.devtools.bench.machine import filesystem_type
 from imagen.errors import ImagenError
 
 Echo = Callable[[str], None]

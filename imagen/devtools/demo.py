@@ -18,9 +18,9 @@ from typing import Any
 from imagen import jobs
 from imagen.config import Settings, load_settings
 from imagen.db import connect, migrate
+from imagen.devtools.runner import PipelineProcesses, Proc, listeners_listening, pipeline_env
+from imagen.devtools.servers import PostgresServer, RedisServer
 from imagen.errors import NotReachable
-from imagen.runner import PipelineProcesses, Proc, listeners_listening, pipeline_env
-from imagen.servers import PostgresServer, RedisServer
 from imagen.smoke import TERMINAL
 
 PROMPTS = [

@@ -1,6 +1,6 @@
 """The throughput phases of a run: backlogs drained by the bare chain and by the pipeline, and RSS.
 
-A mixin of `imagen.bench.run._Run`, which owns the servers and processes it measures.
+A mixin of `imagen.devtools.bench.run.BenchRun`, which owns the servers and processes it measures.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.message import Message
 from psycopg.types.json import Jsonb
 
-from imagen.bench.baselines import DONE_KEY
-from imagen.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
-from imagen.bench.procs import MemoryWatch, _text, _wait_for, process_tree, rss_mb
-from imagen.bench.report import Memory, Report, Throughput
 from imagen.broker import MAX_WAKE_TOKENS, WakingRedisBroker
-from imagen.runner import Proc
+from imagen.devtools.bench.baselines import DONE_KEY
+from imagen.devtools.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
+from imagen.devtools.bench.procs import MemoryWatch, proc_text, process_tree, rss_mb, wait_for
+from imagen.devtools.bench.report import Memory, Report, Throughput
+from imagen.devtools.runner import Proc
 
 # Is any of the backlog's jobs still pending, or running? Each probe walks its partial index from
 # the newest end: the entries of jobs already claimed (pending) or finished (running) are dead and
@@ -34,8 +34,8 @@ BUSY = (
 )
 
 
-class _Backlogs:
-    """The throughput and memory phases of `_Run`; the attributes are set by `_Run`."""
+class Backlogs:
+    """The throughput and memory phases of `BenchRun`; the attributes are set by `BenchRun`."""
 
     config: BenchConfig
     echo: Echo
@@ -47,7 +47,7 @@ class _Backlogs:
     def _warm_chains(self, client: redis.Redis, broker: RedisBroker) -> None:
         client.delete(DONE_KEY)
         self._inject(client, broker, self.config.warmup)
-        _wait_for(lambda: client.llen(DONE_KEY) >= self.config.warmup, 60, "warm-up chains")
+        wait_for(lambda: client.llen(DONE_KEY) >= self.config.warmup, 60, "warm-up chains")
         client.delete(DONE_KEY)
 
     def _inject(self, client: redis.Redis, broker: RedisBroker, n: int) -> None:
@@ -95,7 +95,7 @@ class _Backlogs:
         the backlog is in, to the last stamp (or to the time cap)."""
         started = time.time()
         capped = self._drain(lambda: int(client.llen(key)) >= jobs, proc, started, label)
-        stamps = [float(_text(item).split()[1]) for item in client.lrange(key, 0, -1)]
+        stamps = [float(proc_text(item).split()[1]) for item in client.lrange(key, 0, -1)]
         if not stamps:
             raise BenchError(f"{label}: nothing finished")
         end = time.time() if capped else max(stamps)
@@ -171,7 +171,7 @@ class _Backlogs:
         owners = [uuid.uuid4()]
         with psycopg.connect(self.db_url, autocommit=True) as conn:
             self._insert_jobs(conn, owners, self.config.warmup)
-            _wait_for(lambda: sum(self._progress(conn, owners)[:2]) >= self.config.warmup, 60, "warm-up jobs")
+            wait_for(lambda: sum(self._progress(conn, owners)[:2]) >= self.config.warmup, 60, "warm-up jobs")
 
     # memory
 

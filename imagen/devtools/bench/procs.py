@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from imagen.bench.config import BenchError
-from imagen.runner import PipelineProcesses, Proc
+from imagen.devtools.bench.config import BenchError
+from imagen.devtools.runner import PipelineProcesses, Proc
 
 
 def rss_mb(pid: int) -> float | None:
@@ -78,11 +78,11 @@ class MemoryWatch:
         self._thread.join()
 
 
-def _text(value: bytes | str) -> str:
+def proc_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -96,7 +96,7 @@ def _ready(proc: Proc, text: str, count: int = 1) -> bool:
     return proc.tail(10**7).count(text) >= count
 
 
-def _clean_env(base: dict[str, str] | None = None, /, **extra: str) -> dict[str, str]:
+def clean_env(base: dict[str, str] | None = None, /, **extra: str) -> dict[str, str]:
     """The environment as shipped: no inherited IMAGEN_* or dramatiq_* tuning leaks into a phase."""
     env = dict(os.environ if base is None else base)
     env = {k: v for k, v in env.items() if not k.startswith("dramatiq_")}
@@ -108,7 +108,7 @@ def _clean_env(base: dict[str, str] | None = None, /, **extra: str) -> dict[str,
 
 
 @contextlib.contextmanager
-def _processes(env: dict[str, str], workdir: Path) -> Iterator[PipelineProcesses]:
+def processes(env: dict[str, str], workdir: Path) -> Iterator[PipelineProcesses]:
     procs = PipelineProcesses(env, workdir)
     try:
         yield procs
@@ -116,7 +116,7 @@ def _processes(env: dict[str, str], workdir: Path) -> Iterator[PipelineProcesses
         procs.stop(timeout=20)
 
 
-def _spawn(procs: PipelineProcesses, name: str, argv: list[str]) -> Proc:
+def spawn(procs: PipelineProcesses, name: str, argv: list[str]) -> Proc:
     procs.workdir.mkdir(parents=True, exist_ok=True)
     log = procs.workdir / f"{name}.log"
     with open(log, "ab") as out:

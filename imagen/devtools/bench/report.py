@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from imagen.bench.config import BenchConfig
+from imagen.devtools.bench.config import BenchConfig
 
 
 def percentile(values: Sequence[float], q: float) -> float:

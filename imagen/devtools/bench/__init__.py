@@ -2,7 +2,7 @@
 
 `run_bench` starts its own throwaway PostgreSQL and Redis, the raw PostgreSQL
 and bare Dramatiq baselines and the real pipeline (`imagen listen` and
-`dramatiq imagen.actors -p N` through imagen.runner, with the settings we
+`dramatiq imagen.actors -p N` through imagen.devtools.runner, with the settings we
 ship). Latency samples of the pipeline and its baselines are interleaved and
 each throughput run sits next to its baseline's, so a noisy neighbour weighs on
 both sides of a ratio. It returns a `Report` that renders as a table and JSON.
@@ -13,8 +13,8 @@ docs/benchmarks.md.
 
 from __future__ import annotations
 
-from imagen.bench.config import BenchConfig, BenchError, bench_config
-from imagen.bench.report import (
+from imagen.devtools.bench.config import BenchConfig, BenchError, bench_config
+from imagen.devtools.bench.report import (
     LATENCY_BASELINE,
     LATENCY_LABELS,
     RATIO_LEGEND,
@@ -33,7 +33,7 @@ from imagen.bench.report import (
     render_table,
     report_json,
 )
-from imagen.bench.run import run_bench
+from imagen.devtools.bench.run import run_bench
 
 __all__ = [
     "LATENCY_BASELINE",

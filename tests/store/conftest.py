@@ -1,0 +1,82 @@
+"""The conformance suite's two stores: every test in tests/store runs on both (River's driver tests).
+
+A `Harness` gives a test the store plus what only a test may do: age a lease,
+and read the images and usage rows the store wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+from uuid import UUID
+
+import psycopg
+import pytest
+
+from imagen.store import InMemoryJobStore, JobStore, PostgresJobStore
+
+
+class Harness(Protocol):
+    store: JobStore
+
+    def age_heartbeat(self, job_id: UUID, seconds: float) -> None: ...
+
+    def images(self, job_id: UUID) -> list[dict[str, Any]]: ...
+
+    def usage_call_ids(self) -> list[UUID]: ...
+
+
+class MemoryHarness:
+    def __init__(self) -> None:
+        self.memory = InMemoryJobStore()
+        self.store: JobStore = self.memory
+
+    def age_heartbeat(self, job_id: UUID, seconds: float) -> None:
+        from datetime import timedelta
+
+        row = self.memory.jobs[job_id]
+        row["heartbeat_at"] -= timedelta(seconds=seconds)
+
+    def images(self, job_id: UUID) -> list[dict[str, Any]]:
+        return [dict(i) for i in self.memory.images.values() if i["job_id"] == job_id]
+
+    def usage_call_ids(self) -> list[UUID]:
+        return sorted(self.memory.usage)
+
+
+class PostgresHarness:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.store: JobStore = PostgresJobStore.from_url(url)
+
+    def _rows(self, query: str, params: Any = None) -> list[dict[str, Any]]:
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(self.url, autocommit=True, row_factory=dict_row) as conn:
+            return conn.execute(query, params).fetchall()
+
+    def age_heartbeat(self, job_id: UUID, seconds: float) -> None:
+        self._rows(
+            "UPDATE imagen.jobs SET heartbeat_at = heartbeat_at - make_interval(secs => %s) WHERE id = %s"
+            " RETURNING id",
+            (seconds, job_id),
+        )
+
+    def images(self, job_id: UUID) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM imagen.images WHERE job_id = %s", (job_id,))
+
+    def usage_call_ids(self) -> list[UUID]:
+        return sorted(r["call_id"] for r in self._rows("SELECT call_id FROM imagen.usage"))
+
+
+@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.integration)])
+def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    if request.param == "memory":
+        yield MemoryHarness()
+    else:
+        yield PostgresHarness(request.getfixturevalue("db_url"))
+
+
+@pytest.fixture
+def store(harness: Harness) -> JobStore:
+    return harness.store

@@ -1,0 +1,79 @@
+"""Claim, release and the in-flight count, the same on every store."""
+
+from __future__ import annotations
+
+from uuid import UUID, uuid4
+
+from imagen.store import JobStore
+
+OWNER_A = UUID("00000000-0000-4000-8000-00000000000a")
+OWNER_B = UUID("00000000-0000-4000-8000-00000000000b")
+OWNER_C = UUID("00000000-0000-4000-8000-00000000000c")
+
+
+def submit(store: JobStore, owner: UUID, n: int = 1) -> list[UUID]:
+    return [store.submit_job(owner, f"prompt {i}", {"backend": "mock"}) for i in range(n)]
+
+
+def test_claim_takes_every_owners_oldest_job_before_anyones_second(store: JobStore) -> None:
+    a = submit(store, OWNER_A, 3)
+    b = submit(store, OWNER_B, 2)
+    c = submit(store, OWNER_C, 1)
+
+    claims = store.claim_jobs(10)
+
+    assert [claim.job_id for claim in claims] == [a[0], b[0], c[0], a[1], b[1], a[2]]
+
+
+def test_claim_takes_at_most_the_limit_and_leaves_the_rest_pending(store: JobStore) -> None:
+    a = submit(store, OWNER_A, 3)
+    b = submit(store, OWNER_B, 3)
+
+    first = store.claim_jobs(2)
+    second = store.claim_jobs(10)
+
+    assert [c.job_id for c in first] == [a[0], b[0]]
+    assert [c.job_id for c in second] == [a[1], b[1], a[2], b[2]]
+    assert store.claim_jobs(10) == []
+    assert store.count_running() == 6
+
+
+def test_claim_caps_the_owners_per_batch(store: JobStore) -> None:
+    a = submit(store, OWNER_A, 2)
+    b = submit(store, OWNER_B, 2)
+    submit(store, OWNER_C, 2)
+
+    claims = store.claim_jobs(10, max_owners=2)
+
+    assert sorted(c.job_id for c in claims) == sorted([*a, *b])
+
+
+def test_a_claim_starts_an_attempt_queued_with_a_fresh_lease(store: JobStore) -> None:
+    (job_id,) = submit(store, OWNER_A)
+
+    (claim,) = store.claim_jobs(1)
+
+    row = store.get_job(job_id)
+    assert row is not None
+    assert (claim.job_id, claim.attempt, claim.owner_user_id) == (job_id, 1, OWNER_A)
+    assert (row["status"], row["stage"], row["attempt"]) == ("running", "queued", 1)
+    assert row["heartbeat_at"] is not None and claim.claimed_at >= claim.created_at
+    assert list(row["stage_times"]) == ["queued"]
+    assert store.claim_jobs(1) == []
+
+
+def test_release_puts_a_claim_back_without_counting_the_attempt(store: JobStore) -> None:
+    (job_id,) = submit(store, OWNER_A)
+    (claim,) = store.claim_jobs(1)
+
+    assert store.release_claim(job_id, claim.attempt) is True
+    assert store.release_claim(job_id, claim.attempt) is False
+
+    assert store.job_state(job_id) == ("pending", 0)
+    assert store.count_running() == 0
+    assert [c.attempt for c in store.claim_jobs(1)] == [1]
+
+
+def test_state_of_an_unknown_job_is_none(store: JobStore) -> None:
+    assert store.job_state(uuid4()) is None
+    assert store.get_job(uuid4()) is None

@@ -1,0 +1,151 @@
+"""The images row and usage rows under the job's fence, and the discard of an ended job's image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from uuid import UUID, uuid4
+
+import pytest
+
+from imagen.storage import LocalStorage
+from imagen.store import ImageRow, JobStore
+from imagen.usage import UsageRecord
+from tests.store.conftest import Harness
+
+OWNER = UUID("00000000-0000-4000-8000-0000000000dd")
+
+
+def claimed(store: JobStore) -> UUID:
+    job_id = store.submit_job(OWNER, "a lighthouse", {"backend": "mock"})
+    (claim,) = store.claim_jobs(1)
+    assert claim.job_id == job_id
+    return job_id
+
+
+def image_row(job_id: UUID) -> ImageRow:
+    return ImageRow(
+        job_id=job_id, bucket="imagen", path=f"{OWNER}/{job_id}.png", mime="image/png", width=64, height=48,
+        bytes=123, prompt="a lighthouse", backend="mock", model="mock-1", params={"seed": 7},
+    )  # fmt: skip
+
+
+def usage(job_id: UUID, call_id: UUID | None = None) -> UsageRecord:
+    return UsageRecord(
+        backend="mock", model="mock-1", images=1, ok=True, latency_ms=2.0, owner_user_id=OWNER,
+        job_id=job_id, call_id=call_id or uuid4(),
+    )  # fmt: skip
+
+
+def test_a_job_gets_one_images_row_owned_by_its_owner_however_often_it_is_recorded(
+    store: JobStore, harness: Harness
+) -> None:
+    job_id = claimed(store)
+
+    first = store.record_job_image(1, image_row(job_id))
+    again = store.record_job_image(1, image_row(job_id))
+
+    assert first is not None and again == first
+    (row,) = harness.images(job_id)
+    assert (row["id"], row["owner_user_id"], row["path"], row["width"], row["height"]) == (
+        first, OWNER, f"{OWNER}/{job_id}.png", 64, 48,
+    )  # fmt: skip
+    job = store.get_job(job_id)
+    assert job is not None and job["stage"] == "finalizing" and job["status"] == "running"
+
+
+def test_a_sync_that_runs_again_learns_the_image_is_already_recorded(store: JobStore) -> None:
+    job_id = claimed(store)
+    job, existing = store.begin_sync(job_id, 1)
+    assert job is not None and existing is None
+    image_id = store.record_job_image(1, image_row(job_id))
+
+    job, existing = store.begin_sync(job_id, 1)
+
+    assert job is not None and existing == image_id
+
+
+def test_the_chained_record_writes_the_row_and_ends_the_job_done_in_one_step(
+    store: JobStore, harness: Harness
+) -> None:
+    job_id = claimed(store)
+    store.begin_stage(job_id, 1, "generating")
+    call = usage(job_id)
+
+    image_id = store.record_job_image(1, image_row(job_id), complete_after=0.25, usage=call)
+
+    job = store.get_job(job_id)
+    assert job is not None and image_id is not None
+    assert (job["status"], job["image_id"], job["stage"]) == ("done", image_id, None)
+    assert {"syncing", "done"} <= set(job["stage_times"])
+    assert [r["id"] for r in harness.images(job_id)] == [image_id]
+    assert harness.usage_call_ids() == [call.call_id]
+
+
+def test_the_chained_record_writes_the_usage_row_even_when_the_job_moved_on(
+    store: JobStore, harness: Harness
+) -> None:
+    job_id = claimed(store)
+    store.cancel_job(job_id)
+    call = usage(job_id)
+
+    assert store.record_job_image(1, image_row(job_id), complete_after=0.1, usage=call) is None
+
+    assert harness.images(job_id) == []
+    assert harness.usage_call_ids() == [call.call_id]
+    assert store.job_state(job_id) == ("cancelled", 1)
+
+
+def test_a_usage_row_written_twice_with_one_call_id_is_one_row(store: JobStore, harness: Harness) -> None:
+    job_id = claimed(store)
+    call = usage(job_id)
+
+    store.record_usage(call)
+    store.record_usage(call)
+    store.record_usage(usage(job_id))
+
+    assert call.call_id in harness.usage_call_ids() and len(harness.usage_call_ids()) == 2
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "objects", "imagen")
+
+
+def test_discarding_a_cancelled_job_removes_its_images_row_and_object(
+    store: JobStore, harness: Harness, storage: LocalStorage
+) -> None:
+    job_id = claimed(store)
+    path = f"{OWNER}/{job_id}.png"
+    storage.put(path, b"png", "image/png")
+    store.record_job_image(1, image_row(job_id))
+    store.cancel_job(job_id)
+
+    discarded = store.discard_ended(job_id, storage)
+
+    assert discarded is not None
+    assert (discarded.status, discarded.row, discarded.objects) == ("cancelled", True, [path])
+    assert harness.images(job_id) == []
+    assert not storage.local_path(path).exists()
+    again = store.discard_ended(job_id, storage)
+    assert again is not None and not again.removed_anything
+
+
+@pytest.mark.parametrize("state", ["running", "done", "pending"])
+def test_discard_leaves_a_job_that_is_not_failed_or_cancelled_alone(
+    store: JobStore, harness: Harness, storage: LocalStorage, state: str
+) -> None:
+    job_id = claimed(store)
+    path = f"{OWNER}/{job_id}.png"
+    storage.put(path, b"png", "image/png")
+    image_id = store.record_job_image(1, image_row(job_id))
+    assert image_id is not None
+    if state == "done":
+        store.complete_job(job_id, 1, image_id)
+    elif state == "pending":
+        store.fail_job(job_id, 1, "x")
+        store.retry_job(job_id)
+
+    assert store.discard_ended(job_id, storage) is None
+
+    assert len(harness.images(job_id)) == 1
+    assert storage.local_path(path).exists()
