@@ -29,6 +29,7 @@ from imagen.broker import (
 from imagen.config import Settings, load_settings
 from imagen.db import preflight
 from imagen.errors import ConfigError
+from imagen.job_policy import JobPolicy
 from imagen.logs import configure_logging
 from imagen.stages import (
     SYNC_TIME_LIMIT_S,
@@ -49,6 +50,14 @@ class ChainStages(dramatiq.Middleware):
         context.chain_for_worker(worker.consumer_whitelist or None)
 
 
+class StopWaits(dramatiq.Middleware):
+    """On SIGTERM, provider calls and simulated delays in progress get IMAGEN_SHUTDOWN_GRACE to end,
+    then give up (their jobs are retried): a stop is bounded (docs/architecture.md, Shutdown)."""
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        context.stop()
+
+
 class ReplayUsage(dramatiq.Middleware):
     """At boot, starts writing the usage records spooled while the database was away (this
     host's, a killed process's included), then keeps replaying every poll interval."""
@@ -64,6 +73,7 @@ def _configure() -> tuple[Settings, dramatiq.Broker]:
         # A database that can never work (unknown, wrong password, not migrated) stops the worker with
         # exit 78, which the systemd unit does not restart; one that is down is the stages' to retry.
         unreachable = preflight(settings.require_database_url())
+        JobPolicy.from_settings(settings)  # a bad IMAGEN_JOB_BACKENDS stops the worker, not each job
     except ConfigError as exc:
         print(f"imagen.actors: {exc}", file=sys.stderr)
         raise SystemExit(78) from None
@@ -78,6 +88,7 @@ def _configure() -> tuple[Settings, dramatiq.Broker]:
         broker.add_middleware(Prometheus())
     broker.add_middleware(ChainStages())
     broker.add_middleware(ReplayUsage())
+    broker.add_middleware(StopWaits())
     dramatiq.set_broker(broker)
     return settings, broker
 
@@ -92,13 +103,19 @@ _short_limit = SYNC_TIME_LIMIT_S * 1000
 @dramatiq.actor(actor_name=GENERATE_ACTOR, queue_name=GENERATE_QUEUE, **_stage_options)
 def generate_stage(job_id: str, attempt: int) -> None:
     """Generate the job's image with its backend and hand it to the sync stage."""
-    run_generate(context, job_id, attempt)
+    try:
+        run_generate(context, job_id, attempt)
+    finally:
+        context.release_memory()
 
 
 @dramatiq.actor(actor_name=SYNC_ACTOR, queue_name=SYNC_QUEUE, time_limit=_short_limit, **_stage_options)
 def sync_stage(job_id: str, attempt: int) -> None:
     """Upload the image and write its imagen.images row."""
-    run_sync(context, job_id, attempt)
+    try:
+        run_sync(context, job_id, attempt)
+    finally:
+        context.release_memory()
 
 
 @dramatiq.actor(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 from uuid import UUID
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imagen.errors import ConfigError
@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     generate_time_limit: float = Field(default=360.0, gt=0, description="seconds")
     provider_timeout: float = Field(default=300.0, gt=0)
     retry_timeouts: bool = False
+    # What a job's params may choose (imagen/job_policy.py, docs/security.md).
+    job_backends: str | None = None
+    job_gemini_models: str | None = None
+    job_openai_models: str | None = None
+    job_test_options: bool = False
+    max_pixels: int = Field(default=3840 * 2160, ge=256)
+    # Seconds a provider call or simulated delay in progress may still run after SIGTERM.
+    shutdown_grace: float = Field(default=60.0, ge=0)
     usage_log: Path | None = None
     # Usage records the database did not take yet wait here (imagen.usage_spool); shared by a host's processes.
     usage_spool_dir: Path = Field(default_factory=_default_usage_spool_dir)
@@ -116,6 +124,17 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _provider_call_ends_within_the_stage(self) -> Settings:
+        # A provider call must time out inside the generation stage's time limit, so the stage
+        # ends by its own limit with a clear error rather than by Dramatiq interrupting it.
+        if self.provider_timeout >= self.generate_time_limit:
+            raise ValueError(
+                f"IMAGEN_PROVIDER_TIMEOUT ({self.provider_timeout:g} s) must be below"
+                f" IMAGEN_GENERATE_TIME_LIMIT ({self.generate_time_limit:g} s)"
+            )
+        return self
 
     @cached_property
     def storage_kind(self) -> Literal["local", "supabase"]:
@@ -157,7 +176,11 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:
+                # A rule across settings (model_validator): its message names the variables.
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
+            loc = str(err["loc"][0])
             name = env_name(loc) if loc in Settings.model_fields else loc
             problems.append(f"{name}: {err['msg']}")
         raise ConfigError("bad configuration: " + "; ".join(problems)) from None

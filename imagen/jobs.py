@@ -116,6 +116,12 @@ FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS b(id, attempt)
 WHERE j.id = b.id AND j.attempt = b.attempt AND j.status = 'running'
 """
 
+STILL_RUNNING = """
+SELECT j.id::text, j.attempt FROM imagen.jobs j
+JOIN unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS b(id, attempt) ON j.id = b.id AND j.attempt = b.attempt
+WHERE j.status = 'running'
+"""
+
 NOTE_TRANSIENT = """
 UPDATE imagen.jobs SET last_error = %(error)s, heartbeat_at = now()
 WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
@@ -273,6 +279,12 @@ def heartbeat_many(conn: Conn, keys: list[tuple[str, int]]) -> int:
     ids = [k[0] for k in keys]
     attempts = [k[1] for k in keys]
     return execute_once(conn, HEARTBEAT_MANY, {"ids": ids, "attempts": attempts}).rowcount
+
+
+def still_running(conn: Conn, keys: list[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Which (job_id, attempt) pairs still hold their job (running at that attempt): a read, no lock."""
+    params = {"ids": [k[0] for k in keys], "attempts": [k[1] for k in keys]}
+    return {(str(r[0]), int(r[1])) for r in conn.execute(STILL_RUNNING, params).fetchall()}
 
 
 def note_transient(conn: Conn, job_id: UUID | str, attempt: int, error: str) -> bool:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagen.backends import canonical_name
 from imagen.backends.sizes import parse_aspect, parse_size
 from imagen.errors import InvalidRequest
 
+if TYPE_CHECKING:
+    from imagen.job_policy import JobPolicy
+
 MAX_PROMPT = 4000  # characters, as the jobs_prompt_check constraint allows
 BLANK_PROMPT = "the prompt must not be blank"
+
 MAX_SEED = 2**31 - 1
 MAX_NEGATIVE = 2000
 MAX_DELAY_MS = 600_000
@@ -101,19 +105,27 @@ def check_prompt(prompt: object) -> str:
     return prompt
 
 
-def spec_from_params(prompt: str, params: Any) -> GenerateSpec:
-    """Validate a job's prompt and params; raise InvalidRequest naming the first problem."""
+def spec_from_params(prompt: str, params: Any, policy: JobPolicy | None = None) -> GenerateSpec:
+    """Validate a job's prompt and params; raise InvalidRequest naming the first problem.
+
+    With the operator's `policy` (the stages pass it), errors list only what the policy
+    allows, and the mock's test options and backends it does not offer are refused
+    here; `job_policy.check_generation` checks the rest once presets are applied.
+    """
     check_prompt(prompt)
     if not isinstance(params, Mapping):
         raise InvalidRequest(f"params must be a JSON object, not {type(params).__name__}")
+    allowed = policy.allowed_keys(KNOWN) if policy is not None else KNOWN
     unknown = sorted(str(k) for k in params if k not in KNOWN)
     if unknown:
         named = ", ".join(_shown(key) for key in unknown[:MAX_SHOWN_KEYS])
         more = f" and {len(unknown) - MAX_SHOWN_KEYS} more" if len(unknown) > MAX_SHOWN_KEYS else ""
-        raise InvalidRequest(f"unknown params key(s): {named}{more}; allowed: {', '.join(KNOWN)}")
+        raise InvalidRequest(f"unknown params key(s): {named}{more}; allowed: {', '.join(allowed)}")
+    if policy is not None:
+        policy.check_keys(params)
     backend = _string(params, "backend", 40)
     if backend is not None:
-        backend = canonical_name(backend)
+        backend = policy.check_backend(backend) if policy is not None else canonical_name(backend)
     size_text = _string(params, "size", 20)
     aspect = _string(params, "aspect_ratio", 10)
     if size_text and aspect:

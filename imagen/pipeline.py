@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+from imagen import interrupts
 from imagen.backends import canonical_name, get_backend
 from imagen.backends.base import Backend, GeneratedImage, ImageRequest, Usage
 from imagen.config import Settings
@@ -113,11 +115,15 @@ def generate(
     job_id: UUID | None = None,
     presets: Any = None,
     backends: dict[str, Backend] | None = None,
+    check: Callable[[Backend, GenerateSpec], None] | None = None,
 ) -> Generation:
     """Run one generation; record usage (failed calls too); write local copies when out_dir is given.
 
     `backends` caches backend instances across calls (the actors keep one per
-    process, so provider SDK clients and their connections are reused).
+    process, so provider SDK clients and their connections are reused). `check`
+    sees the backend and the resolved spec (presets applied) before the provider
+    is called: the stages pass the operator's job policy (imagen.job_policy).
+    The provider call goes through `interrupts.call`, so a stage can abandon it.
     Raises TransientError or PermanentError subclasses from `imagen.errors`.
     """
     resolved, preset_name = resolve_spec(spec, settings, presets)
@@ -128,6 +134,8 @@ def generate(
         if resolved.backend not in backends:
             backends[resolved.backend] = get_backend(resolved.backend, settings)
         backend = backends[resolved.backend]
+    if check is not None:
+        check(backend, resolved)
     # The call's id exists before the call: whatever happens after the answer, its usage row is
     # written under this id, so writing it again (a lost reply, a spool replay) adds no second row.
     call_id = uuid4()
@@ -147,7 +155,10 @@ def generate(
     model = resolved.model or backend.default_model()
     started = time.monotonic()
     try:
-        result = backend.generate(request)
+        if getattr(backend, "interruptible", False):
+            result = backend.generate(request)
+        else:
+            result = interrupts.call(lambda: backend.generate(request))
     except ImagenError as exc:
         failed = getattr(exc, "usage", None) or Usage(
             backend=backend.name, model=model, latency_ms=(time.monotonic() - started) * 1000

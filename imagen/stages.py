@@ -13,7 +13,6 @@ owner's row (imagen.job_images).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from uuid import UUID
 import psycopg
 import redis
 
-from imagen import job_images, jobs
+from imagen import interrupts, job_images, jobs
 from imagen.broker import (
     FINALIZE_ACTOR,
     FINALIZE_QUEUE,
@@ -38,7 +37,9 @@ from imagen.broker import (
 from imagen.config import Settings
 from imagen.errors import ImagenError
 from imagen.handoff import Handoff
+from imagen.heartbeat import Heartbeater, heartbeating, own_limit, stop_check
 from imagen.image_sweep import discard_ended
+from imagen.job_policy import JobPolicy, check_generation
 from imagen.logs import transition
 from imagen.params import spec_from_params
 from imagen.storage import Storage, job_object_path, open_storage
@@ -46,6 +47,11 @@ from imagen.usage import DatabaseSink, HeldSink
 from imagen.usage_spool import SpoolReplayer, UsageSpool
 
 log = logging.getLogger(__name__)
+
+# After a job whose image had more pixels than this, freed memory is handed back to the system
+# (`StageContext.release_memory`): glibc keeps what threads freed in their arenas otherwise,
+# and a worker that rendered 50 large images kept most of its peak (issue 14).
+LARGE_IMAGE = 1024 * 1024
 
 STAGE_LABELS = {"generating": "generation", "syncing": "sync", "finalizing": "finalize"}
 # Dramatiq time limit of the sync and finalize actors: they do I/O only, and a stuck upload
@@ -62,6 +68,22 @@ class StageContext:
         self.backends: dict[str, Any] = {}
         # Set at worker boot (`chain_for_worker`): off until a worker says it consumes every stage's queue.
         self.chain_stages = False
+        # Set when the worker starts shutting down (SIGTERM, `stop`): waits in progress give up
+        # once IMAGEN_SHUTDOWN_GRACE has passed, so a stop is bounded (docs/architecture.md).
+        self.stop_deadline: float | None = None
+        self.trim_wanted = False
+
+    def release_memory(self) -> None:
+        """Return freed memory to the system after a large image (the actor calls it once the stage's
+        own references are gone). glibc only; a no-op elsewhere."""
+        if not self.trim_wanted:
+            return
+        self.trim_wanted = False
+        _malloc_trim()
+
+    def stop(self) -> None:
+        """The worker is shutting down: calls in progress get the shutdown grace, then are abandoned."""
+        self.stop_deadline = time.monotonic() + self.settings.shutdown_grace
 
     def chain_for_worker(self, queues: set[str] | None) -> None:
         """Chain the stages in one message when this worker would consume all their messages anyway."""
@@ -81,6 +103,14 @@ class StageContext:
             # No per-checkout health check: it would add a round trip to every statement. A connection
             # that died with the server fails its next use, the stage is retried, the pool replaces it.
         )
+
+    @cached_property
+    def policy(self) -> JobPolicy:
+        return JobPolicy.from_settings(self.settings)
+
+    def check_job(self, backend: Any, spec: Any) -> None:
+        """The operator's job policy on a resolved spec, before the provider is called."""
+        check_generation(self.policy, backend, spec)
 
     @cached_property
     def heartbeater(self) -> Heartbeater:
@@ -120,6 +150,17 @@ class StageContext:
     def close(self) -> None:
         if "pool" in self.__dict__:
             self.pool.close()
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _drop(ctx: StageContext, job_id: str, attempt: int, stage: str) -> None:
@@ -174,58 +215,6 @@ def guarded(ctx: StageContext, job_id: str, attempt: int, stage: str) -> Iterato
         raise
 
 
-class Heartbeater:
-    """One thread per process refreshes heartbeat_at for every job whose provider call is in progress.
-
-    A slow provider call (minutes) must not look like a crash to the lease rescue.
-    One shared thread and one UPDATE per interval, not a thread per job: the mock
-    backend finishes in a millisecond, and starting threads would cost more.
-    """
-
-    def __init__(self, ctx: StageContext) -> None:
-        self.ctx = ctx
-        self.interval = max(0.5, ctx.settings.lease_seconds / 4)
-        self.active: dict[tuple[str, int], int] = {}
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-
-    @contextmanager
-    def beating(self, job_id: str, attempt: int) -> Iterator[None]:
-        key = (job_id, attempt)
-        with self.lock:
-            self.active[key] = self.active.get(key, 0) + 1
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="imagen-heartbeat", daemon=True)
-                self.thread.start()
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.active[key] -= 1
-                if not self.active[key]:
-                    del self.active[key]
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.interval)
-            with self.lock:
-                keys = list(self.active)
-            if not keys:
-                continue
-            try:
-                with self.ctx.pool.connection() as conn:
-                    jobs.heartbeat_many(conn, keys)
-            except psycopg.Error as exc:
-                log.warning("heartbeat for %d job(s) failed; will retry: %s", len(keys), exc)
-
-
-@contextmanager
-def heartbeating(ctx: StageContext, job_id: str, attempt: int) -> Iterator[None]:
-    """Keep the job's lease fresh while the block runs."""
-    with ctx.heartbeater.beating(job_id, attempt):
-        yield
-
-
 def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
     """Generation stage: fence, validate, run the pipeline, then sync (chained) or hand the image on."""
     from imagen.pipeline import generate, seed_for_job
@@ -243,16 +232,20 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
     held = HeldSink() if ctx.chain_stages else None
     generated: tuple[bytes, dict[str, Any]] | None = None
     with guarded(ctx, job_id, attempt, stage), _usage_first(ctx, held):
-        spec = spec_from_params(job.prompt, jobs.load_params(job.params_json))
+        spec = spec_from_params(job.prompt, jobs.load_params(job.params_json), ctx.policy)
         if spec.seed is None:
             spec = replace(spec, seed=seed_for_job(job.job_id))
         out_dir = ctx.settings.output_dir / "jobs" if ctx.settings.keep_local_copy else None
-        with heartbeating(ctx, job_id, attempt):
+        limit = own_limit(ctx.settings.generate_time_limit) - (time.monotonic() - started)
+        with heartbeating(ctx, job_id, attempt, limit) as beat, interrupts.stoppable(stop_check(ctx, beat)):
             result = generate(
                 spec, ctx.settings, sink=held or ctx.usage_sink, out_dir=out_dir,
                 owner_user_id=job.owner_user_id, job_id=job.job_id, presets=ctx.presets, backends=ctx.backends,
+                check=ctx.check_job,
             )  # fmt: skip
         image = result.images[0]
+        if image.width * image.height > LARGE_IMAGE:
+            ctx.trim_wanted = True
         meta = {
             "mime": image.mime, "width": image.width, "height": image.height, "backend": result.backend,
             "model": result.model, "prompt": result.prompt, "preset": result.preset, "params": result.params,
@@ -268,7 +261,7 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
             return
         generated = (image.data, meta)
     if generated is not None:
-        _sync_chained(ctx, job, attempt, *generated, held=held)
+        _sync_chained(ctx, job, attempt, *generated, held=held, stage_started=started)
 
 
 @contextmanager
@@ -298,6 +291,7 @@ def _sync_chained(
     meta: dict[str, Any],
     *,
     held: HeldSink | None = None,
+    stage_started: float,
 ) -> None:
     """Sync and finalize in the generation message: no hand-off, two hops and two fenced writes fewer.
 
@@ -312,7 +306,8 @@ def _sync_chained(
     try:
         with guarded(ctx, job_id, attempt, stage), _usage_first(ctx, held):
             path = job_object_path(job.owner_user_id, job.job_id, meta["mime"])
-            with heartbeating(ctx, job_id, attempt):
+            limit = ctx.settings.generate_time_limit - (time.monotonic() - stage_started)
+            with heartbeating(ctx, job_id, attempt, limit):
                 stored = ctx.storage.put(path, data, meta["mime"])
             took = time.monotonic() - started
             image_id = _record_image(
@@ -349,6 +344,8 @@ def run_sync(ctx: StageContext, job_id: str, attempt: int) -> None:
             ctx.send(GENERATE_ACTOR, GENERATE_QUEUE, job_id, attempt)
             return
         meta = handed.meta
+        if meta["width"] * meta["height"] > LARGE_IMAGE:
+            ctx.trim_wanted = True
         path = job_object_path(job.owner_user_id, job.job_id, meta["mime"])
         stored = ctx.storage.put(path, handed.data, meta["mime"])
         image_id = _record_image(ctx, job, attempt, stored.bucket, path, len(handed.data), meta)

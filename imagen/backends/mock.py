@@ -3,7 +3,10 @@
 It is the default everywhere (CLI, demo, tests, benchmarks), so it must be fast
 and exact: the same inputs give the same bytes within one environment. Options
 `delay_ms` and `fail` ('transient' | 'permanent') let tests and demos simulate a
-slow or failing provider without a provider. With a call log
+slow or failing provider without a provider; jobs may use them only where the
+operator turned them on (IMAGEN_JOB_TEST_OPTIONS). The delay is an interruptible
+wait (imagen.interrupts), so a stage still ends at its time limit, on a cancel,
+or when the worker stops. With a call log
 (`IMAGEN_MOCK_CALL_LOG`) it appends one line per call it answers, as a provider's
 own bill would list it, so the reliability tests can hold imagen.usage to it.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from imagen import interrupts
 from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
 from imagen.backends.sizes import resolve_size
 from imagen.errors import ContentBlocked, ImagenError, InvalidRequest, TransientError
@@ -32,10 +36,40 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+# Above this many pixels an image is drawn and encoded for memory, not speed: no cached
+# gradient, no full-size temporaries (issue 14: a 4096x4096 render peaked near 280 MB).
+LARGE = 1024 * 1024
+# Rows encoded at a time for a large image.
+STRIP = 64
+
+
 @lru_cache(maxsize=8)
-def _gradient(width: int, height: int) -> Image.Image:
+def _cached_gradient(width: int, height: int) -> Image.Image:
     # Read-only below (a composite mask), so one per size serves every thread.
     return Image.linear_gradient("L").resize((width, height))
+
+
+def _gradient(width: int, height: int) -> Image.Image:
+    if width * height > LARGE:
+        return Image.linear_gradient("L").resize((width, height))
+    return _cached_gradient(width, height)
+
+
+def _background(width: int, height: int, top: bytes, bottom: bytes) -> Image.Image:
+    """A vertical gradient from `top` to `bottom` (RGB)."""
+    gradient = _gradient(width, height)
+    if width * height <= LARGE:
+        return Image.composite(
+            Image.new("RGB", (width, height), tuple(bottom)),
+            Image.new("RGB", (width, height), tuple(top)),
+            gradient,
+        )
+    # The same picture from one 8-bit band per colour through a lookup table: a third of the
+    # memory of two full RGB images and their composite.
+    bands = [
+        gradient.point([a + (b - a) * m // 255 for m in range(256)]) for a, b in zip(top, bottom, strict=True)
+    ]
+    return Image.merge("RGB", bands)
 
 
 def render_png(prompt: str, seed: int, width: int, height: int) -> bytes:
@@ -45,12 +79,7 @@ def render_png(prompt: str, seed: int, width: int, height: int) -> bytes:
     # Twelve shapes of eight bytes each (x, y, radius, colour, kind) from one hash: a seeded
     # random.Random costs six calls a shape, a third of the whole render at 64x64.
     shapes = hashlib.shake_256(key).digest(12 * 8)
-    gradient = _gradient(width, height)
-    img = Image.composite(
-        Image.new("RGB", (width, height), tuple(digest[3:6])),
-        Image.new("RGB", (width, height), tuple(digest[0:3])),
-        gradient,
-    )
+    img = _background(width, height, digest[0:3], digest[3:6])
     draw = ImageDraw.Draw(img)
     short = min(width, height)
     low, high = max(1, short // 16), max(2, short // 4)
@@ -79,18 +108,28 @@ def encode_png(img: Image.Image) -> bytes:
     result is a plain PNG that Pillow and every browser read; tests decode it back.
     """
     width, height = img.size
-    raw = img.convert("RGB").tobytes()
+    if img.mode != "RGB":
+        img = img.convert("RGB")
     stride = width * 3
-    # Each scanline starts with its filter type: 0, none.
-    lines = b"".join(b"\0" + raw[y * stride : (y + 1) * stride] for y in range(height))
     # A deflate window no larger than the data: the same output, less memory to set up.
-    deflate = zlib.compressobj(1, zlib.DEFLATED, max(9, min(15, (len(lines) - 1).bit_length())))
+    deflate = zlib.compressobj(1, zlib.DEFLATED, max(9, min(15, ((stride + 1) * height - 1).bit_length())))
+    # A large image goes through in strips of rows, never as one raw copy (or two).
+    step = height if width * height <= LARGE else STRIP
+    parts = []
+    for top in range(0, height, step):
+        rows = min(step, height - top)
+        raw = (img if step == height else img.crop((0, top, width, top + rows))).tobytes()
+        # Each scanline starts with its filter type: 0, none.
+        parts.append(
+            deflate.compress(b"".join(b"\0" + raw[y * stride : (y + 1) * stride] for y in range(rows)))
+        )
+    parts.append(deflate.flush())
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     return b"".join(
         (
             b"\x89PNG\r\n\x1a\n",
             _chunk(b"IHDR", header),
-            _chunk(b"IDAT", deflate.compress(lines) + deflate.flush()),
+            _chunk(b"IDAT", b"".join(parts)),
             _chunk(b"IEND", b""),
         )
     )
@@ -104,6 +143,8 @@ class MockBackend:
     """Deterministic local images; honours size/aspect, n, seed, delay and failure injection."""
 
     name = "mock"
+    # Its only wait (delay_ms) checks the stage's stop itself: no helper thread needed per call.
+    interruptible = True
 
     def __init__(self, call_log: Path | None = None) -> None:
         self.call_log = call_log
@@ -128,7 +169,7 @@ class MockBackend:
         started = time.monotonic()
         delay_ms = request.options.get("delay_ms", 0)
         if delay_ms:
-            time.sleep(float(delay_ms) / 1000)
+            interrupts.sleep(float(delay_ms) / 1000)
         fail = request.options.get("fail")
         if fail == "transient":
             raise TransientError("mock backend: simulated transient provider failure (503)")

@@ -61,7 +61,9 @@ def run_demo(
             configured = "redis_url" in settings.model_fields_set
             echo(f"redis:    started a throwaway server on port {rs.port}{left if configured else ''}")
         migrate(database_url, echo=lambda line: echo(f"migrate:  {line}"))
-        procs = PipelineProcesses(pipeline_env(database_url, redis_url, workdir), workdir / "logs")
+        # The mock's test options (delay_ms, fail) are on, so a demo can show a slow or failing job.
+        env = pipeline_env(database_url, redis_url, workdir, IMAGEN_JOB_TEST_OPTIONS="true")
+        procs = PipelineProcesses(env, workdir / "logs")
         stack.callback(procs.stop)
         workers = procs.start_workers(processes=1, threads=4)
         procs.start_listener()

@@ -24,6 +24,8 @@ FAST = {
     "IMAGEN_RETRY_MAX_BACKOFF_MS": "200",
     "IMAGEN_STAGE_RETRIES": "2",
     "dramatiq_restart_delay": "500",
+    # The tests simulate slow and failing providers with the mock's delay_ms and fail.
+    "IMAGEN_JOB_TEST_OPTIONS": "true",
 }
 
 

@@ -12,7 +12,9 @@ distinctive fake keys and fails if any of them shows up where a person can read 
 from __future__ import annotations
 
 import json
+import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -370,6 +372,123 @@ def test_a_reused_job_id_after_prune_never_reaches_the_first_owners_image(
     else:
         assert status == "done" and image_id != first_image[0]
         assert images[1] == (image_id, second, job_id, f"{second}/{job_id}.png", "an intruder")
+
+
+# What a job may ask of the workers: the operator's policy, time, memory.
+
+
+def _settings(db_url: str, redis_url: str, tmp_path: Path, **fields: Any) -> Settings:
+    return Settings(
+        _env_file=None, database_url=db_url, redis_url=redis_url, storage="local",
+        storage_dir=tmp_path / "storage", output_dir=tmp_path / "out", listener_metrics_port=0, **fields,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("configured", "params", "setting"),
+    [
+        ({}, {"backend": "mock", "delay_ms": 600_000}, "IMAGEN_JOB_TEST_OPTIONS=true"),
+        ({}, {"fail": "transient"}, "IMAGEN_JOB_TEST_OPTIONS=true"),
+        ({"backend": "openai"}, {"backend": "mock", "size": "16x16"}, "IMAGEN_JOB_BACKENDS"),
+        ({}, {"size": "4096x4096"}, "IMAGEN_MAX_PIXELS"),
+        (
+            {"job_backends": "mock,openai", "openai_api_key": "sk-test"},
+            {"backend": "openai", "model": "gpt-image-9-ultra"},
+            "IMAGEN_JOB_OPENAI_MODELS",
+        ),
+    ],
+    ids=["mock-delay", "mock-fail", "mock-not-offered", "too-many-pixels", "model-not-offered"],
+)
+def test_a_job_asking_for_more_than_the_policy_allows_fails_at_once(
+    db_url: str,
+    redis_url: str,
+    tmp_path: Path,
+    configured: dict[str, Any],
+    params: dict[str, Any],
+    setting: str,
+) -> None:
+    """Findings 2 and 3: under the default policy (or an operator's), a refused param ends the job
+    failed at once, before any provider call, with an error that names the setting to change."""
+    settings = _settings(db_url, redis_url, tmp_path, **configured)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        job_id = jobs.submit_job(conn, uuid.uuid4(), "a cat", params)
+        (claim,) = jobs.claim_jobs(conn, 1)
+    ctx = StageContext(settings, RecordingBroker())
+    started = time.monotonic()
+    try:
+        run_generate(ctx, str(job_id), claim.attempt)
+    finally:
+        ctx.close()
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        status, error = conn.execute(
+            "SELECT status, error FROM imagen.jobs WHERE id = %s", (job_id,)
+        ).fetchone() or (None, None)
+        calls = conn.execute("SELECT count(*) FROM imagen.usage WHERE job_id = %s", (job_id,)).fetchone()
+    assert status == "failed" and error.startswith("generation failed: ") and setting in error, error
+    assert time.monotonic() - started < 5 and ctx.broker.sent == [], "no wait, no retry, no next stage"
+    assert calls == (0,), "refused before any provider call"
+
+
+def _job_row(db_url: str, job_id: uuid.UUID) -> dict[str, Any]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = jobs.get_job(conn, job_id)
+    assert row is not None
+    return row
+
+
+def test_a_600_s_delay_ends_at_a_short_time_limit_and_frees_the_thread_for_another_owner(
+    db_url: str, pipeline: Any
+) -> None:
+    """Finding 2: with test options on, a ten-minute simulated call ends at the stage's time limit
+    (its thread is not held in a sleep, nor its lease kept fresh) and another owner's job, waiting
+    for the only worker thread, runs right after."""
+    procs = pipeline(
+        threads=1, IMAGEN_JOB_TEST_OPTIONS="true", IMAGEN_GENERATE_TIME_LIMIT="6", IMAGEN_PROVIDER_TIMEOUT="4",
+        IMAGEN_STAGE_RETRIES="0",
+    )  # fmt: skip
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        hog = jobs.submit_job(conn, uuid.uuid4(), "hold the thread", {"delay_ms": 600_000, "size": "16x16"})
+        wait_until(lambda: _job_row(db_url, hog)["stage"] == "generating", timeout=20, message=procs.logs())
+        other = jobs.submit_job(conn, uuid.uuid4(), "another owner's cat", {"size": "16x16"})
+    wait_until(
+        lambda: _job_row(db_url, other)["status"] == "done", timeout=40, message=f"other done\n{procs.logs()}"
+    )
+    wait_until(lambda: _job_row(db_url, hog)["status"] == "failed", timeout=20, message=procs.logs())
+    held = _job_row(db_url, hog)
+    took = (held["finished_at"] - held["claimed_at"]).total_seconds()
+    assert took < 6 + 5, f"the delay held its job for {took:.1f} s"
+    assert held["error"] == (
+        "generation gave up after 1 tries: generation: stopped at the stage's time limit"
+        " (6 s, IMAGEN_GENERATE_TIME_LIMIT)"
+    ), held["error"]
+    assert _job_row(db_url, other)["finished_at"] >= held["finished_at"] - timedelta(seconds=2)
+
+
+def test_sigterm_during_a_600_s_call_exits_within_the_shutdown_grace(db_url: str, pipeline: Any) -> None:
+    """Finding 2: SIGTERM gives a call in progress IMAGEN_SHUTDOWN_GRACE, then abandons it (the job is
+    retried later), however long the call would have taken and however long the stage's limit is."""
+    procs = pipeline(threads=1, IMAGEN_JOB_TEST_OPTIONS="true", IMAGEN_SHUTDOWN_GRACE="2")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        job_id = jobs.submit_job(conn, uuid.uuid4(), "a long call", {"delay_ms": 600_000, "size": "16x16"})
+    wait_until(lambda: _job_row(db_url, job_id)["stage"] == "generating", timeout=20, message=procs.logs())
+    workers = next(p for p in procs.procs if p.name == "workers")
+    stopped = time.monotonic()
+    workers.send(signal.SIGTERM)
+    assert workers.wait(30) == 0, workers.tail()
+    took = time.monotonic() - stopped
+    assert took < 2 + 8, f"SIGTERM took {took:.1f} s"
+    row = _job_row(db_url, job_id)
+    assert row["status"] == "running" and "worker stopped (SIGTERM)" in (row["last_error"] or ""), row
+    # The message went back to Redis for its retry: a worker started later receives it (and, the
+    # job cancelled meanwhile, drops it).
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert jobs.cancel_job(conn, job_id)
+    again = pipeline(threads=1, IMAGEN_JOB_TEST_OPTIONS="true")
+    wait_until(
+        lambda: f"job {job_id} attempt=1 stage=generating dropped" in again.logs(),
+        timeout=30,
+        message=f"the retried message\n{again.logs()}",
+    )
 
 
 # Status jumps and edits of one's own jobs.

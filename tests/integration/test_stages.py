@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -25,10 +27,18 @@ from imagen.broker import (
 from imagen.config import Settings
 from imagen.errors import TransientError, TransientStorageError
 from imagen.handoff import handoff_key
+from imagen.heartbeat import CANCEL_CHECK_S
 from imagen.listener import SATURATED_POLL, SATURATED_POLL_MAX, Listener
-from imagen.stages import SYNC_TIME_LIMIT_S, StageContext, run_finalize, run_generate, run_sync
+from imagen.stages import (
+    SYNC_TIME_LIMIT_S,
+    StageContext,
+    run_finalize,
+    run_generate,
+    run_sync,
+)
 from tests.integration.conftest import RecordingBroker
 from tests.integration.rows import query, scalar
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -36,6 +46,7 @@ def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
     return Settings(
         database_url=db_url, redis_url=redis_url, storage="local", storage_dir=tmp_path / "storage",
         output_dir=tmp_path / "out", listener_metrics_port=0, lease_seconds=600, max_attempts=3,
+        job_test_options=True,
     )  # fmt: skip
 
 
@@ -558,3 +569,81 @@ def test_generation_that_used_most_of_its_time_limit_hands_the_upload_to_the_syn
         context.close()
     assert context.broker.sent == [(SYNC_ACTOR, (str(claim.job_id), 1))]
     assert redis.Redis.from_url(settings.redis_url).exists(handoff_key(claim.job_id, 1)) == 1
+
+
+def _generating_in_thread(ctx: Any, claim: jobs.Claim) -> threading.Thread:
+    def generate() -> None:
+        with contextlib.suppress(TransientError):  # re-raised for Dramatiq's retries: none here
+            run_generate(ctx, str(claim.job_id), claim.attempt)
+
+    thread = threading.Thread(target=generate, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_cancelled_jobs_long_call_is_abandoned_within_the_cancel_check(db_url: str, ctx: Any) -> None:
+    """Cancelling frees the worker thread of a job in a ten-minute call within CANCEL_CHECK_S (1 s),
+    not when the call ends; the abandoned call's usage row says so, and the job keeps no image."""
+    claim = claim_one(db_url, params={"backend": "mock", "delay_ms": 600_000, "size": "16x16"})
+    thread = _generating_in_thread(ctx, claim)
+    wait_until(
+        lambda: scalar(db_url, "SELECT stage FROM imagen.jobs WHERE id = %s", claim.job_id) == "generating",
+        timeout=10,
+    )
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert jobs.cancel_job(conn, claim.job_id)
+    cancelled = time.monotonic()
+    thread.join(timeout=CANCEL_CHECK_S + 5)
+    assert not thread.is_alive(), "the call still holds its thread"
+    assert time.monotonic() - cancelled < CANCEL_CHECK_S + 5
+    assert scalar(db_url, "SELECT status FROM imagen.jobs WHERE id = %s", claim.job_id) == "cancelled"
+    usage = query(db_url, "SELECT ok, error FROM imagen.usage WHERE job_id = %s", claim.job_id)
+    assert usage == [(False, "JobGone: the job was cancelled or taken over while its call ran")]
+    assert ctx.broker.sent == [] and scalar(db_url, "SELECT count(*) FROM imagen.images") == 0
+
+
+class _StuckBackend:
+    """A provider call that no stop check reaches (a blocking C call): only the lease can rescue it."""
+
+    name = "mock"
+    interruptible = True
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def default_model(self) -> str:
+        return "stuck"
+
+    def generate(self, request: Any) -> Any:
+        self.release.wait(30)
+        raise TransientError("released")
+
+
+def test_no_heartbeat_for_a_stage_past_its_time_limit(db_url: str, settings: Settings) -> None:
+    """A stage stuck past its time limit stops refreshing its lease, so the rescue can take the job back."""
+    short = settings.model_copy(
+        update={"lease_seconds": 2.0, "generate_time_limit": 3.0, "provider_timeout": 2.0}
+    )
+    context = StageContext(short, RecordingBroker())
+    stuck = _StuckBackend()
+    context.backends["mock"] = stuck
+    claim = claim_one(db_url)
+    thread = _generating_in_thread(context, claim)
+
+    def heartbeat() -> Any:
+        return scalar(db_url, "SELECT heartbeat_at FROM imagen.jobs WHERE id = %s", claim.job_id)
+
+    try:
+        first = heartbeat()
+        wait_until(lambda: heartbeat() > first, timeout=5, message="a heartbeat within the limit")
+        time.sleep(2.5)  # past our own deadline (1.5 s after the start, before Dramatiq's 3 s)
+        last = heartbeat()
+        time.sleep(1.5)  # three heartbeat intervals (0.5 s)
+        assert heartbeat() == last, "a stage past its time limit kept its lease fresh"
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            rescued = jobs.rescue_expired(conn, lease_seconds=1.0, max_attempts=3)
+        assert [(r.job_id, r.status) for r in rescued] == [(claim.job_id, "pending")]
+    finally:
+        stuck.release.set()
+        thread.join(timeout=10)
+        context.close()

@@ -120,6 +120,8 @@ class Tuning:
             "IMAGEN_CLAIM_BATCH": str(self.claim_batch),
             # A dramatiq consumer that lost Redis restarts after this many ms (default 3000).
             "dramatiq_restart_delay": "500",
+            # The tests simulate slow and failing providers with the mock's delay_ms and fail.
+            "IMAGEN_JOB_TEST_OPTIONS": "true",
             **self.extra,
         }
 

@@ -15,6 +15,7 @@ def test_build_broker_gives_retries_and_time_limit_the_configured_values() -> No
         retry_min_backoff_ms=250,
         retry_max_backoff_ms=9000,
         generate_time_limit=42.5,
+        provider_timeout=30,  # must be below the time limit
     )
 
     broker = build_broker(settings)

@@ -51,18 +51,14 @@ def test_default_is_a_valid_1024_square_png_with_seed_0() -> None:
     assert result.usage.ok
 
 
-@pytest.mark.parametrize("size", [(1, 1), (64, 48), (333, 101)])
+# (1100, 1001): above LARGE, encoded in strips of 64 rows with a partial last strip.
+@pytest.mark.parametrize("size", [(1, 1), (64, 48), (333, 101), (1100, 1001)])
 def test_the_png_encoder_keeps_every_pixel(size: tuple[int, int]) -> None:
     # The mock writes its own PNGs (Pillow's writer costs three times as much at 64x64): a reader
     # must get back exactly the pixels drawn, at any width, odd ones included.
     width, height = size
-    drawn = Image.frombytes(
-        "RGB",
-        size,
-        bytes(
-            (x * 7 + y * 13 + c * 101) % 256 for y in range(height) for x in range(width) for c in range(3)
-        ),
-    )
+    row = bytes((x * 7 + c * 101) % 256 for x in range(width) for c in range(3))
+    drawn = Image.frombytes("RGB", size, b"".join(row[y % 3 :] + row[: y % 3] for y in range(height)))
 
     with Image.open(io.BytesIO(encode_png(drawn))) as decoded:
         assert decoded.format == "PNG" and decoded.mode == "RGB"
@@ -140,6 +136,22 @@ def test_failure_comes_after_the_delay_like_a_slow_failing_provider() -> None:
 def test_unknown_fail_value_is_an_invalid_request() -> None:
     with pytest.raises(InvalidRequest, match="sometimes"):
         MockBackend().generate(ImageRequest(prompt="p", options={"fail": "sometimes"}))
+
+
+def test_a_large_background_is_the_composite_a_small_one_draws() -> None:
+    """Above LARGE the gradient is built band by band, not composited: the same picture, within rounding."""
+    from PIL import ImageChops
+
+    from imagen.backends.mock import LARGE, _background, _gradient
+
+    top, bottom, size = bytes((250, 3, 90)), bytes((10, 200, 91)), (1100, 1000)
+    assert size[0] * size[1] > LARGE
+    banded = _background(*size, top, bottom)
+    composited = Image.composite(
+        Image.new("RGB", size, tuple(bottom)), Image.new("RGB", size, tuple(top)), _gradient(*size)
+    )
+    assert banded.mode == "RGB" and banded.size == size
+    assert max(high for _, high in ImageChops.difference(banded, composited).getextrema()) <= 1
 
 
 def test_call_log_has_one_line_per_answered_call_failures_included(tmp_path: Path) -> None:

@@ -106,7 +106,9 @@ class BenchRun(Backlogs):
         self.bare_folder.mkdir()
         (self.bare_folder / "bench_actors.py").write_text(BARE_ACTORS)
         (self.root / "raw_claimer.py").write_text(RAW_CLAIMER)
-        self.pipeline_env = clean_env(pipeline_env(self.db_url, self.redis.url, self.files))
+        self.pipeline_env = clean_env(
+            pipeline_env(self.db_url, self.redis.url, self.files, IMAGEN_JOB_TEST_OPTIONS="true")
+        )
 
     def _gap(self, gap_ms: tuple[float, float] | None = None) -> None:
         time.sleep(self.random.uniform(*(gap_ms or self.config.gap_ms)) / 1000)
