@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 import dramatiq
+from dramatiq.middleware import CurrentMessage
 
 from imagen.broker import (
     FINALIZE_ACTOR,
@@ -88,6 +89,9 @@ def _configure() -> tuple[Settings, dramatiq.Broker]:
         broker.add_middleware(Prometheus())
     broker.add_middleware(ChainStages())
     broker.add_middleware(ReplayUsage())
+    # The generation stage sends its own message again to wait for provider room (imagen.admission),
+    # keeping the message's retry count: it needs the message it is running.
+    broker.add_middleware(CurrentMessage())
     broker.add_middleware(StopWaits())
     dramatiq.set_broker(broker)
     return settings, broker
@@ -101,10 +105,10 @@ _short_limit = SYNC_TIME_LIMIT_S * 1000
 
 
 @dramatiq.actor(actor_name=GENERATE_ACTOR, queue_name=GENERATE_QUEUE, **_stage_options)
-def generate_stage(job_id: str, attempt: int) -> None:
+def generate_stage(job_id: str, attempt: int, throttled_s: float = 0.0) -> None:
     """Generate the job's image with its backend and hand it to the sync stage."""
     try:
-        run_generate(context, job_id, attempt)
+        run_generate(context, job_id, attempt, throttled_s=throttled_s)
     finally:
         context.release_memory()
 

@@ -153,9 +153,13 @@ def build_broker(settings: Settings) -> WakingRedisBroker:
     return WakingRedisBroker(url=settings.redis_url, middleware=middleware)
 
 
-def stage_message(actor_name: str, queue_name: str, *args: object) -> Message:
+def stage_message(
+    actor_name: str, queue_name: str, *args: object, kwargs: dict[str, object] | None = None
+) -> Message:
     """A message for a stage actor, built without importing the actors (the listener stays small)."""
-    return Message(queue_name=queue_name, actor_name=actor_name, args=tuple(args), kwargs={}, options={})
+    return Message(
+        queue_name=queue_name, actor_name=actor_name, args=tuple(args), kwargs=kwargs or {}, options={}
+    )
 
 
 __all__ = [

@@ -17,7 +17,7 @@ from uuid import UUID
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from imagen.errors import ConfigError
+from imagen.errors import ConfigError, ImagenError
 
 
 def _data_dir() -> Path:
@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     gemini_model: str = "gemini-2.5-flash-image"
     openai_model: str = "gpt-image-2.5-flare"
     openai_quality: Literal["auto", "low", "medium", "high", "xhigh", "max"] = "auto"
+    backend_concurrency: str = Field(default="", description="provider calls in flight: openai=4,google=8")
+    backend_rpm: str = Field(default="", description="provider calls started per minute: openai=60")
+    throttle_max_wait: float = Field(default=900.0, gt=0, description="seconds")
+    owner_daily_images: int | None = Field(default=None, ge=0)
+    owner_daily_cost_usd: float | None = Field(default=None, ge=0)
 
     @field_validator("backend")
     @classmethod
@@ -119,6 +124,27 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a URL like redis://host:6379/0 (or rediss://, unix://)")
         return value
+
+    @field_validator("backend_concurrency", "backend_rpm")
+    @classmethod
+    def _caps(cls, value: str) -> str:
+        parse_caps(value)  # a bad list fails at start-up, naming the variable
+        return value
+
+    @field_validator("owner_daily_images", "owner_daily_cost_usd", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @cached_property
+    def concurrency_caps(self) -> dict[str, int]:
+        """IMAGEN_BACKEND_CONCURRENCY as {'openai': 4, 'openai/gpt-image-2': 2}."""
+        return parse_caps(self.backend_concurrency)
+
+    @cached_property
+    def rpm_caps(self) -> dict[str, int]:
+        """IMAGEN_BACKEND_RPM as {'openai': 60}."""
+        return parse_caps(self.backend_rpm)
 
     @field_validator("supabase_url")
     @classmethod
@@ -151,6 +177,32 @@ class Settings(BaseSettings):
                 "(postgresql://user@host:5432/db), not a transaction pooler"
             )
         return self.database_url
+
+
+def parse_caps(text: str) -> dict[str, int]:
+    """'openai=4, google/gemini-2.5-flash-image=2' -> {'openai': 4, 'gemini/gemini-2.5-flash-image': 2}.
+
+    A key is a backend (google and gemini are one) or backend/model; values are whole numbers >= 1.
+    """
+    if not text.strip():
+        return {}
+    from imagen.backends import canonical_name
+
+    caps: dict[str, int] = {}
+    for item in text.replace(";", ",").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        backend, slash, model = key.strip().partition("/")
+        try:
+            number = int(value.strip()) if sep else 0
+            name = canonical_name(backend) + (f"/{model.strip()}" if slash and model.strip() else "")
+        except (ValueError, ImagenError):
+            number, name = 0, ""
+        if number < 1 or not name or (slash and not model.strip()):
+            raise ValueError(f"{item.strip()!r} is not backend=N or backend/model=N with N >= 1")
+        caps[name] = number
+    return caps
 
 
 _ENV_NAMES = {

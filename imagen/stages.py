@@ -25,6 +25,7 @@ import psycopg
 import redis
 
 from imagen import interrupts, job_images, jobs
+from imagen.admission import Deferred, Gate, GatedBackends, Wait, check_quota, deferral
 from imagen.broker import (
     FINALIZE_ACTOR,
     FINALIZE_QUEUE,
@@ -42,6 +43,7 @@ from imagen.image_sweep import discard_ended
 from imagen.job_policy import JobPolicy, check_generation
 from imagen.logs import transition
 from imagen.params import spec_from_params
+from imagen.quotas import QuotaBook
 from imagen.storage import Storage, job_object_path, open_storage
 from imagen.usage import DatabaseSink, HeldSink
 from imagen.usage_spool import SpoolReplayer, UsageSpool
@@ -65,7 +67,6 @@ class StageContext:
     def __init__(self, settings: Settings, broker: Any) -> None:
         self.settings = settings
         self.broker = broker
-        self.backends: dict[str, Any] = {}
         # Set at worker boot (`chain_for_worker`): off until a worker says it consumes every stage's queue.
         self.chain_stages = False
         # Set when the worker starts shutting down (SIGTERM, `stop`): waits in progress give up
@@ -111,6 +112,20 @@ class StageContext:
     def check_job(self, backend: Any, spec: Any) -> None:
         """The operator's job policy on a resolved spec, before the provider is called."""
         check_generation(self.policy, backend, spec)
+
+    @cached_property
+    def gate(self) -> Gate:
+        """Provider admission shared with every worker through Redis (imagen.admission)."""
+        return Gate(self.settings, redis.Redis.from_url(self.settings.redis_url))
+
+    @cached_property
+    def backends(self) -> GatedBackends:
+        """Backend instances of this process, each behind the gate."""
+        return GatedBackends(self.gate)
+
+    @cached_property
+    def quota_book(self) -> QuotaBook:
+        return QuotaBook(self.settings.owner_daily_images, self.settings.owner_daily_cost_usd)
 
     @cached_property
     def heartbeater(self) -> Heartbeater:
@@ -215,8 +230,12 @@ def guarded(ctx: StageContext, job_id: str, attempt: int, stage: str) -> Iterato
         raise
 
 
-def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
-    """Generation stage: fence, validate, run the pipeline, then sync (chained) or hand the image on."""
+def run_generate(ctx: StageContext, job_id: str, attempt: int, *, throttled_s: float = 0.0) -> None:
+    """Generation stage: fence, validate, admit, run the pipeline, then sync (chained) or hand the image on.
+
+    `throttled_s` is how long the provider has kept this attempt waiting so far (429s,
+    Retry-After); a job sent again to wait for room carries it (docs/operations.md).
+    """
     from imagen.pipeline import generate, seed_for_job
 
     stage = "generating"
@@ -235,14 +254,25 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
         spec = spec_from_params(job.prompt, jobs.load_params(job.params_json), ctx.policy)
         if spec.seed is None:
             spec = replace(spec, seed=seed_for_job(job.job_id))
+        with ctx.pool.connection() as conn:
+            check_quota(ctx.quota_book, conn, job.owner_user_id, spec.n, job_id=job_id, attempt=attempt)
         out_dir = ctx.settings.output_dir / "jobs" if ctx.settings.keep_local_copy else None
         limit = own_limit(ctx.settings.generate_time_limit) - (time.monotonic() - started)
         with heartbeating(ctx, job_id, attempt, limit) as beat, interrupts.stoppable(stop_check(ctx, beat)):
-            result = generate(
-                spec, ctx.settings, sink=held or ctx.usage_sink, out_dir=out_dir,
-                owner_user_id=job.owner_user_id, job_id=job.job_id, presets=ctx.presets, backends=ctx.backends,
-                check=ctx.check_job,
-            )  # fmt: skip
+            try:
+                result = generate(
+                    spec, ctx.settings, sink=held or ctx.usage_sink, out_dir=out_dir,
+                    owner_user_id=job.owner_user_id, job_id=job.job_id, presets=ctx.presets, backends=ctx.backends,
+                    check=ctx.check_job,
+                )  # fmt: skip
+            except (Deferred, ImagenError) as exc:
+                wait = deferral(exc, throttled_s, ctx.settings)  # raises ThrottleExhausted past the limit
+                if wait is None:
+                    raise
+                if held is not None:
+                    held.release(ctx.usage_sink)
+                _send_again(ctx, job_id, attempt, wait)
+                return
         image = result.images[0]
         if image.width * image.height > LARGE_IMAGE:
             ctx.trim_wanted = True
@@ -262,6 +292,27 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int) -> None:
         generated = (image.data, meta)
     if generated is not None:
         _sync_chained(ctx, job, attempt, *generated, held=held, stage_started=started)
+
+
+def _send_again(ctx: StageContext, job_id: str, attempt: int, wait: Wait) -> None:
+    """The generation message again after the wait: same job, attempt and retry count, no try used."""
+    from dramatiq.middleware import CurrentMessage
+
+    kwargs: dict[str, object] = {"throttled_s": round(wait.throttled_s, 3)}
+    current = CurrentMessage.get_current_message()
+    if current is not None and current.actor_name == GENERATE_ACTOR:
+        # A copy keeps the message's options, the Retries middleware's count among them.
+        message = current.copy(queue_name=GENERATE_QUEUE, kwargs=kwargs)
+    else:
+        message = stage_message(GENERATE_ACTOR, GENERATE_QUEUE, job_id, attempt, kwargs=kwargs)
+    ctx.broker.enqueue(message, delay=max(1, int(wait.delay_s * 1000)))
+    if wait.is_provider:
+        transition(
+            "throttled", job_id, attempt, "generating", reason=wait.reason,
+            again_in_s=round(wait.delay_s, 1), waited_s=round(wait.throttled_s, 1),
+        )  # fmt: skip
+    else:
+        log.debug("job %s waits %.1f s for room: %s", job_id, wait.delay_s, wait.reason)
 
 
 @contextmanager

@@ -351,12 +351,16 @@ def stats(window: timedelta, as_json: bool) -> None:
     the window. Cost is the estimated provider spend of the usage rows written in
     the window; calls the price table cannot cost are counted and named, not
     silently left out.
+    Then each owner's usage since 00:00 UTC (images made, estimated cost) against
+    its daily quota (IMAGEN_OWNER_DAILY_IMAGES / _COST_USD or its imagen.owner_quotas row).
     """
     with _connection() as conn:
         result = jobs_admin.job_stats(conn, window)
+        owners = _owners_today(conn)
     if as_json:
         data = asdict(result)
         data["queue_depth"] = result.queue_depth
+        data["owners_today"] = [asdict(o) for o in owners]
         _echo_json(data)
         return
     counts = result.counts
@@ -381,7 +385,29 @@ def stats(window: timedelta, as_json: bool) -> None:
             else ""
         ),
     ]
-    click.echo("\n".join(lines))
+    click.echo("\n".join(lines + _quota_lines(owners)))
+
+
+def _owners_today(conn: Conn) -> list[Any]:
+    from imagen.quotas import Quota, owners_today
+
+    settings = load_settings()
+    return owners_today(conn, Quota(settings.owner_daily_images, settings.owner_daily_cost_usd))
+
+
+def _quota_lines(owners: list[Any]) -> list[str]:
+    """Usage since 00:00 UTC against the daily quota, per owner (most spent first)."""
+    if not owners:
+        return ["usage today (since 00:00 UTC): none"]
+    lines = ["usage today (since 00:00 UTC), per owner: images / quota, cost / quota"]
+    for o in owners:
+        images = f"{o.images} / {o.quota.daily_images if o.quota.daily_images is not None else '-'}"
+        cap = o.quota.daily_cost_usd
+        cost = f"${o.cost_usd:.2f} / {f'${cap:.2f}' if cap is not None else '-'}"
+        lines.append(
+            f"  {o.owner_user_id}  {images:>12}  {cost:>18}" + ("  (override)" if o.overridden else "")
+        )
+    return lines
 
 
 @jobs.command()

@@ -357,9 +357,10 @@ def test_stats_reports_counts_depth_oldest_pending_and_percentiles(db_url: str, 
     text = ok(imagen_jobs("stats")).splitlines()
     assert text[0].startswith("pending     2  (queue depth; oldest 5m")
     assert text[1] == "running     3  (generating 2, syncing 1)"
-    assert "pickup      p50 350.0 ms  p95 " in text[-3]
-    assert text[-2].startswith("total       p50 1.20 s  p95 ")
-    assert text[-1] == "cost        $0.0000 est. over 0 provider call(s) in the window"
+    assert "pickup      p50 350.0 ms  p95 " in text[-4]
+    assert text[-3].startswith("total       p50 1.20 s  p95 ")
+    assert text[-2] == "cost        $0.0000 est. over 0 provider call(s) in the window"
+    assert text[-1] == "usage today (since 00:00 UTC): none"
 
     bad = imagen_jobs("stats", "--window", "soon")
     assert bad.returncode == 2 and "not a duration" in bad.stderr, explain(bad)

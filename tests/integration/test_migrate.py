@@ -24,6 +24,7 @@ ALL = [
     "008_pending_wakeup.sql",
     "009_usage_cost_basis.sql",
     "010_dashboard_indexes.sql",
+    "011_admission.sql",
 ]
 
 
@@ -159,6 +160,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "008_pending_wakeup.sql": "applied",
         "009_usage_cost_basis.sql": "applied",
         "010_dashboard_indexes.sql": "applied",
+        "011_admission.sql": "applied",
         "099_next.sql": "pending",
     }
 

@@ -1,0 +1,162 @@
+"""Owner quotas: how many images and how many dollars an owner may spend per UTC day.
+
+Limits come from IMAGEN_OWNER_DAILY_IMAGES and IMAGEN_OWNER_DAILY_COST_USD (both
+off by default), overridden per owner by rows in `imagen.owner_quotas`. Usage is
+read from `imagen.usage`, the ledger every provider call writes, so a quota
+counts what was really made and billed: images of successful calls and the
+estimated cost of every call. The check runs before the provider call; a job
+over quota fails with text its owner can act on and the provider is never
+called. It must never write: refusing is the caller's business.
+
+Calls of one owner that are checked at the same moment can each pass, so an
+owner may overshoot by the calls already in flight; the next call is refused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from imagen.errors import PermanentError
+
+# How long a worker trusts the overrides it read: an operator's change takes effect within this.
+OVERRIDE_TTL_S = 30.0
+
+OVERRIDE = "SELECT daily_images, daily_cost_usd FROM imagen.owner_quotas WHERE owner_user_id = %(owner)s"
+
+# Midnight UTC of the server's today: the same day boundary for every worker host.
+USED_TODAY = """
+SELECT coalesce(sum(images) FILTER (WHERE ok), 0), coalesce(sum(cost_usd), 0)
+FROM imagen.usage
+WHERE owner_user_id = %(owner)s
+  AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+"""
+
+# Every owner with usage today or an override, for `imagen jobs stats`.
+OWNERS_TODAY = """
+WITH used AS (
+    SELECT owner_user_id, sum(images) FILTER (WHERE ok) AS images, sum(cost_usd) AS cost
+    FROM imagen.usage
+    WHERE owner_user_id IS NOT NULL
+      AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+    GROUP BY owner_user_id
+)
+SELECT coalesce(u.owner_user_id, q.owner_user_id), coalesce(u.images, 0), coalesce(u.cost, 0),
+       q.daily_images, q.daily_cost_usd, q.owner_user_id IS NOT NULL
+FROM used u FULL JOIN imagen.owner_quotas q ON q.owner_user_id = u.owner_user_id
+ORDER BY coalesce(u.cost, 0) DESC, coalesce(u.images, 0) DESC, 1
+LIMIT %(limit)s
+"""
+
+
+class QuotaReached(PermanentError):
+    """The owner's daily quota is used up: retrying today cannot help."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Quota:
+    """An owner's daily limits; None means no limit."""
+
+    daily_images: int | None = None
+    daily_cost_usd: float | None = None
+
+    @property
+    def is_limited(self) -> bool:
+        return self.daily_images is not None or self.daily_cost_usd is not None
+
+
+@dataclass(frozen=True)
+class OwnerUsage:
+    """One owner's usage since midnight UTC against its quota (`imagen jobs stats`)."""
+
+    owner_user_id: UUID
+    images: int
+    cost_usd: float
+    quota: Quota
+    overridden: bool
+
+
+def next_reset(now: datetime | None = None) -> datetime:
+    """The next midnight UTC, when every daily quota starts again."""
+    now = now or datetime.now(UTC)
+    return datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+
+
+def _merge(default: Quota, images: Any, cost: Any) -> Quota:
+    return Quota(
+        daily_images=default.daily_images if images is None else int(images),
+        daily_cost_usd=default.daily_cost_usd if cost is None else float(cost),
+    )
+
+
+class QuotaBook:
+    """The quota check of one worker process: defaults from settings, overrides cached briefly."""
+
+    def __init__(
+        self, daily_images: int | None, daily_cost_usd: float | None, *, ttl_s: float = OVERRIDE_TTL_S
+    ) -> None:
+        self.default = Quota(daily_images, daily_cost_usd)
+        self.ttl_s = ttl_s
+        self._overrides: dict[UUID, tuple[float, Any, Any]] = {}
+        self._lock = threading.Lock()
+
+    def quota_for(self, conn: Any, owner: UUID) -> Quota:
+        """The owner's limits: its override row where a column is set, else the default."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._overrides.get(owner)
+        if cached is None or now - cached[0] > self.ttl_s:
+            row = conn.execute(OVERRIDE, {"owner": owner}).fetchone()
+            cached = (now, *(row or (None, None)))
+            with self._lock:
+                if len(self._overrides) > 10_000:
+                    self._overrides.clear()
+                self._overrides[owner] = cached
+        return _merge(self.default, cached[1], cached[2])
+
+    def check(self, conn: Any, owner: UUID, images: int) -> None:
+        """Raise QuotaReached when a call for `images` more images would pass the owner's quota today."""
+        quota = self.quota_for(conn, owner)
+        if not quota.is_limited:
+            return
+        row = conn.execute(USED_TODAY, {"owner": owner}).fetchone()
+        used_images, used_cost = int(row[0]), float(row[1])
+        resets = "resets at 00:00 UTC"
+        if quota.daily_images is not None and used_images + images > quota.daily_images:
+            if used_images >= quota.daily_images:
+                text = f"daily image quota of {quota.daily_images} reached; {resets}"
+            else:
+                text = (
+                    f"daily image quota of {quota.daily_images} would be exceeded: {used_images} used today, "
+                    f"this job asks for {images}; {resets}"
+                )
+            raise QuotaReached(text, kind="images")
+        if quota.daily_cost_usd is not None and used_cost >= quota.daily_cost_usd:
+            raise QuotaReached(
+                f"daily cost quota of ${quota.daily_cost_usd:.2f} reached (${used_cost:.2f} used); {resets}",
+                kind="cost",
+            )
+
+
+def owners_today(conn: Any, default: Quota, *, limit: int = 50) -> list[OwnerUsage]:
+    """Owners with usage since midnight UTC or an override, most spent first."""
+    rows = conn.execute(OWNERS_TODAY, {"limit": limit}).fetchall()
+    return [
+        OwnerUsage(
+            owner_user_id=row[0],
+            images=int(row[1]),
+            cost_usd=float(row[2] if isinstance(row[2], Decimal | int | float) else 0),
+            quota=_merge(default, row[3], row[4]),
+            overridden=bool(row[5]),
+        )
+        for row in rows
+    ]
