@@ -71,10 +71,11 @@ def test_a_job_another_listener_rescued_is_claimed_at_once(db_url: str, pipeline
         conn.execute(
             "INSERT INTO imagen.jobs (id, owner_user_id, prompt, params, status, stage, attempt,"
             " claimed_at, heartbeat_at) VALUES (%s, %s, 'an expired lease', %s, 'running', 'generating', 1,"
-            " now() - interval '1 hour', now() - interval '1 hour')",
+            " now() - interval '2 minutes', now() - interval '2 minutes')",
             (job_id, uuid.uuid4(), json.dumps({"backend": "mock", "size": "32x32"})),
         )
-        # Another listener's rescuer: this listener's own rescue runs only on its minute-long poll.
+        # Another listener's rescuer, with a 60 s lease. This listener's own lease is 600 s, so its
+        # rescue (at start and on its minute-long poll) leaves the job alone.
         rescued = jobs.rescue_expired(conn, lease_seconds=60, max_attempts=3)
     assert [r.status for r in rescued] == ["pending"]
 
