@@ -23,33 +23,16 @@ from imagen.errors import ImagenError
 from imagen.jobs import Conn
 from imagen.logs import transition
 from imagen.storage import EXTENSIONS, Storage, job_object_path
+from imagen.store.queries import QUERIES
 
 log = logging.getLogger(__name__)
 
-# The job's row lock is what a retry (failed/cancelled -> pending) waits for.
-LOCK_ENDED = """
-SELECT status, owner_user_id, attempt FROM imagen.jobs
-WHERE id = %(id)s AND status IN ('failed', 'cancelled')
-FOR UPDATE
-"""
-
-DELETE_IMAGE = """
-DELETE FROM imagen.images WHERE job_id = %(id)s AND owner_user_id = %(owner)s RETURNING path
-"""
-
-# A path another images row still names is not this job's to remove: a detached image of a pruned
-# job whose id an operator gave again (sql/006_job_ownership.sql).
-PATHS_IN_USE = "SELECT path FROM imagen.images WHERE bucket = %(bucket)s AND path = ANY(%(paths)s)"
-
-MARK_SWEPT = "UPDATE imagen.jobs SET image_swept_at = clock_timestamp() WHERE id = %(id)s"
-
-# Jobs that ended since they were last swept, through the partial index that holds only those.
-UNSWEPT = """
-SELECT id FROM imagen.jobs
-WHERE status IN ('failed', 'cancelled') AND (image_swept_at IS NULL OR image_swept_at < finished_at)
-ORDER BY finished_at
-LIMIT %(limit)s
-"""
+# The statements are in imagen/store/queries.sql, with why each is written as it is.
+LOCK_ENDED = QUERIES["lock_ended"]
+DELETE_IMAGE = QUERIES["delete_image"]
+PATHS_IN_USE = QUERIES["paths_in_use"]
+MARK_SWEPT = QUERIES["mark_swept"]
+UNSWEPT = QUERIES["unswept"]
 
 
 @dataclass(frozen=True)

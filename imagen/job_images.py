@@ -18,83 +18,15 @@ from typing import Any
 from uuid import UUID
 
 from imagen.jobs import Conn, RunningJob, execute_once
-from imagen.usage import UsageRecord, usage_insert, usage_params
+from imagen.store.queries import QUERIES
+from imagen.usage import UsageRecord, usage_params
 
-INSERT_IMAGE = """
-INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
-                           backend, model, params)
-VALUES (%(owner_user_id)s, %(job_id)s, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
-        %(prompt)s, %(backend)s, %(model)s, %(params)s)
-ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
-RETURNING id
-"""
-
-# The sync stage's start: fence + stage + heartbeat, and whether an earlier run already wrote the row.
-BEGIN_SYNC = """
-UPDATE imagen.jobs j
-SET stage = 'syncing', heartbeat_at = now(),
-    stage_times = j.stage_times || jsonb_build_object('syncing', now())
-WHERE j.id = %(id)s AND j.attempt = %(attempt)s AND j.status = 'running'
-RETURNING j.id, j.owner_user_id, j.prompt, j.params::text, j.attempt, j.created_at, j.claimed_at,
-          (SELECT i.id FROM imagen.images i WHERE i.job_id = j.id AND i.owner_user_id = j.owner_user_id)
-"""
-
-# Fence, row and stage in one statement: the UPDATE locks the job row, so the images row is
-# written only while this attempt still holds the job, and a cancel waits for the commit.
-RECORD_JOB_IMAGE = """
-WITH fence AS (
-    UPDATE imagen.jobs
-    SET stage = 'finalizing', heartbeat_at = now(),
-        stage_times = stage_times || jsonb_build_object('finalizing', now())
-    WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
-    RETURNING id, owner_user_id
-)
-INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
-                           backend, model, params)
-SELECT fence.owner_user_id, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
-       %(prompt)s, %(backend)s, %(model)s, %(params)s
-FROM fence
-ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
-    WHERE imagen.images.owner_user_id = excluded.owner_user_id
-RETURNING id
-"""
-
-
-# The chained path's end (sync and finalize run in the generation message): fence, images row and
-# done in one statement. The fence locks the job row first, so a cancel waits for the commit, and
-# the job is linked to the row written here or to the one an earlier run of this attempt wrote.
-# 'syncing' is stamped on the server's clock, `sync_seconds` (the upload, timed by the worker) ago.
-RECORD_AND_COMPLETE = """
-WITH fence AS (
-    SELECT id, owner_user_id FROM imagen.jobs
-    WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
-    FOR UPDATE
-),
-image AS (
-    INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
-                               backend, model, params)
-    SELECT fence.owner_user_id, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s,
-           %(bytes)s, %(prompt)s, %(backend)s, %(model)s, %(params)s
-    FROM fence
-    ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
-        WHERE imagen.images.owner_user_id = excluded.owner_user_id
-    RETURNING id, job_id, owner_user_id
-)
-UPDATE imagen.jobs j
-SET status = 'done', image_id = image.id, stage = NULL, error = NULL, last_error = NULL,
-    stage_times = j.stage_times || jsonb_build_object(
-        'syncing', now() - make_interval(secs => %(sync_seconds)s), 'done', now())
-FROM image
-WHERE j.id = image.job_id AND j.owner_user_id = image.owner_user_id
-RETURNING image.id
-"""
-
-
-# The same with the provider call's usage row, written whether or not the fence holds (the call
-# was made and paid either way): one commit for the job's end and its ledger row.
-RECORD_USAGE_AND_COMPLETE = f"WITH usage AS ({usage_insert('u_')}),\n" + RECORD_AND_COMPLETE.replace(
-    "WITH fence AS", "fence AS", 1
-)
+# The statements are in imagen/store/queries.sql, with why each is written as it is.
+INSERT_IMAGE = QUERIES["insert_image"]
+BEGIN_SYNC = QUERIES["begin_sync"]
+RECORD_JOB_IMAGE = QUERIES["record_job_image"]
+RECORD_AND_COMPLETE = QUERIES["record_and_complete"]
+RECORD_USAGE_AND_COMPLETE = QUERIES["record_usage_and_complete"]
 
 
 def insert_image(conn: Conn, values: dict[str, Any]) -> UUID:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID, uuid4
 
 from imagen.backends.base import Usage
+from imagen.store.queries import QUERIES
 
 if TYPE_CHECKING:
     from imagen.usage_spool import UsageSpool
@@ -129,13 +130,8 @@ class JsonlSink:
             log.warning("usage: could not append to %s: %s", self.path, exc)
 
 
-def usage_insert(prefix: str = "") -> str:
-    """The INSERT of one usage row, one column per `UsageRecord` field, parameters named `prefix` +
-    field (see `usage_params`); a prefix lets it sit in a larger statement. A row whose call id
-    is already there is left alone: writing a record twice leaves one row."""
-    names = [f.name for f in fields(UsageRecord)]
-    values = ", ".join(f"%({prefix}{name})s" for name in names)
-    return f"INSERT INTO imagen.usage ({', '.join(names)}) VALUES ({values}) ON CONFLICT (call_id) DO NOTHING"
+# One column per UsageRecord field; the chained end writes the same row (record_usage_and_complete).
+INSERT_USAGE = QUERIES["insert_usage"]
 
 
 class DatabaseSink:
@@ -145,7 +141,7 @@ class DatabaseSink:
     keeps it on disk until a replay writes it; without a spool it is logged and lost.
     """
 
-    INSERT = usage_insert()
+    INSERT = INSERT_USAGE
 
     def __init__(
         self, connect: Callable[[], AbstractContextManager[Any]], *, spool: UsageSpool | None = None
@@ -179,7 +175,7 @@ class DatabaseSink:
 
 
 def usage_params(record: UsageRecord, prefix: str = "") -> dict[str, Any]:
-    """The parameters of `usage_insert(prefix)` for one record."""
+    """The parameters of INSERT_USAGE for one record (`prefix` + field: `u_` in record_usage_and_complete)."""
     from psycopg.types.json import Jsonb
 
     # Not asdict(): it deep-copies `raw` on every record only for Jsonb to wrap it.

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from imagen.usage import UsageRecord, usage_insert, usage_params
+from imagen.usage import INSERT_USAGE, UsageRecord, usage_params
 from imagen.writer import replace_atomically
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class UsageSpool:
         files = self.pending()
         if not files:
             return 0
-        insert = usage_insert()
+        insert = INSERT_USAGE
         try:
             with connect() as conn:
                 for path in files:

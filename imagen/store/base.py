@@ -99,3 +99,10 @@ class JobStore(Protocol):
     def discard_ended(self, job_id: JobId, storage: Storage) -> Discarded | None:
         """Remove a failed or cancelled job's images row and objects; None (nothing touched) otherwise."""
         ...
+
+    def sweep_ended(self, storage: Storage, *, limit: int = 100) -> list[Discarded]:
+        """Discard the image of up to `limit` jobs that ended failed or cancelled since their last sweep.
+
+        A job whose storage call fails stays unswept and is tried again at the next sweep.
+        """
+        ...

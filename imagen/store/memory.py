@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
+from imagen.errors import ImagenError
 from imagen.storage import EXTENSIONS, Storage, job_object_path
 from imagen.store.base import JobId
 from imagen.store.rows import Claim, Discarded, ImageRow, Rescued, RunningJob
@@ -66,8 +67,7 @@ class InMemoryJobStore:
                 "id": job_id, "owner_user_id": UUID(str(owner_user_id)), "prompt": prompt, "params": params,
                 "status": "pending", "stage": None, "attempt": 0, "error": None, "last_error": None,
                 "image_id": None, "created_at": now, "updated_at": now, "claimed_at": None,
-                "heartbeat_at": None, "finished_at": None, "stage_times": {}, "image_swept_at": None,
-                "pending_at": None,
+                "heartbeat_at": None, "finished_at": None, "stage_times": {}, "image_swept_at": None, "pending_at": None,
             }  # fmt: skip
             return job_id
 
@@ -87,10 +87,7 @@ class InMemoryJobStore:
                     row, status="running", stage="queued", attempt=row["attempt"] + 1, claimed_at=now,
                     heartbeat_at=now, error=None, last_error=None, stage_times={"queued": now},
                 )  # fmt: skip
-                since = row["pending_at"] or row["created_at"]
-                claims.append(
-                    Claim(row["id"], row["attempt"], row["owner_user_id"], row["created_at"], now, since)
-                )
+                claims.append(_claim(row, now))
             return claims
 
     def count_running(self) -> int:
@@ -301,6 +298,37 @@ class InMemoryJobStore:
                 raise
             row["image_swept_at"] = self.now()
             return Discarded(row["id"], row["status"], row["attempt"], bool(deleted), objects)
+
+    def sweep_ended(self, storage: Storage, *, limit: int = 100) -> list[Discarded]:
+        with self._lock:
+            unswept = sorted(
+                (
+                    r
+                    for r in self.jobs.values()
+                    if r["status"] in ("failed", "cancelled")
+                    and (r["image_swept_at"] is None or r["image_swept_at"] < r["finished_at"])
+                ),
+                key=lambda r: r["finished_at"],
+            )[:limit]
+        found = []
+        for row in unswept:
+            try:
+                done = self.discard_ended(row["id"], storage)
+            except ImagenError:
+                continue  # stays unswept: the next sweep tries again
+            if done is not None and done.removed_anything:
+                found.append(done)
+        return found
+
+
+def _claim(row: dict[str, Any], claimed_at: datetime) -> Claim:
+    values = {
+        "job_id": row["id"], "attempt": row["attempt"], "owner_user_id": row["owner_user_id"],
+        "created_at": row["created_at"], "claimed_at": claimed_at,
+    }  # fmt: skip
+    if "pending_since" in Claim.__dataclass_fields__:  # issue 16's field, when its Claim has it
+        values["pending_since"] = row.get("pending_at") or row["created_at"]
+    return Claim(**values)
 
 
 def _age(row: dict[str, Any]) -> tuple[datetime, str]:

@@ -16,11 +16,9 @@ from imagen import image_sweep, job_images, jobs
 from imagen.storage import Storage
 from imagen.store.base import JobId
 from imagen.store.rows import Claim, Discarded, ImageRow, Rescued, RunningJob
-from imagen.usage import UsageRecord, usage_insert, usage_params
+from imagen.usage import INSERT_USAGE, UsageRecord, usage_params
 
 Connect = Callable[[], AbstractContextManager[Any]]
-
-_INSERT_USAGE = usage_insert()
 
 
 class PostgresJobStore:
@@ -97,7 +95,7 @@ class PostgresJobStore:
 
     def record_usage(self, record: UsageRecord) -> None:
         with self.connect() as conn:
-            conn.execute(_INSERT_USAGE, usage_params(record))
+            conn.execute(INSERT_USAGE, usage_params(record))
 
     def job_state(self, job_id: JobId) -> tuple[str, int] | None:
         with self.connect() as conn:
@@ -118,3 +116,7 @@ class PostgresJobStore:
     def discard_ended(self, job_id: JobId, storage: Storage) -> Discarded | None:
         with self.connect() as conn:
             return image_sweep.discard_ended(conn, job_id, storage)
+
+    def sweep_ended(self, storage: Storage, *, limit: int = 100) -> list[Discarded]:
+        with self.connect() as conn:
+            return image_sweep.sweep_ended(conn, storage, limit=limit)

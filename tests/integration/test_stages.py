@@ -222,8 +222,6 @@ def test_listener_at_the_in_flight_cap_claims_a_refill_at_a_time(
     # 80 in flight: a refill is 80 // 8 = 10 jobs. Every claim is a scan of the pending rows and a
     # round trip to Redis, so the few jobs that finish while a batch is forwarded must not each
     # cost one: workers finish 3 jobs during every claim here.
-    import imagen.listener as listener_module
-
     claim_jobs = jobs.claim_jobs
     sizes = []
 
@@ -233,7 +231,7 @@ def test_listener_at_the_in_flight_cap_claims_a_refill_at_a_time(
         finish_running(db_url, 3)
         return claims
 
-    monkeypatch.setattr(listener_module.jobs, "claim_jobs", claim_while_3_finish)
+    monkeypatch.setattr(jobs, "claim_jobs", claim_while_3_finish)
     listener = listener_over_a_backlog(db_url, settings)
     try:
         assert listener.drain() == 80, "claims up to the cap, then stops"
@@ -250,10 +248,8 @@ def test_listener_at_the_cap_counts_again_at_the_pace_jobs_finish(
 ) -> None:
     # Each check at the cap counts the running rows. A fixed 10 ms tick made that a hundred counts
     # a second however slowly jobs finished; the wait now follows how fast slots free up.
-    import imagen.listener as listener_module
-
     clock = [1000.0]
-    monkeypatch.setattr(listener_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     listener = listener_over_a_backlog(db_url, settings)
     waits = []
     try:
@@ -294,10 +290,8 @@ def test_listener_on_a_steady_backlog_counts_once_per_refill(
     # Workers finish 100 jobs a second. Once a refill has shown that pace, a claim that fills the
     # cap waits for the next refill's worth (10 jobs: 0.1 s), so the count that follows finds room
     # and claims: one count per claim, not a count right after the claim and another once it fits.
-    import imagen.listener as listener_module
-
     clock = [1000.0]
-    monkeypatch.setattr(listener_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     count_running = jobs.count_running
     counts = [0]
 
@@ -305,7 +299,7 @@ def test_listener_on_a_steady_backlog_counts_once_per_refill(
         counts[0] += 1
         return count_running(conn)
 
-    monkeypatch.setattr(listener_module.jobs, "count_running", counting)
+    monkeypatch.setattr(jobs, "count_running", counting)
     listener = listener_over_a_backlog(db_url, settings)
     claimed, waits = [], []
     try:

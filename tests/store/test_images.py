@@ -149,3 +149,22 @@ def test_discard_leaves_a_job_that_is_not_failed_or_cancelled_alone(
 
     assert len(harness.images(job_id)) == 1
     assert storage.local_path(path).exists()
+
+
+def test_the_sweep_discards_the_images_of_ended_jobs_once_and_leaves_done_ones(
+    store: JobStore, harness: Harness, storage: LocalStorage
+) -> None:
+    ended, done = claimed(store), claimed(store)
+    for job_id in (ended, done):
+        storage.put(f"{OWNER}/{job_id}.png", b"png", "image/png")
+    store.record_job_image(1, image_row(ended))
+    done_image = store.record_job_image(1, image_row(done))
+    assert done_image is not None
+    store.complete_job(done, 1, done_image)
+    store.fail_job(ended, 1, "sync failed: no")
+
+    swept = store.sweep_ended(storage)
+
+    assert [d.job_id for d in swept] == [ended]
+    assert harness.images(ended) == [] and len(harness.images(done)) == 1
+    assert store.sweep_ended(storage) == []

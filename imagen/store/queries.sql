@@ -1,0 +1,146 @@
+-- Every statement imagen runs on imagen.*, each under a `-- name:` line and loaded by that name
+-- (imagen/store/queries.py). The `--` lines right after a name say why the statement is written
+-- as it is. Parameters are psycopg's %(name)s; %% is a literal percent sign.
+
+-- ---- a job's image row under its fence (imagen/job_images.py) ----
+
+-- name: insert_image
+INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
+                           backend, model, params)
+VALUES (%(owner_user_id)s, %(job_id)s, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
+        %(prompt)s, %(backend)s, %(model)s, %(params)s)
+ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
+RETURNING id;
+
+-- name: begin_sync
+-- The sync stage's start: fence + stage + heartbeat, and whether an earlier run already wrote the row.
+UPDATE imagen.jobs j
+SET stage = 'syncing', heartbeat_at = now(),
+    stage_times = j.stage_times || jsonb_build_object('syncing', now())
+WHERE j.id = %(id)s AND j.attempt = %(attempt)s AND j.status = 'running'
+RETURNING j.id, j.owner_user_id, j.prompt, j.params::text, j.attempt, j.created_at, j.claimed_at,
+          (SELECT i.id FROM imagen.images i WHERE i.job_id = j.id AND i.owner_user_id = j.owner_user_id);
+
+-- name: record_job_image
+-- Fence, row and stage in one statement: the UPDATE locks the job row, so the images row is
+-- written only while this attempt still holds the job, and a cancel waits for the commit.
+WITH fence AS (
+    UPDATE imagen.jobs
+    SET stage = 'finalizing', heartbeat_at = now(),
+        stage_times = stage_times || jsonb_build_object('finalizing', now())
+    WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
+    RETURNING id, owner_user_id
+)
+INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
+                           backend, model, params)
+SELECT fence.owner_user_id, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
+       %(prompt)s, %(backend)s, %(model)s, %(params)s
+FROM fence
+ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
+    WHERE imagen.images.owner_user_id = excluded.owner_user_id
+RETURNING id;
+
+-- name: record_and_complete
+-- The chained path's end (sync and finalize run in the generation message): fence, images row and
+-- done in one statement. The fence locks the job row first, so a cancel waits for the commit, and
+-- the job is linked to the row written here or to the one an earlier run of this attempt wrote.
+-- 'syncing' is stamped on the server's clock, `sync_seconds` (the upload, timed by the worker) ago.
+WITH fence AS (
+    SELECT id, owner_user_id FROM imagen.jobs
+    WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
+    FOR UPDATE
+),
+image AS (
+    INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
+                               backend, model, params)
+    SELECT fence.owner_user_id, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s,
+           %(bytes)s, %(prompt)s, %(backend)s, %(model)s, %(params)s
+    FROM fence
+    ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
+        WHERE imagen.images.owner_user_id = excluded.owner_user_id
+    RETURNING id, job_id, owner_user_id
+)
+UPDATE imagen.jobs j
+SET status = 'done', image_id = image.id, stage = NULL, error = NULL, last_error = NULL,
+    stage_times = j.stage_times || jsonb_build_object(
+        'syncing', now() - make_interval(secs => %(sync_seconds)s), 'done', now())
+FROM image
+WHERE j.id = image.job_id AND j.owner_user_id = image.owner_user_id
+RETURNING image.id;
+
+-- ---- the discard of an ended job's image (imagen/image_sweep.py) ----
+
+-- name: lock_ended
+-- The job's row lock is what a retry (failed/cancelled -> pending) waits for.
+SELECT status, owner_user_id, attempt FROM imagen.jobs
+WHERE id = %(id)s AND status IN ('failed', 'cancelled')
+FOR UPDATE;
+
+-- name: delete_image
+DELETE FROM imagen.images WHERE job_id = %(id)s AND owner_user_id = %(owner)s RETURNING path;
+
+-- name: paths_in_use
+-- A path another images row still names is not this job's to remove: a detached image of a pruned
+-- job whose id an operator gave again (sql/006_job_ownership.sql).
+SELECT path FROM imagen.images WHERE bucket = %(bucket)s AND path = ANY(%(paths)s);
+
+-- name: mark_swept
+UPDATE imagen.jobs SET image_swept_at = clock_timestamp() WHERE id = %(id)s;
+
+-- name: unswept
+-- Jobs that ended since they were last swept, through the partial index that holds only those.
+SELECT id FROM imagen.jobs
+WHERE status IN ('failed', 'cancelled') AND (image_swept_at IS NULL OR image_swept_at < finished_at)
+ORDER BY finished_at
+LIMIT %(limit)s;
+
+
+-- ---- usage rows (imagen/usage.py) ----
+
+-- name: insert_usage
+-- One column per UsageRecord field (tests/unit/test_queries.py checks they agree). A row whose call id
+-- is already there is left alone: writing a record twice leaves one row.
+INSERT INTO imagen.usage (backend, model, images, ok, latency_ms, cost_usd,
+                          cost_basis, input_tokens, output_tokens, image_output_tokens, thought_tokens, error,
+                          owner_user_id, job_id, created_at, raw, call_id)
+VALUES (%(backend)s, %(model)s, %(images)s, %(ok)s, %(latency_ms)s,
+        %(cost_usd)s, %(cost_basis)s, %(input_tokens)s, %(output_tokens)s, %(image_output_tokens)s,
+        %(thought_tokens)s, %(error)s, %(owner_user_id)s, %(job_id)s, %(created_at)s,
+        %(raw)s, %(call_id)s)
+ON CONFLICT (call_id) DO NOTHING;
+
+-- name: record_usage_and_complete
+-- record_and_complete with the provider call's usage row, written whether or not the fence holds
+-- (the call was made and paid either way): one commit for the job's end and its ledger row.
+WITH usage AS (
+    INSERT INTO imagen.usage (backend, model, images, ok, latency_ms, cost_usd,
+                              cost_basis, input_tokens, output_tokens, image_output_tokens, thought_tokens, error,
+                              owner_user_id, job_id, created_at, raw, call_id)
+    VALUES (%(u_backend)s, %(u_model)s, %(u_images)s, %(u_ok)s, %(u_latency_ms)s,
+            %(u_cost_usd)s, %(u_cost_basis)s, %(u_input_tokens)s, %(u_output_tokens)s, %(u_image_output_tokens)s,
+            %(u_thought_tokens)s, %(u_error)s, %(u_owner_user_id)s, %(u_job_id)s, %(u_created_at)s,
+            %(u_raw)s, %(u_call_id)s)
+    ON CONFLICT (call_id) DO NOTHING
+),
+fence AS (
+    SELECT id, owner_user_id FROM imagen.jobs
+    WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
+    FOR UPDATE
+),
+image AS (
+    INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
+                               backend, model, params)
+    SELECT fence.owner_user_id, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s,
+           %(bytes)s, %(prompt)s, %(backend)s, %(model)s, %(params)s
+    FROM fence
+    ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
+        WHERE imagen.images.owner_user_id = excluded.owner_user_id
+    RETURNING id, job_id, owner_user_id
+)
+UPDATE imagen.jobs j
+SET status = 'done', image_id = image.id, stage = NULL, error = NULL, last_error = NULL,
+    stage_times = j.stage_times || jsonb_build_object(
+        'syncing', now() - make_interval(secs => %(sync_seconds)s), 'done', now())
+FROM image
+WHERE j.id = image.job_id AND j.owner_user_id = image.owner_user_id
+RETURNING image.id;
