@@ -11,6 +11,7 @@ consumes all three queues runs sync and finalize in the generation message
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -27,6 +28,7 @@ from imagen.broker import (
     build_broker,
 )
 from imagen.config import Settings, load_settings
+from imagen.db import preflight
 from imagen.errors import ConfigError
 from imagen.job_policy import JobPolicy
 from imagen.logs import configure_logging
@@ -69,12 +71,16 @@ def _configure() -> tuple[Settings, dramatiq.Broker]:
     """Settings, logging and the broker the actors are defined on; a bad configuration exits 78."""
     try:
         settings = load_settings()
-        settings.require_database_url()
+        # A database that can never work (unknown, wrong password, not migrated) stops the worker with
+        # exit 78, which the systemd unit does not restart; one that is down is the stages' to retry.
+        unreachable = preflight(settings.require_database_url())
         JobPolicy.from_settings(settings)  # a bad IMAGEN_JOB_BACKENDS stops the worker, not each job
     except ConfigError as exc:
         print(f"imagen.actors: {exc}", file=sys.stderr)
         raise SystemExit(78) from None
     configure_logging(settings.log_format, settings.log_level)
+    if unreachable is not None:
+        logging.getLogger("imagen.actors").warning("%s; the stages retry until it answers", unreachable)
     broker = build_broker(settings)
     if settings.worker_metrics:
         from dramatiq.middleware.prometheus import Prometheus

@@ -118,6 +118,13 @@ class Settings(BaseSettings):
     def _lower(cls, value: str) -> str:
         return value.strip().lower()
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a URL like redis://host:6379/0 (or rediss://, unix://)")
+        return value
+
     @field_validator("backend_concurrency", "backend_rpm")
     @classmethod
     def _caps(cls, value: str) -> str:

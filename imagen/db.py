@@ -23,7 +23,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from imagen.errors import ImagenError
+from imagen.errors import ConfigError, ImagenError, NotReachable, SchemaNotReady
 
 SHIM_NAME = "000_supabase_shim.sql"
 """Creates what Supabase provides (roles, auth.uid()); not a numbered migration."""
@@ -65,6 +65,23 @@ revoke all on imagen.schema_migrations from public;
 
 MigrationState = Literal["applied", "pending", "changed", "missing"]
 
+MIGRATE_HINT = "run `imagen db migrate`"
+
+# What libpq and the server say when the connection string names something that is not there, or
+# credentials that do not hold: a restart cannot fix those, unlike a server that is down. libpq gives
+# no SQLSTATE for a failed connection, only its text (always English from libpq itself; the server's
+# FATAL lines follow its lc_messages, which is English on Supabase and in the default locale).
+_CONFIG_FAILURES = (
+    (re.compile(r'database "[^"]*" does not exist'), "unknown database"),
+    (re.compile(r'role "[^"]*" does not exist'), "unknown role"),
+    (re.compile(r"password authentication failed|no password supplied|SCRAM"), "wrong credentials"),
+    (re.compile(r"Tenant or user not found", re.IGNORECASE), "unknown Supavisor tenant or user"),
+    (re.compile(r"no pg_hba\.conf entry"), "the server refuses this host or user (pg_hba.conf)"),
+    (re.compile(r"invalid \w+ value|invalid connection option|invalid URI|missing \"=\""), "bad URL"),
+)
+# Statements that name what only a migrated schema has.
+_SCHEMA_MISSING = ("42P01", "3F000", "42703", "42883")  # undefined table, schema, column, function
+
 
 class MigrationError(ImagenError):
     """A migration could not be applied, or the applied schema disagrees with the files."""
@@ -100,12 +117,73 @@ def connect(conninfo: str, **kwargs: Any) -> psycopg.Connection[Any]:
     """Open a connection with imagen's defaults: application_name, connect timeout, TCP keepalives.
 
     `kwargs` go to `psycopg.connect` (for example `autocommit=True`) and override the defaults.
+    A connection string that does not parse is a ConfigError; connecting raises psycopg's errors.
     """
-    given = conninfo_to_dict(conninfo)
+    try:
+        given = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        raise describe_error(exc) from None
     for key, (env, value) in _CONNECT_DEFAULTS.items():
         if key not in given and not (env and os.environ.get(env)):
             kwargs.setdefault(key, value)
     return psycopg.connect(conninfo, **kwargs)
+
+
+def describe_error(exc: psycopg.Error, what: str = "database") -> ImagenError:
+    """One readable line for a psycopg error, typed for the exit code and for whether to retry.
+
+    A connection string or credentials that cannot work, or a schema that was never
+    migrated, is a ConfigError (exit 78: fix the configuration); a server that does not
+    answer or a dropped connection is NotReachable (exit 75: a retry may help).
+    """
+    first = _first_line(exc)
+    if exc.sqlstate in _SCHEMA_MISSING:
+        return SchemaNotReady(f"the {what} lacks imagen's schema ({first}): {MIGRATE_HINT}")
+    if exc.sqlstate == "42501":
+        return ConfigError(f"{what} error: {first} (the role in IMAGEN_DATABASE_URL lacks a privilege)")
+    if isinstance(exc, psycopg.ProgrammingError) and exc.sqlstate is None:
+        return ConfigError(f"IMAGEN_DATABASE_URL is not a valid connection string: {first}")
+    if exc.sqlstate == "22023" and re.search(r'role "(authenticated|anon|service_role)"', first):
+        return SchemaNotReady(f"the {what} lacks the Supabase roles ({first}): {MIGRATE_HINT}")
+    for pattern, kind in _CONFIG_FAILURES if exc.sqlstate is None else ():
+        if pattern.search(str(exc)):
+            return ConfigError(f"{what} refused the connection ({kind}): {first}; check IMAGEN_DATABASE_URL")
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return NotReachable(f"{what} error: {first}")
+    return ImagenError(f"{what} error: {first}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines()[:1])
+    return text.removeprefix("connection failed: ") or type(exc).__name__
+
+
+def check_schema(conn: psycopg.Connection[Any], *, sql_dir: Path | None = None) -> None:
+    """Raise SchemaNotReady unless every migration this code ships is applied.
+
+    A database with migrations newer than these files is fine (an older host during
+    an upgrade); one without some of them would fail on its first statement instead.
+    """
+    exists = conn.execute("select to_regclass('imagen.schema_migrations') is not null").fetchone()
+    if not (exists and exists[0]):
+        raise SchemaNotReady(f"the database has no imagen schema: {MIGRATE_HINT}")
+    pending = [m.name for m in load_migrations(sql_dir) if m.version not in _recorded(conn)]
+    if pending:
+        raise SchemaNotReady(f"the database lacks migration(s) {', '.join(pending)}: {MIGRATE_HINT}")
+
+
+def preflight(conninfo: str) -> ImagenError | None:
+    """Check a worker can use this database: raise ConfigError if it never could (unknown database or
+    role, wrong password, schema not migrated); return the problem if the server is merely down."""
+    try:
+        with connect(conninfo, autocommit=True) as conn:
+            check_schema(conn)
+    except psycopg.Error as exc:
+        problem = describe_error(exc)
+        if isinstance(problem, ConfigError):
+            raise problem from None
+        return problem
+    return None
 
 
 def sql_dir() -> Path:
@@ -184,6 +262,8 @@ def migrate(
                         (migration.version, migration.name, migration.checksum),
                     )
                 applied.append(migration.name)
+    except psycopg.OperationalError as exc:
+        raise describe_error(exc) from None
     except psycopg.Error as exc:
         raise MigrationError(f"migrate failed: {_message(exc)}") from exc
     say(f"applied {len(applied)} migration(s)" if applied else "nothing to apply: the schema is up to date")
@@ -197,6 +277,8 @@ def status(conninfo: str, *, sql_dir: Path | None = None) -> list[MigrationStatu
         with connect(conninfo, autocommit=True) as conn:
             exists = conn.execute("select to_regclass('imagen.schema_migrations') is not null").fetchone()
             recorded = _recorded(conn) if exists and exists[0] else {}
+    except psycopg.OperationalError as exc:
+        raise describe_error(exc) from None
     except psycopg.Error as exc:
         raise MigrationError(f"status failed: {_message(exc)}") from exc
     result: list[MigrationStatus] = []

@@ -52,6 +52,10 @@ class InvalidRequest(PermanentError):
     """The request (params, size, model, preset) is not acceptable."""
 
 
+class UnknownName(InvalidRequest, ConfigError):
+    """An unknown backend or preset: a job with it fails, and the CLI exits 78 (configuration)."""
+
+
 class ContentBlocked(PermanentError):
     """The provider's safety system refused the prompt or the output."""
 
@@ -60,8 +64,8 @@ class NoImage(PermanentError):
     """The provider answered successfully but returned no image."""
 
 
-class AuthError(PermanentError):
-    """Credentials are missing, wrong or lack permission."""
+class AuthError(PermanentError, ConfigError):
+    """Credentials are missing, wrong or lack permission: the operator must fix a key (CLI exit 78)."""
 
 
 class QuotaExhausted(PermanentError):
@@ -87,6 +91,14 @@ class RetriableProviderTimeout(ProviderTimeout, TransientError):
     """A provider timeout the operator chose to retry (IMAGEN_RETRY_TIMEOUTS=true)."""
 
     is_transient = True
+
+
+class NotReachable(TransientError):
+    """A server (PostgreSQL, Redis) did not answer: it may be back in a moment (CLI exit 75)."""
+
+
+class SchemaNotReady(ConfigError):
+    """The database lacks imagen's schema, or some of its migrations: run `imagen db migrate`."""
 
 
 class StorageError(ImagenError):

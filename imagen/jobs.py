@@ -63,7 +63,8 @@ SET status = 'running', stage = 'queued', attempt = j.attempt + 1, claimed_at = 
     stage_times = jsonb_build_object('queued', now())
 FROM picked JOIN chosen ON chosen.id = picked.id
 WHERE j.id = picked.id AND picked.status = 'pending'
-RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, chosen.owner_rank
+RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, chosen.owner_rank,
+          coalesce(j.pending_at, j.created_at)
 """
 
 COUNT_RUNNING = "SELECT count(*) FROM imagen.jobs WHERE status = 'running'"
@@ -92,6 +93,9 @@ SET status = CASE WHEN j.attempt >= %(max_attempts)s AND j.stage IS DISTINCT FRO
                     '(no heartbeat for %%s s)%%s', j.attempt, coalesce(j.stage, 'queued'), %(lease)s,
                     coalesce('; last error: ' || j.last_error, ''))
         ELSE j.error END,
+    -- Back to pending: pickup counts from now, and the jobs_notify_pending trigger wakes the listeners.
+    pending_at = CASE WHEN j.attempt >= %(max_attempts)s AND j.stage IS DISTINCT FROM 'queued'
+                      THEN j.pending_at ELSE now() END,
     stage = NULL, heartbeat_at = NULL
 FROM expired
 WHERE j.id = expired.id
@@ -146,7 +150,7 @@ RETURNING status
 RETRY = """
 UPDATE imagen.jobs
 SET status = 'pending', stage = NULL, error = NULL, last_error = NULL, image_id = NULL,
-    claimed_at = NULL, heartbeat_at = NULL, finished_at = NULL, stage_times = '{}'
+    claimed_at = NULL, heartbeat_at = NULL, finished_at = NULL, stage_times = '{}', pending_at = now()
 WHERE id = %(id)s AND status IN ('failed', 'cancelled')
 RETURNING status
 """
@@ -161,6 +165,12 @@ class Claim:
     owner_user_id: UUID
     created_at: datetime
     claimed_at: datetime
+    pending_since: datetime  # created_at, or when a retry or rescue last made it pending again
+
+    @property
+    def pickup_seconds(self) -> float:
+        """Pending -> claimed on the server's clock: the wait of this claim, not of earlier attempts."""
+        return (self.claimed_at - self.pending_since).total_seconds()
 
 
 @dataclass(frozen=True)
@@ -205,7 +215,15 @@ def claim_jobs(conn: Conn, limit: int, *, max_owners: int = 1000) -> list[Claim]
     # UPDATE ... RETURNING has no order: forward in claim order, every owner's first job first.
     rows.sort(key=lambda r: (r[5], r[3], r[0]))
     return [
-        Claim(job_id=r[0], attempt=r[1], owner_user_id=r[2], created_at=r[3], claimed_at=r[4]) for r in rows
+        Claim(
+            job_id=r[0],
+            attempt=r[1],
+            owner_user_id=r[2],
+            created_at=r[3],
+            claimed_at=r[4],
+            pending_since=r[6],
+        )
+        for r in rows
     ]
 
 

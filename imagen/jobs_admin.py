@@ -29,7 +29,7 @@ STATUSES = ("pending", "running", "done", "failed", "cancelled")
 TERMINAL = ("done", "failed", "cancelled")
 STAGES = ("queued", "generating", "syncing", "finalizing")
 # Tie-break for events stamped in the same transaction (the claim stamps claimed_at and 'queued').
-_EVENT_ORDER = {name: i for i, name in enumerate(("created", *STAGES, *TERMINAL))}
+_EVENT_ORDER = {name: i for i, name in enumerate(("created", "pending", *STAGES, *TERMINAL))}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 PRUNE_BATCH = 5000
@@ -54,15 +54,16 @@ OLDEST_PENDING = """
 SELECT extract(epoch FROM now() - min(created_at))::float8 FROM imagen.jobs WHERE status = 'pending'
 """
 
-# Done jobs that finished inside the window: pickup is INSERT -> (last) claim, total INSERT -> finished.
+# Done jobs that finished inside the window: pickup is pending -> (last) claim, counted from the INSERT
+# or from when a retry or rescue last made the job pending again; total is INSERT -> finished.
 WINDOW = """
 SELECT
     count(*) FILTER (WHERE status = 'done'),
     count(*) FILTER (WHERE status = 'failed'),
     count(*) FILTER (WHERE status = 'cancelled'),
-    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM claimed_at - created_at)::float8)
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM claimed_at - coalesce(pending_at, created_at))::float8)
         FILTER (WHERE status = 'done' AND claimed_at IS NOT NULL),
-    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM claimed_at - created_at)::float8)
+    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM claimed_at - coalesce(pending_at, created_at))::float8)
         FILTER (WHERE status = 'done' AND claimed_at IS NOT NULL),
     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)::float8)
         FILTER (WHERE status = 'done'),
@@ -303,11 +304,16 @@ def timeline(job: dict[str, Any]) -> list[TimelineEvent]:
     """The last attempt's events from `created_at`, `stage_times` and `finished_at`, in time order.
 
     A claim resets `stage_times` and an operator retry empties it, so earlier
-    attempts are not shown. A failed or cancelled job ends with its status at
-    `finished_at`.
+    attempts are not shown; a job a retry or rescue made pending again shows
+    `pending` at `pending_at`, where its last attempt's wait began. A failed or
+    cancelled job ends with its status at `finished_at`.
     """
     created: datetime = job["created_at"]
     points: dict[str, datetime] = {"created": created}
+    if job.get("pending_at") is not None:
+        points["pending"] = job[
+            "pending_at"
+        ]  # back to pending (a retry or a rescue): the last attempt's start
     for name, value in (job.get("stage_times") or {}).items():
         at = _as_datetime(value)
         if at is not None:
@@ -352,7 +358,9 @@ def submit(conn: Conn, owner_user_id: UUID, prompt: str, params: dict[str, Any])
     import psycopg
 
     from imagen import jobs
+    from imagen.params import check_prompt
 
+    check_prompt(prompt)
     try:
         return jobs.submit_job(conn, owner_user_id, prompt, params)
     except (psycopg.errors.CheckViolation, psycopg.errors.InsufficientPrivilege) as exc:

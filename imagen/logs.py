@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +50,49 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+class BrokerOutageFilter(logging.Filter):
+    """Dramatiq's consumers, one per queue and delay queue, each log a CRITICAL line and an INFO line
+    on every restart while Redis is down: a dozen lines every 3 s in a worker. This keeps one line
+    per restart interval for the whole process, saying what is wrong and that it is retried."""
+
+    CONSUMER = "dramatiq.worker.ConsumerThread"
+
+    def __init__(self, interval: float | None = None) -> None:
+        super().__init__()
+        if interval is None:
+            from dramatiq.worker import CONSUMER_RESTART_DELAY_SECS  # dramatiq_restart_delay
+
+            interval = float(CONSUMER_RESTART_DELAY_SECS)
+        self.interval = interval
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.CONSUMER):
+            return True
+        message = record.getMessage()
+        if message.startswith("Restarting consumer in"):
+            return False
+        if not message.startswith("Consumer encountered a connection error"):
+            return True
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.interval * 0.9:
+                return False
+            self._last = now
+        detail = message.partition(":")[2].strip()
+        record.name = "dramatiq.worker"
+        record.msg, record.args = (
+            "redis unreachable (%s); the consumers retry every %.1fs",
+            (
+                detail,
+                self.interval,
+            ),
+        )
+        record.levelno, record.levelname = logging.ERROR, "ERROR"
+        return True
+
+
 def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     """Set the root handler's format; keeps existing handlers (dramatiq installs its own)."""
     root = logging.getLogger()
@@ -57,9 +103,16 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
         formatter = JsonFormatter()
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    outage = BrokerOutageFilter()
     for handler in root.handlers:
         handler.setFormatter(formatter)
+        for old in [f for f in handler.filters if isinstance(f, BrokerOutageFilter)]:
+            handler.removeFilter(old)
+        handler.addFilter(outage)
     root.setLevel(level.upper())
+    # httpx logs every request at info (each upload to Supabase Storage): one line a job for nothing.
+    if root.level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 # A job's steps inside a worker are debug lines: at info a job is one line where it is claimed and

@@ -18,6 +18,9 @@ from imagen.errors import InvalidRequest
 if TYPE_CHECKING:
     from imagen.job_policy import JobPolicy
 
+MAX_PROMPT = 4000  # characters, as the jobs_prompt_check constraint allows
+BLANK_PROMPT = "the prompt must not be blank"
+
 MAX_SEED = 2**31 - 1
 MAX_NEGATIVE = 2000
 MAX_DELAY_MS = 600_000
@@ -93,6 +96,15 @@ def _integer(params: Mapping[str, Any], key: str, low: int, high: int) -> int | 
     return number
 
 
+def check_prompt(prompt: object) -> str:
+    """The prompt, or InvalidRequest with the one wording every path uses (CLI, jobs, the database's check)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequest(BLANK_PROMPT)
+    if len(prompt) > MAX_PROMPT:
+        raise InvalidRequest(f"the prompt is {len(prompt)} characters long; at most {MAX_PROMPT} are allowed")
+    return prompt
+
+
 def spec_from_params(prompt: str, params: Any, policy: JobPolicy | None = None) -> GenerateSpec:
     """Validate a job's prompt and params; raise InvalidRequest naming the first problem.
 
@@ -100,8 +112,7 @@ def spec_from_params(prompt: str, params: Any, policy: JobPolicy | None = None) 
     allows, and the mock's test options and backends it does not offer are refused
     here; `job_policy.check_generation` checks the rest once presets are applied.
     """
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidRequest("prompt must not be blank")
+    check_prompt(prompt)
     if not isinstance(params, Mapping):
         raise InvalidRequest(f"params must be a JSON object, not {type(params).__name__}")
     allowed = policy.allowed_keys(KNOWN) if policy is not None else KNOWN

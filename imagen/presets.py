@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from imagen.backends.sizes import parse_aspect, parse_size
-from imagen.errors import InvalidRequest
+from imagen.errors import InvalidRequest, UnknownName
 
 PARAM_KEYS = ("aspect_ratio", "backend", "model", "seed", "size")
 _TEXT_KEYS = ("description", "prefix", "suffix", "negative_prompt")
@@ -77,7 +77,9 @@ def apply_preset(
     form's empty field does not erase the preset's.
     """
     if not prompt.strip():
-        raise InvalidRequest("prompt must not be blank")
+        from imagen.params import BLANK_PROMPT
+
+        raise InvalidRequest(BLANK_PROMPT)
     explicit_negative = _clean(negative_prompt)
     if name is None or not name.strip():
         return AppliedPreset(None, prompt.strip(), explicit_negative, {})
@@ -85,7 +87,7 @@ def apply_preset(
     preset = presets.get(key)
     if preset is None:
         known = ", ".join(sorted(presets)) or "(none)"
-        raise InvalidRequest(f"unknown preset {key!r}; known presets: {known}")
+        raise UnknownName(f"unknown preset {key!r}; known presets: {known}")
     parts = (preset.prefix.strip(" \t\r\n,"), prompt.strip(), preset.suffix.strip(" \t\r\n,"))
     return AppliedPreset(
         name=preset.name,

@@ -10,13 +10,16 @@ from uuid import UUID
 
 from imagen import jobs
 from imagen.config import Settings
-from imagen.db import connect
+from imagen.db import check_schema, connect
 
 TERMINAL = ("done", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
 class SmokeResult:
+    """What the smoke saw. `status` is the job's last status; `timed_out` says the smoke gave up
+    waiting (the job was then cancelled: `status` is what it was when the smoke gave up)."""
+
     job_id: UUID
     status: str
     error: str | None
@@ -24,6 +27,11 @@ class SmokeResult:
     total_ms: float | None
     observed_ms: float
     image_id: UUID | None
+    timed_out: bool = False
+    timeout_s: float = 0.0
+    bucket: str | None = None
+    path: str | None = None
+    file: str | None = None  # local storage: the file, on the worker host
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -34,16 +42,30 @@ class SmokeResult:
     def describe(self) -> str:
         pickup = f"{self.pickup_ms:.1f} ms" if self.pickup_ms is not None else "-"
         total = f"{self.total_ms:.1f} ms" if self.total_ms is not None else "-"
+        if self.timed_out:
+            status = (
+                f"{self.status} after {self.timeout_s:g} s: gave up and cancelled the job ({self.hint()})"
+            )
+        else:
+            status = self.status + (f" ({self.error})" if self.error else "")
         lines = [
             f"job      {self.job_id}",
-            f"status   {self.status}" + (f" ({self.error})" if self.error else ""),
+            f"status   {status}",
             f"pickup   {pickup}  (INSERT -> claimed, server clock)",
             f"total    {total}  (INSERT -> {self.status}, server clock)",
-            f"observed {self.observed_ms:.1f} ms  (commit -> seen terminal by this client)",
+            f"observed {self.observed_ms:.1f} ms  (commit -> seen {self.status} by this client)",
         ]
         if self.image_id:
-            lines.append(f"image    {self.image_id}")
+            lines.append(f"image    {self.image_id} in {self.bucket}/{self.path}")
+        if self.file:
+            lines.append(f"file     {self.file}  (local storage, on the worker host)")
         return "\n".join(lines)
+
+    def hint(self) -> str:
+        """What a job still pending or running after the timeout says about the pipeline."""
+        if self.status == "pending":
+            return "no listener claimed it: is `imagen listen` running on this database?"
+        return "claimed but not finished: are the workers (`dramatiq imagen.actors`) running on the listener's Redis?"
 
 
 def wait_for_terminal(
@@ -63,22 +85,39 @@ def wait_for_terminal(
 def run_smoke(
     settings: Settings, *, prompt: str, params: Any, owner: UUID | None = None, timeout: float = 60.0
 ) -> SmokeResult:
-    """Insert one job as `authenticated`, wait for it, and measure."""
+    """Insert one job as `authenticated`, wait for it, and measure; cancel it if it does not end in time."""
     owner_id = owner or settings.owner_user_id or uuid.uuid4()
     with connect(settings.require_database_url(), autocommit=True) as conn:
+        check_schema(conn)
         job_id = jobs.submit_job(conn, owner_id, prompt, params)
         committed = time.monotonic()
         row = wait_for_terminal(conn, job_id, timeout)
         observed = (time.monotonic() - committed) * 1000
+        timed_out = row["status"] not in TERMINAL
+        if timed_out:
+            # Nothing may pick it up later and spend a provider call on a smoke nobody waits for.
+            jobs.cancel_job(conn, job_id)
+        image = (
+            conn.execute(
+                "SELECT bucket, path FROM imagen.images WHERE id = %s", (row["image_id"],)
+            ).fetchone()
+            if row["image_id"]
+            else None
+        )
     created, claimed, finished = row["created_at"], row["claimed_at"], row["finished_at"]
+    bucket, path = image if image else (None, None)
+    local = settings.storage_kind == "local" and bucket is not None and path is not None
     return SmokeResult(
         job_id=job_id,
-        status=row["status"]
-        if row["status"] in TERMINAL
-        else f"{row['status']} (timed out after {timeout:.0f}s)",
+        status=row["status"],
         error=row["error"],
         pickup_ms=(claimed - created).total_seconds() * 1000 if claimed else None,
         total_ms=(finished - created).total_seconds() * 1000 if finished else None,
         observed_ms=observed,
         image_id=row["image_id"],
+        timed_out=timed_out,
+        timeout_s=timeout,
+        bucket=bucket,
+        path=path,
+        file=str(settings.storage_dir / str(bucket) / str(path)) if local else None,
     )

@@ -51,6 +51,10 @@ def cli_object_path(owner_user_id: UUID | None, mime: str) -> str:
     return f"{owner}/cli-{uuid4()}.{extension_for(mime)}"
 
 
+class StorageConfigError(StorageError, ConfigError):
+    """Storage refused the key, or the bucket does not exist: the operator must fix the configuration."""
+
+
 class Storage(Protocol):
     """An object store for images."""
 
@@ -173,9 +177,15 @@ class SupabaseStorage:
             text = self._redact(
                 f"storage {action} {self.bucket}/{path} failed: {exc.code} ({status}): {exc.message}"
             )
-            if status == 429 or status >= 500:
+            if status == 429 or status >= 500:  # 544: storage's database timed out
                 return TransientStorageError(text)
-            return StorageError(text)
+            if status in (401, 403):
+                return StorageConfigError(f"{text}; check SUPABASE_SERVICE_ROLE_KEY and SUPABASE_URL")
+            if status == 404 and "bucket" in f"{exc.code} {exc.message}".lower():
+                return StorageConfigError(
+                    f"{text}; create the bucket {self.bucket!r} (docs/supabase.md) or set IMAGEN_BUCKET"
+                )
+            return StorageError(text)  # 413 EntityTooLarge and the like: retrying cannot help
         # httpx transport errors: the service may be back in a moment.
         return TransientStorageError(
             self._redact(f"storage {action} {self.bucket}/{path} failed: {type(exc).__name__}: {exc}")
@@ -206,6 +216,14 @@ class SupabaseStorage:
         except Exception as exc:
             raise self._translate(exc, "delete", path) from None
         return bool(removed)  # the objects Storage removed: none when there was none
+
+    def check_bucket(self) -> None:
+        """Raise StorageConfigError unless the bucket exists and the key may read it (a clear
+        start for a live run, instead of a first upload that fails)."""
+        try:
+            self._client.storage.get_bucket(self.bucket)
+        except Exception as exc:
+            raise self._translate(exc, "bucket check", "") from None
 
 
 def open_storage(settings: Settings) -> Storage:

@@ -1,11 +1,17 @@
 """A loopback HTTP double of Supabase Storage's object API, faithful to its wire format.
 
-It speaks what storage3 (supabase-py) sends and what the real service answers
-(see shared/reference/engines-and-supabase.md 4.4): multipart uploads with
-`x-upsert`, the duplicate answered as HTTP 400 with `statusCode` "409" in the
-body, object info for `exists`, bulk delete by prefixes, and `apikey` +
-`Authorization: Bearer` checks. Tests can script the next requests to fail. It
-must never listen beyond 127.0.0.1.
+It speaks what storage3 (supabase-py) sends and answers as the real service does
+(supabase/storage `src/internal/errors`: an error is rendered as `{"statusCode":
+"<its status, a string>", "code", "error", "message"}` and sent as HTTP 500 when
+its status is 500, as HTTP 400 otherwise, except the database timeout, sent as
+HTTP 544): multipart uploads with `x-upsert`; the duplicate as HTTP 400 with
+`statusCode` "409"; a key that does not verify as HTTP 400 with `statusCode` "403",
+`error` "Unauthorized" (or, with `gateway=True`, the API gateway's HTTP 401 with a
+body that is not the storage shape, as Supabase's gateway answers a wrong `apikey`);
+an object over `max_bytes` as HTTP 400 with `statusCode` "413" (EntityTooLarge);
+object info for `exists`; bulk delete by prefixes, which answers 200 `[]` for a
+bucket that does not exist. Tests can script the next requests to fail (see
+ENTITY_TOO_LARGE and DATABASE_TIMEOUT). It must never listen beyond 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 DEFAULT_KEY = "sb_secret_fake-service-role-key-0123456789"
 DEFAULT_BUCKET = "imagen"
 PREFIX = "/storage/v1/object"
+BUCKET_PREFIX = "/storage/v1/bucket"
 
 DUPLICATE = {
     "statusCode": "409",
@@ -41,6 +48,27 @@ BUCKET_NOT_FOUND = {
     "message": "Bucket not found",
 }
 _ERROR_NAMES = {401: "Unauthorized", 403: "Unauthorized", 429: "too_many_connections"}
+# A JWT that does not verify (a wrong service key), as storage renders it.
+INVALID_KEY = {"statusCode": "403", "error": "Unauthorized", "message": "signature verification failed"}
+# What the API gateway in front of Supabase answers for an `apikey` it does not know: not the storage shape.
+GATEWAY_INVALID_KEY = {
+    "message": "Invalid API key",
+    "hint": "Double check your Supabase `anon` or `service_role` API key.",
+}
+# An object over the bucket's (or the project's) size limit: permanent. Sent as HTTP 400.
+ENTITY_TOO_LARGE = {
+    "statusCode": "413",
+    "code": "EntityTooLarge",
+    "error": "Payload too large",
+    "message": "The object exceeded the maximum allowed size",
+}
+# Storage's database did not answer in time: transient. Sent as HTTP 544.
+DATABASE_TIMEOUT = {
+    "statusCode": "544",
+    "code": "DatabaseTimeout",
+    "error": "DatabaseTimeout",
+    "message": "The connection to the database timed out",
+}
 
 
 @dataclass(frozen=True)
@@ -112,9 +140,18 @@ class FakeStorage:
     every request in arrival order, failed ones included.
     """
 
-    def __init__(self, key: str = DEFAULT_KEY, buckets: tuple[str, ...] = (DEFAULT_BUCKET,)) -> None:
+    def __init__(
+        self,
+        key: str = DEFAULT_KEY,
+        buckets: tuple[str, ...] = (DEFAULT_BUCKET,),
+        *,
+        gateway: bool = False,
+        max_bytes: int | None = None,
+    ) -> None:
         self.key = key
         self.buckets = set(buckets)
+        self.gateway = gateway
+        self.max_bytes = max_bytes
         self.objects: dict[tuple[str, str], tuple[bytes, str]] = {}
         self.requests: list[StorageRequest] = []
         self._failures: deque[_Failure] = deque()
@@ -177,8 +214,13 @@ class FakeStorage:
             self.requests.append(request)
             return self._failures.popleft() if self._failures else None
 
-    def _is_authorized(self, headers: dict[str, str]) -> bool:
-        return headers.get("apikey") == self.key and headers.get("authorization") == f"Bearer {self.key}"
+    def _refusal(self, headers: dict[str, str]) -> tuple[int, bytes, str] | None:
+        """A wrong key's answer: the gateway's 401 for the `apikey`, else storage's for the JWT."""
+        if self.gateway and headers.get("apikey") != self.key:
+            return _json(401, GATEWAY_INVALID_KEY)
+        if headers.get("apikey") != self.key or headers.get("authorization") != f"Bearer {self.key}":
+            return _json(400, INVALID_KEY)
+        return None
 
     def _handle(self, request: StorageRequest) -> tuple[int, bytes, str]:
         """Route one request; returns (status, body, content type)."""
@@ -187,8 +229,11 @@ class FakeStorage:
             return failure.status, failure.body, failure.content_type
         if request.method == "GET" and request.path.startswith(PREFIX + "/sign/"):
             return self._signed_get(request)
-        if not self._is_authorized(request.headers):
-            return _json(401, {"statusCode": "401", "error": "Unauthorized", "message": "Invalid JWT"})
+        refused = self._refusal(request.headers)
+        if refused is not None:
+            return refused
+        if request.method == "GET" and request.path.startswith(BUCKET_PREFIX + "/"):
+            return self._bucket(request.path[len(BUCKET_PREFIX) + 1 :])
         if not request.path.startswith(PREFIX + "/"):
             return _json(404, {"statusCode": "404", "error": "not_found", "message": "Route not found"})
         rest = request.path[len(PREFIX) + 1 :]
@@ -226,6 +271,8 @@ class FakeStorage:
         mime = mime_field.data.decode() if mime_field else (part.content_type or "application/octet-stream")
         # x-upsert counts only when it is exactly the string 'true'.
         is_upsert = request.headers.get("x-upsert") == "true"
+        if self.max_bytes is not None and len(part.data) > self.max_bytes:
+            return _json(400, ENTITY_TOO_LARGE)
         with self._lock:
             exists = (bucket, path) in self.objects
             if is_update and not exists:
@@ -234,6 +281,20 @@ class FakeStorage:
                 return _json(400, DUPLICATE)
             self.objects[(bucket, path)] = (part.data, mime)
         return _json(200, {"Id": str(uuid.uuid4()), "Key": f"{bucket}/{path}"})
+
+    def _bucket(self, bucket: str) -> tuple[int, bytes, str]:
+        """`GET /bucket/{id}` (storage3's get_bucket)."""
+        if bucket not in self.buckets:
+            return _json(400, BUCKET_NOT_FOUND)
+        now = "2026-01-01T00:00:00.000Z"
+        return _json(
+            200,
+            {
+                "id": bucket, "name": bucket, "owner": "", "public": False, "type": "STANDARD",
+                "file_size_limit": self.max_bytes, "allowed_mime_types": None,
+                "created_at": now, "updated_at": now,
+            },
+        )  # fmt: skip
 
     def _sign_token(self, bucket: str, path: str) -> str:
         return hmac.new(self.key.encode(), f"{bucket}/{path}".encode(), hashlib.sha256).hexdigest()
@@ -277,8 +338,9 @@ class FakeStorage:
         )
 
     def _remove(self, bucket: str, request: StorageRequest) -> tuple[int, bytes, str]:
+        # A bulk delete in a bucket that does not exist finds nothing to delete: 200 [].
         if bucket not in self.buckets:
-            return _json(400, BUCKET_NOT_FOUND)
+            return _json(200, [])
         try:
             prefixes = request.json()["prefixes"]
         except (ValueError, KeyError, TypeError):
@@ -340,10 +402,14 @@ def _split(rest: str) -> tuple[str, str]:
 
 @contextmanager
 def fake_storage(
-    key: str = DEFAULT_KEY, buckets: tuple[str, ...] = (DEFAULT_BUCKET,)
+    key: str = DEFAULT_KEY,
+    buckets: tuple[str, ...] = (DEFAULT_BUCKET,),
+    *,
+    gateway: bool = False,
+    max_bytes: int | None = None,
 ) -> Iterator[FakeStorage]:
     """A started FakeStorage, shut down afterwards."""
-    storage = FakeStorage(key, buckets)
+    storage = FakeStorage(key, buckets, gateway=gateway, max_bytes=max_bytes)
     storage.start()
     try:
         yield storage

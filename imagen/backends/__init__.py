@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from imagen.backends.base import Backend, GeneratedImage, ImageRequest, ImageResult, Usage
 from imagen.config import Settings
-from imagen.errors import ConfigError, InvalidRequest
+from imagen.errors import ConfigError, UnknownName
 
 BACKENDS = ("mock", "gemini", "openai")
 ALIASES = {"google": "gemini"}
@@ -18,7 +18,7 @@ def canonical_name(name: str) -> str:
     """'google' and 'gemini' are the same backend; unknown names fail with the known list."""
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in BACKENDS:
-        raise InvalidRequest(
+        raise UnknownName(
             f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)} (google = gemini)"
         )
     return key

@@ -1,8 +1,10 @@
 """The `imagen` command: parse, call, print. The work lives in importable modules.
 
 Exit codes: 0 ok; 1 the work failed (a permanent error, a job that did not end
-done); 2 bad usage; 75 a transient failure that outlasted its retries; 78 bad
-configuration. Errors print as one line on stderr, never a traceback.
+done); 2 bad usage; 75 a transient failure that outlasted its retries (a server
+that does not answer); 78 bad configuration (an unknown database or role, a
+malformed URL, a schema never migrated, a missing key, an unknown backend or
+preset). Errors print as one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from imagen.cli import bench, db, generate, jobs, pipeline, web
+    from imagen.cli import bench, db, generate, jobs, pipeline, presets, web
 
     main.add_command(generate.generate)
     main.add_command(db.db)
@@ -34,6 +36,7 @@ def _register() -> None:
     main.add_command(pipeline.smoke)
     main.add_command(pipeline.demo)
     main.add_command(bench.bench)
+    main.add_command(presets.presets)
     main.add_command(web.web)
 
 

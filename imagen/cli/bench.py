@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from imagen.cli.exits import handle_errors
+from imagen.cli.options import round_times
 
 
 def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -74,7 +75,8 @@ def bench(
     Starts its own throwaway PostgreSQL and Redis (nothing configured is touched), the
     raw PostgreSQL and bare Dramatiq baselines, then `imagen listen` and
     `dramatiq imagen.actors -p N` with the settings we ship. Prints a table of each
-    figure next to its baseline, then the targets of issue 6. The images the pipeline
+    figure next to its baseline (how many times slower or faster), then the benchmark's
+    targets (docs/benchmarks.md). The images the pipeline
     writes go to a tmpfs when there is one, as PostgreSQL runs with fsync off: the
     figures are the pipeline's, not the disk's (see docs/benchmarks.md).
 
@@ -97,9 +99,9 @@ def bench(
         peer_report = run_peers(config, echo=lambda line: click.echo(f"bench: {line}", err=True))
         click.echo(render_peers(peer_report))
         if json_path is not None:
-            json_path.write_text(json.dumps(peers_json(peer_report), indent=2) + "\n")
+            json_path.write_text(json.dumps(round_times(peers_json(peer_report)), indent=2) + "\n")
         return
     report = run_bench(config, echo=lambda line: click.echo(f"bench: {line}", err=True))
     click.echo(render_table(report))
     if json_path is not None:
-        json_path.write_text(json.dumps(report_json(report), indent=2) + "\n")
+        json_path.write_text(json.dumps(round_times(report_json(report)), indent=2) + "\n")

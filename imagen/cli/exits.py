@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from imagen.errors import ConfigError, ImagenError, TransientError
+from imagen.errors import ConfigError, ImagenError, NotReachable, TransientError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,21 +34,34 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                raise _translate(exc) from None
         except ConfigError as exc:
             fail(str(exc), EXIT_CONFIG)
         except TransientError as exc:
             fail(f"{exc} (temporary failure; try again later)", EXIT_TEMPFAIL)
         except ImagenError as exc:
             fail(str(exc), EXIT_FAILED)
-        except Exception as exc:
-            # Unreachable servers are an operator's problem, not a bug: one line, no traceback.
-            kind = type(exc).__module__.split(".")[0]
-            if kind in ("psycopg", "redis"):
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                fail(f"{'database' if kind == 'psycopg' else 'redis'} error: {first}", EXIT_TEMPFAIL)
-            raise
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _translate(exc: Exception) -> Exception:
+    """Servers that are down or misconfigured are an operator's problem, not a bug: one typed line."""
+    kind = type(exc).__module__.split(".")[0]
+    if kind == "psycopg":
+        from imagen.db import describe_error
+
+        return describe_error(exc)  # type: ignore[arg-type]
+    if kind == "redis":
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return NotReachable(f"redis error: {first}")
+        return ImagenError(f"redis error: {first}")
+    return exc

@@ -16,6 +16,7 @@ from uuid import UUID
 import click
 
 from imagen.cli.exits import handle_errors
+from imagen.cli.options import check_blank_prompt, round_times
 from imagen.config import Settings, load_settings
 from imagen.errors import TransientError
 
@@ -79,7 +80,7 @@ def _usage_sink(settings: Settings, out_dir: Path, sync: bool) -> Any:
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", callback=check_blank_prompt)
 @click.option(
     "--backend", "-b", help="mock, gemini (alias google) or openai  [default: IMAGEN_BACKEND or mock]"
 )
@@ -89,7 +90,11 @@ def _usage_sink(settings: Settings, out_dir: Path, sync: bool) -> Any:
 )
 @click.option("--size", help="WxH, e.g. 1024x768")
 @click.option("--aspect", "aspect", help="aspect ratio W:H, e.g. 16:9 (instead of --size)")
-@click.option("--preset", "-p", help="a prompt preset (built-in or from IMAGEN_PRESETS_FILE)")
+@click.option(
+    "--preset",
+    "-p",
+    help="a prompt preset (built-in or from IMAGEN_PRESETS_FILE; `imagen presets` lists them)",
+)
 @click.option(
     "--seed",
     type=click.IntRange(0, 2**31 - 1),
@@ -109,16 +114,20 @@ def _usage_sink(settings: Settings, out_dir: Path, sync: bool) -> Any:
 )
 @click.option("--sync", is_flag=True, help="also upload to storage and insert an imagen.images row")
 @click.option("--owner", type=click.UUID, help="owner user id for --sync  [default: IMAGEN_OWNER_USER_ID]")
+@click.option(
+    "--ownerless", is_flag=True, help="with --sync and no owner: store an image no user owns (path cli/...)"
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 @handle_errors
 def generate(
     prompt: str, backend: str | None, model: str | None, count: int, size: str | None, aspect: str | None,
     preset: str | None, seed: int | None, negative: str | None, quality: str | None, out: Path | None, sync: bool,
-    owner: UUID | None, as_json: bool,
+    owner: UUID | None, ownerless: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Generate images for PROMPT and write them (with JSON sidecars) to the output folder.
 
-    Works with no configuration on the mock backend. A transient provider error
+    Works with no configuration on the mock backend; `imagen presets` lists the
+    presets for --preset. A transient provider error
     is tried up to 3 times in all, with backoff; usage is appended to
     IMAGEN_USAGE_LOG (default OUT/usage.jsonl), and with --sync also to
     imagen.usage. --sync checks the database and storage settings before
@@ -139,8 +148,6 @@ def generate(
             parse_aspect(aspect)
     except InvalidRequest as exc:
         raise click.BadParameter(str(exc)) from None
-    if not prompt.strip():
-        raise click.BadParameter("the prompt must not be blank", param_hint="PROMPT")
     out_dir = out or settings.output_dir
     chosen = canonical_name(backend or settings.backend)
     if seed is None and chosen in SEEDED_BACKENDS:
@@ -150,6 +157,12 @@ def generate(
         preset=preset, seed=seed, negative_prompt=negative, quality=quality,
     )  # fmt: skip
     owner_id = owner or settings.owner_user_id
+    if sync and owner_id is None and not ownerless:
+        # As `jobs submit`: an image row nobody owns is visible to no user of the UI.
+        raise click.UsageError(
+            "--sync needs an owner: give --owner UUID or set IMAGEN_OWNER_USER_ID"
+            " (or --ownerless for an image no user owns)"
+        )
     if sync:
         # Refuse before paying for a generation that could not be synced.
         from imagen.storage import open_storage
@@ -192,7 +205,7 @@ def generate(
             "warnings": result.warnings,
             "synced": synced,
         }
-        click.echo(json.dumps(payload, indent=2))
+        click.echo(json.dumps(round_times(payload), indent=2))
         return
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)

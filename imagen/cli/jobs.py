@@ -16,6 +16,7 @@ import click
 
 from imagen import jobs_admin
 from imagen.cli.exits import handle_errors
+from imagen.cli.options import check_prompt, round_times
 from imagen.config import load_settings
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(_jsonable(data), indent=2))
+    click.echo(json.dumps(round_times(_jsonable(data)), indent=2))
 
 
 def _when(moment: datetime | None) -> str:
@@ -139,7 +140,7 @@ def jobs() -> None:
 
 
 @jobs.command()
-@click.argument("prompt")
+@click.argument("prompt", callback=check_prompt)
 @click.option("--params", "params_json", default="{}", show_default=True, help="job params as a JSON object")
 @click.option("--owner", type=click.UUID, help="owner user id  [default: IMAGEN_OWNER_USER_ID]")
 @handle_errors
@@ -221,6 +222,11 @@ def show(job_id: UUID, as_json: bool) -> None:
         ("prompt", job["prompt"]),
         ("params", json.dumps(job["params"], sort_keys=True)),
         ("created", _when(job["created_at"])),
+        *(
+            [("pending", f"{_when(job['pending_at'])}  (pending again: retried or rescued)")]
+            if job.get("pending_at")
+            else []
+        ),
         ("claimed", _when(job["claimed_at"])),
         ("heartbeat", _when(job["heartbeat_at"])),
         ("finished", _when(job["finished_at"])),
@@ -339,10 +345,12 @@ def stats(window: timedelta, as_json: bool) -> None:
     Counts by status, queue depth (pending), running jobs by stage, the oldest
     pending job's age, and p50/p95 pickup and total over a window.
 
-    Pickup is created_at -> claimed_at (the last claim), total created_at ->
-    finished_at, both over done jobs that finished inside the window. Cost is
-    the estimated provider spend of the usage rows written in the window; calls
-    the price table cannot cost are counted and named, not silently left out.
+    Pickup is pending -> claimed_at (the last claim), counted from created_at or,
+    for a retried or rescued job, from when it became pending again (pending_at);
+    total is created_at -> finished_at; both over done jobs that finished inside
+    the window. Cost is the estimated provider spend of the usage rows written in
+    the window; calls the price table cannot cost are counted and named, not
+    silently left out.
     Then each owner's usage since 00:00 UTC (images made, estimated cost) against
     its daily quota (IMAGEN_OWNER_DAILY_IMAGES / _COST_USD or its imagen.owner_quotas row).
     """
@@ -366,7 +374,7 @@ def stats(window: timedelta, as_json: bool) -> None:
         f"cancelled   {counts['cancelled']}",
         f"window      {_duration(result.window_seconds)}: finished {window_counts}",
         f"pickup      p50 {_duration(result.pickup_p50)}  p95 {_duration(result.pickup_p95)}"
-        "  (created -> claimed, done jobs in the window)",
+        "  (pending -> claimed, done jobs in the window)",
         f"total       p50 {_duration(result.total_p50)}  p95 {_duration(result.total_p95)}"
         "  (created -> finished, done jobs in the window)",
         f"cost        ${result.cost_usd:.4f} est. over {result.provider_calls} provider call(s) in the window"
@@ -404,7 +412,10 @@ def _quota_lines(owners: list[Any]) -> list[str]:
 
 @jobs.command()
 @click.option(
-    "--older-than", type=DurationType(), required=True, help="finished more than this long ago: 30d, 12h"
+    "--older-than",
+    type=DurationType(),
+    required=True,
+    help="older than this, counted from when the job finished: 30d, 12h",
 )
 @click.option(
     "--status",
@@ -420,14 +431,14 @@ def _quota_lines(owners: list[Any]) -> list[str]:
 def prune(older_than: timedelta, prune_statuses: tuple[str, ...], dry_run: bool, yes: bool) -> None:
     """Delete old done, failed or cancelled jobs.
 
-    Deletes terminal jobs that finished more than --older-than ago and prints
-    how many; pending and running jobs are never deleted.
+    Deletes terminal jobs older than --older-than (counted from when each
+    finished) and prints how many; pending and running jobs are never deleted.
 
     Image and usage rows stay, detached from the deleted job (their job_id
     becomes null); storage objects are untouched. The output says how many
     images were detached.
     """
-    what = f"{'/'.join(prune_statuses)} job(s) finished more than {_duration(older_than.total_seconds())} ago"
+    what = f"{'/'.join(prune_statuses)} job(s) older than {_duration(older_than.total_seconds())}"
     with _connection() as conn:
         if dry_run or not yes:
             found = jobs_admin.prune(conn, older_than, prune_statuses, dry_run=True)

@@ -19,13 +19,21 @@ DRAMATIQ_READY = "is ready for action"
 
 
 def listeners_listening(database_url: str) -> int:
-    """How many `imagen listen` processes hold their LISTEN in this database (from pg_stat_activity)."""
+    """How many `imagen listen` processes hold their LISTEN in this database (from pg_stat_activity).
+
+    Found by the last statement of the listener's LISTEN connection (the LISTEN itself, or its
+    periodic self-check), never by application_name: Supavisor's session mode replaces that.
+    Counts only sessions this role may see (its own, or all with pg_read_all_stats).
+    """
     import psycopg
+
+    from imagen.listener import HEALTH_SQL, LISTEN_SQL
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'imagen-listener'"
-            " AND datname = current_database() AND query LIKE 'LISTEN%%'"
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND state = 'idle' AND query IN (%s, %s)",
+            (LISTEN_SQL, HEALTH_SQL),
         ).fetchone()
     return int(row[0]) if row else 0
 

@@ -10,9 +10,12 @@ database is reached only through `imagen.store`; the actors are never imported.
 from imagen.listener.gate import SATURATED_POLL, SATURATED_POLL_MAX, InFlightGate
 from imagen.listener.metrics import ListenerStats
 from imagen.listener.service import CHANNEL, Listener, run_listener
+from imagen.store.notify import HEALTH_SQL, LISTEN_SQL
 
 __all__ = [
     "CHANNEL",
+    "HEALTH_SQL",
+    "LISTEN_SQL",
     "SATURATED_POLL",
     "SATURATED_POLL_MAX",
     "InFlightGate",

@@ -72,7 +72,7 @@ class Claimer:
                 store.release_claim(claim.job_id, claim.attempt)
             return False
         for claim in claims:
-            pickup = (claim.claimed_at - claim.created_at).total_seconds()
+            pickup = claim.pickup_seconds  # from the INSERT, or from when a retry or rescue made it pending
             self.stats.claims += 1
             if self.metrics:
                 self.metrics.claims.inc()

@@ -39,7 +39,7 @@ class Metrics:
         )
         self.pickup = Histogram(
             "imagen_listener_pickup_seconds",
-            "INSERT to claim latency",
+            "Pending (INSERT, or back to pending after a retry or rescue) to claim latency",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.mode = Gauge("imagen_listener_mode", "1 for the current mode", ["mode"])

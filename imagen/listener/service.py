@@ -18,6 +18,8 @@ from typing import Any
 
 from imagen.broker import build_broker
 from imagen.config import Settings
+from imagen.db import describe_error
+from imagen.errors import ConfigError
 from imagen.listener.claimer import Claimer, first_line
 from imagen.listener.gate import InFlightGate
 from imagen.listener.metrics import ListenerStats, Metrics
@@ -98,9 +100,11 @@ class Listener:
             self.settings.poll_interval, self.settings.lease_seconds, self.settings.max_attempts,
             self.settings.claim_batch, self.settings.max_in_flight,
         )  # fmt: skip
+        connected = False
         while not self.stopping:
             try:
                 self._connect()
+                connected = True
                 self._set_mode("listening")
                 backoff = 0.05
                 self.drain()
@@ -110,17 +114,31 @@ class Listener:
             except CONNECTION_LOST as exc:
                 if self.stopping:
                     break
+                problem = describe_error(exc)  # type: ignore[arg-type]
+                if isinstance(problem, ConfigError):
+                    self._close()
+                    raise problem from None  # a wrong database, role or password: retrying cannot help
                 self.stats.reconnects += 1
                 if self._metrics:
                     self._metrics.reconnects.inc()
                 self._set_mode("reconnecting")
-                log.warning(
-                    "listener lost its database connection (%s); reconnecting in %.2fs",
-                    first_line(exc),
-                    backoff,
-                )
+                if connected:
+                    log.warning(
+                        "listener lost its database connection (%s); reconnecting in %.2fs",
+                        first_line(exc),
+                        backoff,
+                    )
+                else:
+                    log.warning(
+                        "listener cannot connect to the database (%s); trying again in %.2fs",
+                        first_line(exc),
+                        backoff,
+                    )
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
+            except ConfigError:
+                self._close()
+                raise
         self._set_mode("stopping")
         self._close()
         log.info("listener stopped")

@@ -16,6 +16,11 @@ import psycopg
 from imagen.store.postgres import PostgresJobStore
 
 CHANNEL = "imagen_jobs"
+LISTEN_SQL = f"LISTEN {CHANNEL}"
+# The LISTEN connection runs only these two statements, so `imagen.devtools.runner.listeners_listening`
+# and the dashboard find it in pg_stat_activity by its last query: application_name is no use for
+# that, since Supavisor's session mode replaces it.
+HEALTH_SQL = "SELECT count(*) FROM pg_listening_channels() c WHERE c = 'imagen_jobs'"
 CONNECTION_LOST: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
@@ -23,14 +28,21 @@ class PostgresNotifier:
     """A dedicated connection holding LISTEN imagen_jobs."""
 
     def __init__(self, conninfo: str) -> None:
-        from imagen.db import connect
+        from imagen.db import check_schema, connect
 
         self.conn: psycopg.Connection[Any] = connect(
             conninfo, autocommit=True, application_name="imagen-listener"
         )
+        try:
+            # Before anything else: a schema that was never migrated is a configuration error to
+            # report (exit 78), not a connection to retry forever.
+            check_schema(self.conn)
+        except Exception:
+            self.conn.close()
+            raise
         # LISTEN before the catch-up claim: a row inserted in between is either seen by the
         # claim or announced by a notification, never missed by both.
-        self.conn.execute(f"LISTEN {CHANNEL}")
+        self.conn.execute(LISTEN_SQL)
 
     def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` (keep it short: the caller checks for stop between waits) for a notification."""
@@ -46,9 +58,7 @@ class PostgresNotifier:
 
     def check(self) -> None:
         """A half-open TCP connection can look alive for hours: prove the LISTEN still holds."""
-        row = self.conn.execute(
-            "SELECT count(*) FROM pg_listening_channels() c WHERE c = %s", (CHANNEL,)
-        ).fetchone()
+        row = self.conn.execute(HEALTH_SQL).fetchone()
         if not row or row[0] != 1:
             raise psycopg.OperationalError("LISTEN registration missing")
 

@@ -36,13 +36,14 @@ SELECT id, job_id, owner_user_id, bucket, path, mime, width, height, bytes
 FROM imagen.images WHERE id = %(image_id)s
 """
 
-# Each `imagen listen` holds one dedicated connection for its LISTEN, named imagen-listener (its
-# claims run on another, imagen-listener-claims). The connection is the signal: its last query
-# text changes with the listener's periodic self-check, and another role's is hidden anyway.
+# Each `imagen listen` holds one dedicated connection for its LISTEN; it is found by its last
+# statement (the LISTEN, or the self-check that replaces it every 10 s, imagen.listener), never by
+# application_name, which Supavisor's session mode replaces. Another role's sessions are hidden
+# unless this role has pg_read_all_stats.
 LISTENERS = """
 SELECT pid, host(client_addr), backend_start, state_change
 FROM pg_stat_activity
-WHERE application_name = 'imagen-listener' AND datname = current_database()
+WHERE datname = current_database() AND state = 'idle' AND query IN (%(listen)s, %(health)s)
 ORDER BY backend_start
 """
 
@@ -64,9 +65,9 @@ SELECT date_bin('1 minute', finished_at, %(start)s) AS minute,
     count(*) FILTER (WHERE status = 'done'),
     count(*) FILTER (WHERE status = 'failed'),
     count(*) FILTER (WHERE status = 'cancelled'),
-    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM claimed_at - created_at)::float8)
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM claimed_at - coalesce(pending_at, created_at))::float8)
         FILTER (WHERE status = 'done' AND claimed_at IS NOT NULL),
-    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM claimed_at - created_at)::float8)
+    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM claimed_at - coalesce(pending_at, created_at))::float8)
         FILTER (WHERE status = 'done' AND claimed_at IS NOT NULL),
     percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)::float8)
         FILTER (WHERE status = 'done'),
@@ -146,7 +147,10 @@ def image_row(conn: Conn, image_id: UUID) -> dict[str, Any] | None:
 
 def health(conn: Conn, window_seconds: float = 3600.0) -> Health:
     """Everything the health view shows that lives in PostgreSQL (Redis is `imagen.web.redis_queues`)."""
-    listeners = [Listener(*row) for row in conn.execute(LISTENERS).fetchall()]
+    from imagen.listener import HEALTH_SQL, LISTEN_SQL
+
+    found = conn.execute(LISTENERS, {"listen": LISTEN_SQL, "health": HEALTH_SQL}).fetchall()
+    listeners = [Listener(*row) for row in found]
     last = conn.execute(LAST_CLAIM, {"window": window_seconds}).fetchone()
     oldest = conn.execute(jobs_admin.OLDEST_PENDING).fetchone()
     pending = conn.execute("SELECT count(*) FROM imagen.jobs WHERE status = 'pending'").fetchone()

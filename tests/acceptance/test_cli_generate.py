@@ -163,7 +163,7 @@ def test_preset_rewrites_the_prompt_as_sent_and_supplies_its_aspect(tmp_path: Pa
 def test_unknown_preset_fails_with_one_line_listing_known_presets(tmp_path: Path, out: Path) -> None:
     result = imagen(tmp_path, "generate", PROMPT, "--out", str(out), "--preset", "nope")
 
-    assert result.returncode == 1, explain(result)
+    assert result.returncode == 78, explain(result)
     (line,) = result.stderr.strip().splitlines()
     assert "unknown preset 'nope'" in line
     for known in ("cinematic", "photo", "watercolor"):
@@ -540,3 +540,30 @@ def test_generate_help_documents_the_options(tmp_path: Path) -> None:
 
     for option in ("--size", "--aspect", "--preset", "--seed", "--count", "--out", "--json", "--backend"):
         assert option in result.stdout
+
+
+def test_presets_lists_every_preset_with_its_description_and_generate_help_points_to_it(
+    tmp_path: Path,
+) -> None:
+    listed = imagen(tmp_path, "presets")
+    assert listed.returncode == 0, explain(listed)
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()}
+    assert set(rows) >= {"cinematic", "line-art", "photo", "pixel-art", "product", "watercolor"}
+    assert "Film still: wide frame, dramatic lighting, colour-graded" in rows["cinematic"]
+    assert "[aspect_ratio=16:9]" in rows["cinematic"]
+    as_json = json.loads(imagen(tmp_path, "presets", "--json").stdout)
+    assert {p["name"] for p in as_json} == set(rows)
+    assert "imagen presets" in imagen(tmp_path, "generate", "--help").stdout
+
+
+def test_presets_from_the_presets_file_are_listed_too(tmp_path: Path) -> None:
+    extra = tmp_path / "mine.toml"
+    extra.write_text('[presets.noir]\ndescription = "Black and white film noir"\nprefix = "film noir"\n')
+    listed = imagen(tmp_path, "presets", IMAGEN_PRESETS_FILE=str(extra))
+    assert "noir        Black and white film noir" in listed.stdout, explain(listed)
+
+
+def test_json_times_are_rounded_to_a_hundredth_of_a_millisecond(tmp_path: Path, out: Path) -> None:
+    payload = generate_json(tmp_path, out)
+    latency = payload["usage"]["latency_ms"]
+    assert latency == round(latency, 2) and len(str(latency).partition(".")[2]) <= 2, latency

@@ -64,11 +64,30 @@ def test_generate_sync_owner_option_overrides_the_fallback_and_local_storage_wor
 
 
 def test_generate_sync_without_database_is_a_one_line_config_error(tmp_path: Path) -> None:
-    result = run_imagen("generate", "a fox", "--size", "32x32", "--sync", env=clean_env(), cwd=tmp_path)
+    result = run_imagen(
+        "generate", "a fox", "--size", "32x32", "--sync", "--ownerless", env=clean_env(), cwd=tmp_path
+    )
     assert result.returncode == 78
     assert result.stderr.strip().startswith("imagen: IMAGEN_DATABASE_URL is not set")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists(), "nothing generated when the sync could not happen"
+
+
+def test_generate_sync_without_an_owner_refuses_before_generating(db_url: str, tmp_path: Path) -> None:
+    result = run_imagen(
+        "generate",
+        "a fox",
+        "--size",
+        "32x32",
+        "--sync",
+        env=clean_env(IMAGEN_DATABASE_URL=db_url),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--sync needs an owner: give --owner UUID or set IMAGEN_OWNER_USER_ID" in result.stderr
+    assert not (tmp_path / "out").exists(), "nothing generated when the sync could not be owned"
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM imagen.images").fetchone() == (0,)
 
 
 def test_gemini_generate_sync_writes_a_usage_row_with_a_plausible_cost_and_its_basis(

@@ -12,9 +12,16 @@ import pytest
 from PIL import Image
 from storage3.exceptions import StorageApiError
 
-from imagen.errors import StorageError, TransientStorageError
+from imagen.errors import ConfigError, StorageError, TransientStorageError
 from imagen.storage import StoredObject, SupabaseStorage, job_object_path
-from tests.fake_storage import DEFAULT_BUCKET, DEFAULT_KEY, DUPLICATE, FakeStorage, fake_storage
+from tests.fake_storage import (
+    DATABASE_TIMEOUT,
+    DEFAULT_BUCKET,
+    DEFAULT_KEY,
+    DUPLICATE,
+    FakeStorage,
+    fake_storage,
+)
 
 OWNER = uuid.UUID("6f1c2d3e-4b5a-4c6d-8e7f-901a2b3c4d5e")
 JOB = uuid.UUID("0a1b2c3d-4e5f-4a6b-9c7d-8e9f0a1b2c3d")
@@ -173,18 +180,55 @@ def test_forbidden_is_a_storage_error_that_is_not_transient(
     assert "row-level security" in str(caught.value)
 
 
-def test_wrong_key_is_rejected_permanently_without_echoing_either_key(server: FakeStorage) -> None:
+@pytest.mark.parametrize("gateway", [False, True], ids=["storage-400-body-403", "gateway-401"])
+def test_wrong_key_is_rejected_permanently_as_configuration_without_echoing_either_key(gateway: bool) -> None:
+    """Storage answers a key that does not verify as HTTP 400 with statusCode "403"; the API gateway
+    answers an apikey it does not know as HTTP 401 with a body that is not storage's shape."""
     wrong = "sb_secret_wrong-key-abcdefghijklmnop"
-    storage = SupabaseStorage(server.url, wrong, DEFAULT_BUCKET, timeout=5)
-
-    with pytest.raises(StorageError) as caught:
-        storage.put(PATH, png(), "image/png")
+    with fake_storage(gateway=gateway) as server:
+        storage = SupabaseStorage(server.url, wrong, DEFAULT_BUCKET, timeout=5)
+        with pytest.raises(StorageError) as caught:
+            storage.put(PATH, png(), "image/png")
+        assert len(server.requests) == 1
+        assert server.objects == {}
 
     assert caught.value.is_transient is False
-    assert "401" in str(caught.value)
+    assert isinstance(caught.value, ConfigError)
+    assert ("401" if gateway else "403") in str(caught.value)
+    assert "check SUPABASE_SERVICE_ROLE_KEY" in str(caught.value)
     assert_no_key(caught.value, wrong)
     assert_no_key(caught.value, DEFAULT_KEY)
-    assert server.objects == {}
+
+
+def test_an_object_over_the_size_limit_is_a_permanent_error() -> None:
+    with fake_storage(max_bytes=10) as server:
+        storage = SupabaseStorage(server.url, DEFAULT_KEY, DEFAULT_BUCKET, timeout=5)
+        with pytest.raises(StorageError) as caught:
+            storage.put(PATH, png(), "image/png")
+        assert server.objects == {}
+
+    assert not isinstance(caught.value, TransientStorageError)
+    assert "413" in str(caught.value) and "exceeded the maximum allowed size" in str(caught.value)
+
+
+def test_storages_database_timeout_is_transient(server: FakeStorage, storage: SupabaseStorage) -> None:
+    server.fail_next(1, 544, DATABASE_TIMEOUT)
+
+    with pytest.raises(TransientStorageError) as caught:
+        storage.put(PATH, png(), "image/png")
+
+    assert "544" in str(caught.value) and "timed out" in str(caught.value)
+    storage.put(PATH, png(), "image/png")
+    assert (DEFAULT_BUCKET, PATH) in server.objects
+
+
+def test_double_answers_a_bulk_delete_in_a_missing_bucket_with_200_and_nothing(server: FakeStorage) -> None:
+    storage = SupabaseStorage(server.url, DEFAULT_KEY, "no-such-bucket", timeout=5)
+
+    storage.delete(PATH)  # as the real service: nothing to delete, no error
+
+    (request,) = server.requests_to("DELETE")
+    assert request.path.endswith("/object/no-such-bucket")
 
 
 def test_missing_bucket_is_a_permanent_error_naming_the_bucket(server: FakeStorage) -> None:
@@ -194,7 +238,8 @@ def test_missing_bucket_is_a_permanent_error_naming_the_bucket(server: FakeStora
         storage.put(PATH, png(), "image/png")
 
     assert caught.value.is_transient is False
-    assert "no-such-bucket" in str(caught.value)
+    assert isinstance(caught.value, ConfigError)
+    assert "no-such-bucket" in str(caught.value) and "create the bucket" in str(caught.value)
 
 
 def test_connection_refused_is_transient() -> None:

@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from imagen.broker import GENERATE_QUEUE, SYNC_QUEUE, build_broker, stage_message
 from imagen.config import Settings, load_settings
 from imagen.errors import ConfigError
+from imagen.listener import HEALTH_SQL, LISTEN_SQL
 from imagen.web import WebOptions, create_app
 from imagen.web.app import check_bind
 from imagen.web.queries import capped_counts
@@ -327,10 +328,10 @@ def test_health_shows_listeners_queue_depths_in_flight_and_last_hour(
             claimed_at=finished - timedelta(seconds=9.9),
             finished_at=finished,
         )
-    with psycopg.connect(db_url, autocommit=True, application_name="imagen-listener") as listener:
-        listener.execute("LISTEN imagen_jobs")
+    with psycopg.connect(db_url, autocommit=True, application_name="Supavisor") as listener:
+        listener.execute(LISTEN_SQL)
         # The listener's self-check runs on the same connection every 10 s: still one listener.
-        listener.execute("SELECT count(*) FROM pg_listening_channels()")
+        listener.execute(HEALTH_SQL)
         html = client.get("/health").text
     cards = html.split('<div class="panels">')[0]
     assert 'id="listeners">1<' in cards and 'id="in-flight">1<' in cards, cards

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from imagen.broker import GENERATE_QUEUE
+from imagen.devtools.runner import listeners_listening
 from tests.reliability.harness import Harness
 from tests.waiting import wait_until
 
@@ -119,17 +120,7 @@ def test_listener_backends_terminated_repeatedly_notify_still_wakes_it(
         assert killed and all(ok for (ok,) in killed)
         started = time.monotonic()
         h.wait(lambda: h.listeners_connected() >= 1, 15, "listener reconnected")
-        h.wait(
-            lambda: (
-                h.scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND application_name = 'imagen-listener' AND query LIKE 'LISTEN%%'"
-                )
-                >= 1
-            ),
-            15,
-            "LISTEN re-established",
-        )
+        h.wait(lambda: listeners_listening(h.db_url) >= 1, 15, "LISTEN re-established")
         reconnect_s.append(time.monotonic() - started)
         h.wait_terminal(batch, 30)
         # Inserted once the LISTEN is back: only a notification can wake the listener for these.

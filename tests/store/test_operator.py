@@ -64,3 +64,18 @@ def test_cancel_and_retry_leave_a_job_in_the_wrong_state_alone(store: JobStore) 
     assert store.cancel_job(job_id) is False  # already cancelled
 
     assert store.job_state(job_id) == ("cancelled", 0)
+
+
+def test_a_retried_jobs_claim_counts_its_pickup_from_the_retry(store: JobStore) -> None:
+    job_id = store.submit_job(OWNER, "p", {})
+    (first,) = store.claim_jobs(1)
+    assert first.pending_since == first.created_at  # pending only since its INSERT
+    store.fail_job(job_id, 1, "generation failed: no")
+    assert store.retry_job(job_id) is True
+
+    (again,) = store.claim_jobs(1)
+
+    row = store.get_job(job_id)
+    assert row is not None and row["pending_at"] is not None
+    assert again.pending_since == row["pending_at"] >= first.claimed_at
+    assert 0 <= again.pickup_seconds < again.claimed_at.timestamp() - again.created_at.timestamp() + 1e-9

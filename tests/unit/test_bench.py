@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from imagen.cli import main
 from imagen.devtools.bench import (
     LATENCY_LABELS,
+    RATIO_LEGEND,
     BenchConfig,
     Memory,
     Report,
@@ -27,6 +28,7 @@ from imagen.devtools.bench import (
     evaluate_targets,
     format_ratio,
     format_value,
+    format_versus,
     percentile,
     render_table,
     report_json,
@@ -164,9 +166,10 @@ def test_table_has_the_columns_ratios_and_targets() -> None:
         "p99",
         "max",
         "baseline",
-        "ratio",
+        "vs baseline",
     ]
-    assert "2.00x" in table
+    assert "2.00x slower" in table
+    assert RATIO_LEGEND in table
     assert "target pickup p50 <= 2.00 ms: 1.00 -> met" in table
     assert "MISSED" in table
 
@@ -291,10 +294,10 @@ def test_peers_table_puts_ours_over_each_peer() -> None:
     lines = {
         line.split("|")[0].strip(): line.split("|")[-1].strip() for line in render_peers(report).splitlines()
     }
-    assert lines["pgqueuer: enqueue sent -> no-op job started (ms)"] == "1.50x"
-    assert lines["procrastinate: defer sent -> no-op job started (ms)"] == "0.50x"
-    assert lines["pgqueuer: no-op jobs from a backlog, 1 process (jobs/s)"] == "0.10x"
-    assert lines["procrastinate: no-op jobs from a backlog, 1 process (jobs/s)"] == "2.00x"
+    assert lines["pgqueuer: enqueue sent -> no-op job started (ms)"] == "1.50x slower"
+    assert lines["procrastinate: defer sent -> no-op job started (ms)"] == "2.00x faster"
+    assert lines["pgqueuer: no-op jobs from a backlog, 1 process (jobs/s)"] == "10.00x slower"
+    assert lines["procrastinate: no-op jobs from a backlog, 1 process (jobs/s)"] == "2.00x faster"
 
 
 @pytest.mark.slow
@@ -314,3 +317,25 @@ def test_peers_bench_runs_ours_pgqueuer_and_procrastinate_on_one_pair_of_servers
         "procrastinate": 200,
     }
     assert "procrastinate: no-op jobs from a backlog" in result.stdout
+
+
+def test_every_row_says_which_way_its_figure_differs_from_the_baseline() -> None:
+    """Latency, throughput and memory rows all read 'N.NNx slower/faster/more/less', never a bare ratio."""
+    assert format_versus(2.0, 1.0, "ms") == "2.00x slower"
+    assert format_versus(0.5, 1.0, "ms") == "2.00x faster"
+    assert format_versus(300.0, 400.0, "jobs/s") == "1.33x slower"
+    assert format_versus(800.0, 400.0, "jobs/s") == "2.00x faster"
+    assert format_versus(60.0, 40.0, "MB") == "1.50x more"
+    assert format_versus(1.0, 1.001, "ms") == "1.00x (same)"
+    assert format_versus(None, 1.0, "ms") == format_versus(1.0, -0.2, "ms") == "-"
+    table = render_table(make_report())
+    cells = [line.split("|")[-1].strip() for line in table.splitlines()[2:] if line.count("|") == 5]
+    assert cells and all(
+        c == "-" or c.split()[-1] in {"slower", "faster", "more", "less", "(same)"} for c in cells
+    )
+
+
+def test_bench_says_no_issue_numbers_in_help_or_output() -> None:
+    help_text = CliRunner().invoke(main, ["bench", "--help"]).output
+    assert "issue" not in help_text.lower()
+    assert "issue" not in render_table(make_report()).lower()

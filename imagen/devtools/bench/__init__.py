@@ -17,6 +17,7 @@ from imagen.devtools.bench.config import BenchConfig, BenchError, bench_config
 from imagen.devtools.bench.report import (
     LATENCY_BASELINE,
     LATENCY_LABELS,
+    RATIO_LEGEND,
     Memory,
     Report,
     Row,
@@ -27,6 +28,7 @@ from imagen.devtools.bench.report import (
     evaluate_targets,
     format_ratio,
     format_value,
+    format_versus,
     percentile,
     render_table,
     report_json,
@@ -36,6 +38,7 @@ from imagen.devtools.bench.run import run_bench
 __all__ = [
     "LATENCY_BASELINE",
     "LATENCY_LABELS",
+    "RATIO_LEGEND",
     "BenchConfig",
     "BenchError",
     "Memory",
@@ -49,6 +52,7 @@ __all__ = [
     "evaluate_targets",
     "format_ratio",
     "format_value",
+    "format_versus",
     "percentile",
     "render_table",
     "report_json",

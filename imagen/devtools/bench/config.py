@@ -49,7 +49,7 @@ class BenchConfig:
 
 
 def size_note(config: BenchConfig) -> str | None:
-    """Why a smaller run's target lines are indicative only, or None for the issue's sizes."""
+    """Why a smaller run's target lines are indicative only, or None for the full sizes."""
     full = BenchConfig()
     if config.jobs >= full.jobs and config.samples >= full.samples:
         return None

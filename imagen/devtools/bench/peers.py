@@ -1,6 +1,6 @@
 """`imagen bench --peers`: the pipeline next to pgqueuer and procrastinate, on the same fresh servers.
 
-Issue 6 quotes the peers' figures from another 2-core machine; this puts them in
+The peers' figures quoted elsewhere come from another 2-core machine; this puts them in
 the same run as ours. Each peer runs a no-op job, registered and started the
 way its docs show, with its defaults; the job pushes its token and `time.time()`
 to a Redis list. Ours runs the real job (mock backend, 64x64: three stages, an
@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from imagen.devtools.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
 from imagen.devtools.bench.procs import clean_env, processes, spawn, wait_for
-from imagen.devtools.bench.report import Report, Summary, format_value, rate
+from imagen.devtools.bench.report import Report, Summary, format_value, format_versus, rate
 from imagen.devtools.bench.run import JOB_INSERT, JOB_POLL, BenchRun, execute, stamped
 from imagen.devtools.runner import Proc
 
@@ -278,7 +278,7 @@ def run_peers(config: BenchConfig, echo: Echo | None = None) -> Report:
 
 def render_peers(report: Report) -> str:
     """The peers' table: each figure, and ours over it (for latency below 1 is ours faster)."""
-    lines = [f"{'figure':<62} | {'p50':>6} | {'p99':>6} | {'max':>6} | ours / this"]
+    lines = [f"{'figure':<62} | {'p50':>6} | {'p99':>6} | {'max':>6} | imagen vs this"]
     lines.append("-" * len(lines[0]))
     start = report.latency.get("imagen_start")
     for key, label in LATENCY_ROWS:
@@ -286,7 +286,9 @@ def render_peers(report: Report) -> str:
         if s is None:
             continue
         ratio = (
-            f"{start.p50 / s.p50:.2f}x" if start and key.endswith("_start") and key != "imagen_start" else "-"
+            format_versus(start.p50, s.p50, "ms")
+            if start and key.endswith("_start") and key != "imagen_start"
+            else "-"
         )
         lines.append(
             f"{label:<62} | {format_value(s.p50):>6} | {format_value(s.p99):>6} | {format_value(s.max):>6} | {ratio}"
@@ -296,12 +298,13 @@ def render_peers(report: Report) -> str:
         per_second = rate(report.throughput.get(key, []))
         if per_second is None:
             continue
-        ratio = f"{ours / per_second:.2f}x" if ours and key != OURS and per_second else "-"
+        ratio = format_versus(ours, per_second, "jobs/s") if ours and key != OURS and per_second else "-"
         lines.append(f"{label:<62} | {format_value(per_second):>6} | {'-':>6} | {'-':>6} | {ratio}")
     lines.append("")
     lines.append(
-        "latency ratios: our generation stage's start over the peer's no-op start (below 1: ours starts sooner);"
-        " throughput ratios: our full jobs/s over the peer's no-op jobs/s (above 1: ours drains faster)"
+        "imagen vs this: how many times slower or faster our figure is than the peer's: for latency our"
+        " generation stage's start against the peer's no-op start, for throughput our full jobs/s"
+        " against the peer's no-op jobs/s"
     )
     lines += [f"note: {note}" for note in report.notes]
     return "\n".join(lines)

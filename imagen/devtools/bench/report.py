@@ -186,7 +186,7 @@ def _worker_memory(memory: dict[str, Memory], prefix: str) -> Memory:
 
 @dataclass(frozen=True)
 class Target:
-    """One of the issue's targets; `met` is None when the run did not measure it."""
+    """One of the benchmark's targets (docs/benchmarks.md); `met` is None when the run did not measure it."""
 
     name: str
     limit: float
@@ -202,7 +202,7 @@ class Target:
 
 
 def evaluate_targets(report: Report) -> list[Target]:
-    """Issue 6's targets against this run."""
+    """The benchmark's targets (docs/benchmarks.md) against this run."""
     lat, thr = report.latency, report.throughput
     pickup, done = lat.get("pickup"), lat.get("done")
     jobs, chain = rate(thr.get("pipeline_2w", [])), rate(thr.get("chain_2w", []))
@@ -245,16 +245,41 @@ def format_ratio(value: float | None, baseline: float | None) -> str:
     return f"{value / baseline:.2f}x"
 
 
+# How a figure in each unit compares: (word when ours is larger, word when smaller, larger is better).
+_DIRECTIONS = {"ms": ("slower", "faster", False), "MB": ("more", "less", False)}
+_RATE_DIRECTION = ("faster", "slower", True)
+RATIO_LEGEND = (
+    "vs baseline: how many times slower or faster (latency: the time taken; throughput: items per"
+    " second), or more or less memory, the figure is than its baseline; 1.00x = the same"
+)
+
+
+def format_versus(value: float | None, baseline: float | None, unit: str) -> str:
+    """The figure against its baseline in words that say the direction: `1.52x slower`, `1.31x faster`.
+
+    Every row reads the same way whatever its unit: for latency a larger figure is slower,
+    for a rate (jobs/s) a larger figure is faster, for memory it is more.
+    """
+    if value is None or baseline is None or baseline <= 0 or value <= 0:
+        return "-"
+    larger, smaller, _ = _DIRECTIONS.get(unit, _RATE_DIRECTION)
+    if abs(value - baseline) < 0.005 * baseline:
+        return "1.00x (same)"
+    if value > baseline:
+        return f"{value / baseline:.2f}x {larger}"
+    return f"{baseline / value:.2f}x {smaller}"
+
+
 def render_table(report: Report) -> str:
-    """figure | p50 | p99 | max | baseline | ratio, then the targets."""
-    header = ("figure", "p50", "p99", "max", "baseline", "ratio")
+    """figure | p50 | p99 | max | baseline | vs baseline, its legend, then the targets."""
+    header = ("figure", "p50", "p99", "max", "baseline", "vs baseline")
     lines = [header]
     for row in build_rows(report):
         base = f"{format_value(row.baseline_value)} ({row.baseline})" if row.baseline else "-"
         lines.append(
             (
                 f"{row.figure} ({row.unit})", format_value(row.p50), format_value(row.p99),
-                format_value(row.max), base, format_ratio(row.p50, row.baseline_value),
+                format_value(row.max), base, format_versus(row.p50, row.baseline_value, row.unit),
             )
         )  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -266,6 +291,7 @@ def render_table(report: Report) -> str:
         for line in lines
     ]
     out.insert(1, "-+-".join("-" * w for w in widths))
+    out.append(RATIO_LEGEND)
     out.append("")
     for target in evaluate_targets(report):
         verdict = {True: "met", False: "MISSED", None: "not measured"}[target.met]
