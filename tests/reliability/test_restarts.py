@@ -46,10 +46,9 @@ def test_redis_restart_losing_every_message_still_ends_every_job(harness: Callab
     done_before = h.counts()["done"]
     h.servers.redis.stop()
     fault = time.monotonic()
-    # Down until the workers' consumers have failed, so their reconnect path runs too.
-    h.wait(
-        lambda: "Consumer encountered a connection error" in h.all_log_text(), 15, "workers saw the outage"
-    )
+    # Down until the workers' consumers have failed, so their reconnect path runs too (the line
+    # imagen.logs.BrokerOutageFilter makes of Dramatiq's "Consumer encountered a connection error").
+    h.wait(lambda: "redis unreachable" in h.all_log_text(), 15, "workers saw the outage")
     outage = time.monotonic() - fault
     h.servers.redis.start()
     h.wait(lambda: h.counts()["done"] > done_before + 20, 30, "progress after the restart")
