@@ -25,9 +25,16 @@ class Claimer:
     """Drains the backlog into Redis, as far as the in-flight gate allows."""
 
     def __init__(
-        self, broker: Any, gate: InFlightGate, stats: ListenerStats, metrics: Metrics | None
+        self,
+        broker: Any,
+        gate: InFlightGate,
+        stats: ListenerStats,
+        metrics: Metrics | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker = broker
+        self.clock = clock  # the gate's time: a test passes its own, never patches the process's
         self.gate = gate
         self.stats = stats
         self.metrics = metrics
@@ -37,7 +44,7 @@ class Claimer:
         gate = self.gate
         total = 0
         while not stopping():
-            want = gate.want(store.count_running(), time.monotonic())
+            want = gate.want(store.count_running(), self.clock())
             if not want:
                 break
             claims = store.claim_jobs(want)
@@ -49,7 +56,7 @@ class Claimer:
                 break
             if len(claims) < want:
                 break  # the backlog is drained: the next claim waits for a notification or the poll
-            if gate.filled(want, time.monotonic()):
+            if gate.filled(want, self.clock()):
                 break
         return total
 
