@@ -89,3 +89,54 @@ def test_the_rescuer_counts_requeued_and_failed_leases(max_attempts: int, outcom
 
     assert rescued.status == outcome
     assert (stats.rescued, stats.gave_up) == ((1, 0) if outcome == "pending" else (0, 1))
+
+
+class RecordedMetrics:
+    """The listener's Prometheus counters, by the same names and labels, in a registry of their own."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.claims = Counter("imagen_listener_claims", "", registry=self.registry)
+        self.forward_failures = Counter("imagen_listener_forward_failures", "", registry=self.registry)
+        self.rescues = Counter("imagen_listener_rescues", "", ["outcome"], registry=self.registry)
+        self.swept = Counter("imagen_listener_swept_images", "", registry=self.registry)
+        self.pickup = Histogram("imagen_listener_pickup_seconds", "", registry=self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_the_rescuer_counts_each_rescue_in_its_metric_by_outcome() -> None:
+    store = InMemoryJobStore()
+    for _ in range(3):
+        store.submit_job(OWNERS[0], "p", {})
+    claims = store.claim_jobs(3)
+    for claim in claims:
+        store.begin_stage(claim.job_id, 1, "generating")
+        store.jobs[claim.job_id]["heartbeat_at"] -= timedelta(seconds=601)
+    store.jobs[claims[0].job_id]["attempt"] = 3  # at the maximum: this one gives up
+    metrics = RecordedMetrics()
+    settings = load_settings(lease_seconds=600, max_attempts=3)
+
+    Rescuer(settings, ListenerStats(), metrics).rescue(store)  # type: ignore[arg-type]
+
+    assert metrics.value("imagen_listener_rescues_total", outcome="requeued") == 2
+    assert metrics.value("imagen_listener_rescues_total", outcome="failed") == 1
+
+
+def test_the_claimer_counts_claims_pickup_and_failed_forwards_in_its_metrics() -> None:
+    store = InMemoryJobStore()
+    for _ in range(2):
+        store.submit_job(OWNERS[0], "p", {})
+    metrics = RecordedMetrics()
+    ok = Claimer(Broker(), InFlightGate(256, 100), ListenerStats(), metrics)  # type: ignore[arg-type]
+    assert ok.drain(store, lambda: False) == 2
+    store.submit_job(OWNERS[1], "p", {})
+    down = Claimer(Broker(down=True), InFlightGate(256, 100), ListenerStats(), metrics)  # type: ignore[arg-type]
+    assert down.drain(store, lambda: False) == 1
+
+    assert metrics.value("imagen_listener_claims_total") == 2
+    assert metrics.value("imagen_listener_pickup_seconds_count") == 2
+    assert metrics.value("imagen_listener_forward_failures_total") == 1
