@@ -211,9 +211,6 @@ class InMemoryOperatorStore:
                 if image["job_id"] in gone:
                     image["job_id"] = None  # the foreign key's ON DELETE SET NULL
                     detached += 1
-            for call_id, use in self.usage.items():
-                if use.job_id in gone:
-                    self.usage[call_id] = dataclasses.replace(use, job_id=None)
             for job_id in gone:
                 del self.jobs[job_id]
             return len(gone), detached
