@@ -8,6 +8,7 @@ rules above the store get unit tests without one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -48,11 +49,13 @@ class InMemoryOperatorStore:
     submit_job: Callable[[UUID, str, Any], UUID]
 
     def submit_as_owner(self, owner_user_id: UUID, prompt: str, params: dict[str, Any]) -> UUID:
-        # sql/002_jobs.sql's CHECK constraints, worded as PostgreSQL words them.
+        # The CHECK constraints of sql/002_jobs.sql and sql/014_params_size.sql, worded as PostgreSQL words them.
         if not prompt.strip(" \t\n\r\f\v") or len(prompt) > 4000:
             refused = "jobs_prompt_check"
         elif not isinstance(params, dict):
             refused = "jobs_params_check"
+        elif len(json.dumps(params, ensure_ascii=False).encode()) > 16384:  # sql/014_params_size.sql
+            refused = "jobs_params_size_check"
         else:
             return self.submit_job(owner_user_id, prompt, params)
         raise JobRefused(
