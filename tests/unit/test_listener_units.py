@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -120,10 +121,13 @@ def test_the_rescuer_counts_each_rescue_in_its_metric_by_outcome() -> None:
     metrics = RecordedMetrics()
     settings = load_settings(lease_seconds=600, max_attempts=3)
 
-    Rescuer(settings, ListenerStats(), metrics).rescue(store)  # type: ignore[arg-type]
+    stats = ListenerStats()
+
+    Rescuer(settings, stats, metrics).rescue(store)  # type: ignore[arg-type]
 
     assert metrics.value("imagen_listener_rescues_total", outcome="requeued") == 2
     assert metrics.value("imagen_listener_rescues_total", outcome="failed") == 1
+    assert (stats.rescued, stats.gave_up) == (2, 1)
 
 
 def test_the_claimer_counts_claims_pickup_and_failed_forwards_in_its_metrics() -> None:
@@ -140,3 +144,69 @@ def test_the_claimer_counts_claims_pickup_and_failed_forwards_in_its_metrics() -
     assert metrics.value("imagen_listener_claims_total") == 2
     assert metrics.value("imagen_listener_pickup_seconds_count") == 2
     assert metrics.value("imagen_listener_forward_failures_total") == 1
+
+
+def transitions(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "imagen.jobs" and getattr(r, "event", None) == event]
+
+
+def test_each_claim_is_logged_with_its_job_attempt_and_pickup_and_counted_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = InMemoryJobStore()
+    jobs = [store.submit_job(OWNERS[0], "p", {}) for _ in range(3)]
+    metrics = RecordedMetrics()
+    unit = Claimer(Broker(), InFlightGate(256, 2), ListenerStats(), metrics)  # type: ignore[arg-type]
+    caplog.set_level(logging.INFO, logger="imagen.jobs")
+
+    assert unit.drain(store, lambda: False) == 3  # two batches: 2, then 1
+
+    logged = transitions(caplog, "claimed")
+    assert [(r.job_id, r.attempt, r.stage) for r in logged] == [(str(j), 1, "queued") for j in jobs]
+    assert all(0 <= r.pickup_ms < 60_000 for r in logged)
+    assert unit.stats.claims == 3
+    assert 0 <= metrics.value("imagen_listener_pickup_seconds_sum") < 60
+
+
+def test_a_failed_forward_is_logged_with_the_brokers_error_and_counted_per_job(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = InMemoryJobStore()
+    for _ in range(3):
+        store.submit_job(OWNERS[0], "p", {})
+    metrics = RecordedMetrics()
+    unit = Claimer(Broker(down=True), InFlightGate(256, 2), ListenerStats(), metrics)  # type: ignore[arg-type]
+    caplog.set_level(logging.WARNING, logger="imagen.listener")
+
+    assert unit.drain(store, lambda: False) == 2  # the first batch fails: the drain stops there
+    assert unit.drain(store, lambda: False) == 2
+
+    assert unit.stats.forward_failures == 4 and metrics.value("imagen_listener_forward_failures_total") == 4
+    warnings = [r.getMessage() for r in caplog.records if r.name == "imagen.listener"]
+    assert warnings == ["forwarding to Dramatiq failed (redis is down): putting 2 job(s) back"] * 2
+    assert store.count_running() == 0
+
+
+def test_each_rescue_is_logged_with_its_job_attempt_and_outcome_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = InMemoryJobStore()
+    stats = ListenerStats()
+    settings = load_settings(lease_seconds=600, max_attempts=2)
+    rescuer = Rescuer(settings, stats, None)
+    caplog.set_level(logging.INFO, logger="imagen.jobs")
+    job_id = store.submit_job(OWNERS[0], "p", {})
+    outcomes = []
+    for attempt in (1, 2):  # rescued twice: requeued, then given up at the maximum
+        store.claim_jobs(1)
+        store.begin_stage(job_id, attempt, "generating")
+        store.jobs[job_id]["heartbeat_at"] -= timedelta(seconds=601)
+        outcomes += [r.status for r in rescuer.rescue(store)]
+
+    assert outcomes == ["pending", "failed"]
+    logged = transitions(caplog, "rescued")
+    assert [(r.job_id, r.attempt, r.stage, r.outcome) for r in logged] == [
+        (str(job_id), 1, None, "requeued"),
+        (str(job_id), 2, None, "failed"),
+    ]
+    assert (stats.rescued, stats.gave_up) == (1, 1)
