@@ -13,6 +13,8 @@ def test_the_health_check_passes_while_the_listen_holds_and_raises_once_it_is_go
     notifier = PostgresNotifier(db_url)
     try:
         notifier.check()  # LISTEN imagen_jobs is registered: nothing to report
+        assert notifier.conn.info.parameter_status("application_name") == "imagen-listener"
+        assert notifier.conn.autocommit
 
         # What a pooler that reset the session, or a server that lost it, leaves: a live
         # connection that no longer listens. The check must say so as a connection loss,

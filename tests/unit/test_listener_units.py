@@ -11,7 +11,7 @@ import pytest
 
 from imagen.config import load_settings
 from imagen.listener.claimer import Claimer
-from imagen.listener.gate import InFlightGate
+from imagen.listener.gate import SATURATED_POLL, InFlightGate
 from imagen.listener.metrics import ListenerStats
 from imagen.listener.rescuer import Rescuer
 from imagen.store import InMemoryJobStore
@@ -210,3 +210,64 @@ def test_each_rescue_is_logged_with_its_job_attempt_and_outcome_and_counted(
         (str(job_id), 2, None, "failed"),
     ]
     assert (stats.rescued, stats.gave_up) == (1, 1)
+
+
+def test_a_drain_counts_once_per_claim_and_returns_its_total_at_the_cap_and_on_an_empty_backlog() -> None:
+    store = InMemoryJobStore()
+    for _ in range(20):
+        store.submit_job(OWNERS[0], "p", {})
+    counts = [0]
+    count_running = store.count_running
+
+    def counting() -> int:
+        counts[0] += 1
+        return count_running()
+
+    store.count_running = counting  # type: ignore[method-assign]
+    clock = [100.0]
+    unit = Claimer(Broker(), InFlightGate(16, 100), ListenerStats(), None, clock=lambda: clock[0])
+
+    assert unit.drain(store, lambda: False) == 16
+    assert counts[0] == 1, "a claim that fills the cap stops without counting again"
+    clock[0] += 1.0
+    assert unit.drain(store, lambda: False) == 0, "at the cap: nothing, and a number"
+    store.jobs[next(iter(store.jobs))]["status"] = "done"  # one finishes: too few for a refill
+    clock[0] += 1.0
+    assert unit.drain(store, lambda: False) == 0
+    assert unit.gate.saturated and unit.gate.wait > 0
+    empty = Claimer(Broker(), InFlightGate(16, 100), ListenerStats(), None)
+    assert empty.drain(InMemoryJobStore(), lambda: False) == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [(ConnectionError(), "ConnectionError"), (ConnectionError("refused\nat line 2"), "refused")],
+)
+def test_a_failed_forward_shows_the_first_line_of_the_error_or_its_type(
+    caplog: pytest.LogCaptureFixture, error: Exception, shown: str
+) -> None:
+    class Failing(Broker):
+        def enqueue_many(self, messages: list[Any]) -> list[Any]:
+            raise error
+
+    store = InMemoryJobStore()
+    store.submit_job(OWNERS[0], "p", {})
+    caplog.set_level(logging.WARNING, logger="imagen.listener")
+
+    Claimer(Failing(), InFlightGate(16, 100), ListenerStats(), None).drain(store, lambda: False)
+
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "imagen.listener"]
+    assert message == f"forwarding to Dramatiq failed ({shown}): putting 1 job(s) back"
+
+
+def test_the_gate_at_exactly_the_cap_waits_and_one_slot_below_it_claims_one() -> None:
+    gate = InFlightGate(max_in_flight=20, claim_batch=100)
+    assert (gate.refill, gate.wait, gate.saturated) == (2, SATURATED_POLL, False)
+
+    assert gate.want(19, 0.0) == 1
+    assert gate.filled(1, 0.0) is True and gate.saturated
+    assert gate.want(20, 0.1) == 0 and gate.saturated
+
+    fresh = InFlightGate(max_in_flight=256, claim_batch=100)
+    assert fresh.want(0, 0.0) == 100
+    assert fresh.filled(100, 0.0) is False and not fresh.saturated
