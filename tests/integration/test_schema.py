@@ -241,8 +241,11 @@ def test_claim_queue_indexes_exist(db_url: str) -> None:
                 "select indexname, indexdef from pg_indexes where schemaname = 'imagen' and tablename = 'jobs'"
             ).fetchall()
         )
+    assert indexes["jobs_claim_idx"].endswith(
+        "(fair_round, created_at, id) WHERE ((status = 'pending'::text) AND (fair_round IS NOT NULL))"
+    )
     assert indexes["jobs_pending_idx"].endswith(
-        "(owner_user_id, created_at, id) WHERE (status = 'pending'::text)"
+        "(owner_user_id, fair_round) WHERE (status = 'pending'::text)"
     )
     assert indexes["jobs_owner_idx"].endswith("(owner_user_id, created_at DESC)")
     assert indexes["jobs_running_idx"].endswith("(claimed_at) WHERE (status = 'running'::text)")
