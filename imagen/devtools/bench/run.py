@@ -29,16 +29,9 @@ from psycopg.types.json import Jsonb
 
 from imagen.broker import WakingRedisBroker
 from imagen.devtools.bench.baselines import BARE_ACTORS, DONE_KEY, RAW_CLAIMER, RAW_SCHEMA
-from imagen.devtools.bench.config import (
-    DURABLE_SETTINGS,
-    JOB_PARAMS,
-    BenchConfig,
-    BenchError,
-    Echo,
-    default_scratch,
-    size_note,
-)
-from imagen.devtools.bench.machine import cpu_pressure, describe_machine, filesystem_type
+from imagen.devtools.bench.config import DURABLE_SETTINGS as DURABLE
+from imagen.devtools.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo, default_scratch, size_note
+from imagen.devtools.bench.machine import cpu_pressure, describe_machine, filesystem_type, postgres_settings
 from imagen.devtools.bench.procs import (
     _interrupt_on_sigterm,
     _ready,
@@ -88,7 +81,7 @@ class BenchRun(Backlogs):
             tempfile.mkdtemp(prefix="imagen-bench-files-", dir=config.scratch or default_scratch())
         )
         stack.callback(shutil.rmtree, self.files, ignore_errors=True)
-        self.pg = PostgresServer(settings=dict(DURABLE_SETTINGS) if config.durable else {})
+        self.pg = PostgresServer(settings=dict(DURABLE) if config.durable else {})
         stack.callback(self.pg.cleanup)
         self.redis = RedisServer()
         stack.callback(self.redis.cleanup)
@@ -111,11 +104,7 @@ class BenchRun(Backlogs):
         info = redis.Redis.from_url(self.redis.url).info("server")
         self.report.machine["redis"] = info.get("redis_version")
         self.report.machine["scratch"] = f"{self.files.parent} ({filesystem_type(self.files) or 'unknown'})"
-        with psycopg.connect(self.db_url, autocommit=True) as conn:
-            self.report.machine["postgres_settings"] = {
-                name: str(_setting(conn, name))
-                for name in ("fsync", "synchronous_commit", "full_page_writes")
-            }
+        self.report.machine["postgres_settings"] = postgres_settings(self.db_url, DURABLE)
         self.bare_folder.mkdir()
         (self.bare_folder / "bench_actors.py").write_text(BARE_ACTORS)
         (self.root / "raw_claimer.py").write_text(RAW_CLAIMER)
@@ -338,11 +327,6 @@ class BenchRun(Backlogs):
                     self.report.latency[key] = Summary.of(out)
         finally:
             stock.close()
-
-
-def _setting(conn: psycopg.Connection[Any], name: str) -> object:
-    row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
-    return row[0] if row else None
 
 
 def stamped(client: redis.Redis, key: str, send: Callable[[], object], token: int, what: str) -> float:
