@@ -7,8 +7,9 @@ from 1,000 owners with 100 jobs each. At every step it measures the idle pickup 
 jobs on a quiet pipeline) and the rate of a backlog's first `scale_jobs` jobs, and reads the
 claim's cost from pg_stat_statements (the listener's own claims during that backlog) and from
 a probe (one 100-job claim over the step's pending shape, rolled back). Figures are ratios to
-the fresh step of the same run. Filler rows are bulk-inserted with generate_series and the
-table vacuumed after each step, as autovacuum would. The method is in docs/benchmarks.md.
+the fresh step of the same run. Filler rows are bulk-inserted with generate_series; autovacuum
+is off and the bench runs VACUUM ANALYZE before each step, outside the timed parts, as
+autovacuum would between bursts. The method is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -99,7 +100,10 @@ class ScaleRun(BenchRun):
 
     def __init__(self, config: BenchConfig, echo: Echo, stack: Any) -> None:
         super().__init__(config, echo, stack)
-        self.pg.settings.update({"shared_preload_libraries": "pg_stat_statements"})
+        # Autovacuum off, the table vacuumed by the bench after each step's fill and backlog: the
+        # autovacuum of a 100,000-row burst (a VACUUM and an ANALYZE of the whole table, about one
+        # core for seconds) would otherwise land in that step's timed backlog and nowhere else.
+        self.pg.settings.update({"shared_preload_libraries": "pg_stat_statements", "autovacuum": "off"})
         self.scale = ScaleReport(config)
 
     def start_servers(self) -> None:
