@@ -352,8 +352,8 @@ def render_peers(report: Report) -> str:
         s = report.latency.get(key)
         if s is None:
             continue
-        ours = start if key.endswith("_start") else done
-        ratio = format_versus(ours.p50, s.p50, "ms") if ours and not key.startswith("imagen") else "-"
+        mine = start if key.endswith("_start") else done
+        ratio = format_versus(mine.p50, s.p50, "ms") if mine and not key.startswith("imagen") else "-"
         lines.append(
             f"{label:<62} | {format_value(s.p50):>6} | {format_value(s.p99):>6} | {format_value(s.max):>6} | {ratio}"
         )
