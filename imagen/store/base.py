@@ -7,8 +7,11 @@ Two implementations keep the same rules: `PostgresJobStore` (the real one) and
 
 - every stage write is fenced on `status = 'running' AND attempt = <the message's
   attempt>`; a write whose fence fails changes nothing and answers False or None;
-- a claim takes every owner's oldest pending job before anyone's second, oldest
-  first within an owner, and increments `attempt`;
+- a claim takes the pending jobs in rounds: every owner's next job before anyone's
+  following one, oldest first within a round, and increments `attempt`. A new job
+  goes one round after its owner's last pending job, or into the current (lowest
+  pending) round; a job put back to pending keeps its round or takes the current
+  one (sql/012_fair_rounds.sql);
 - an images row is written once per job (a second write returns the first row's
   id), owned by the job's owner, and only while the attempt holds the job;
 - a usage row is written once per call id, fence or not.
@@ -38,6 +41,11 @@ class JobStore(Protocol):
         ...
 
     def count_running(self) -> int: ...
+
+    def claim_within_cap(self, limit: int, max_in_flight: int) -> tuple[list[Claim], int | None]:
+        """Claim up to min(limit, max_in_flight - running) in one step; also the running count
+        before the claim, or None when nothing was claimed."""
+        ...
 
     def release_claim(self, job_id: JobId, attempt: int) -> bool:
         """Undo a claim whose forward failed: back to pending, the attempt not counted."""
