@@ -116,6 +116,9 @@ class PostgresServer(_Server):
     """A private PostgreSQL cluster: initdb once, then start/stop/restart freely."""
 
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="imagen-pg-")))
+    # More `-c name=value` settings, after (and so over) the defaults: `imagen bench --durable`
+    # turns fsync back on, `--scale` loads pg_stat_statements.
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -168,6 +171,7 @@ class PostgresServer(_Server):
             postgres, "-D", str(self.root / "data"), "-p", str(self.port), "-k", str(self.root),
             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
             "-c", "full_page_writes=off", "-c", "max_connections=200",
+            *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")),
         ]  # fmt: skip
         self._spawn(args, timeout, cwd=self.root, **self._run_as())
         self._wait_ready(timeout)
