@@ -37,10 +37,20 @@ class Claimer:
         gate = self.gate
         total = 0
         while not stopping():
-            want = gate.want(store.count_running(), time.monotonic())
-            if not want:
-                break
-            claims = store.claim_jobs(want)
+            if gate.saturated:
+                want = gate.want(store.count_running(), time.monotonic())
+                if not want:
+                    break
+                claims = store.claim_jobs(want)
+            else:
+                # Below the cap (an idle wake-up, a backlog's next batch): the in-flight count rides
+                # in the claim, one round trip between the NOTIFY and the forward instead of two.
+                claims, running = store.claim_within_cap(gate.claim_batch, gate.max_in_flight)
+                if running is None:  # nothing claimed: drained, or at the cap
+                    running = store.count_running()
+                want = gate.want(running, time.monotonic())
+                if not want:
+                    break
             gate.claimed()
             if not claims:
                 break

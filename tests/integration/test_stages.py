@@ -231,7 +231,16 @@ def test_listener_at_the_in_flight_cap_claims_a_refill_at_a_time(
         finish_running(db_url, 3)
         return claims
 
+    claim_within_cap = jobs.claim_within_cap
+
+    def capped_claim_while_3_finish(conn: Any, limit: int, cap: int) -> tuple[list[jobs.Claim], int | None]:
+        claims, running = claim_within_cap(conn, limit, cap)
+        sizes.append(len(claims))
+        finish_running(db_url, 3)
+        return claims, running
+
     monkeypatch.setattr(jobs, "claim_jobs", claim_while_3_finish)
+    monkeypatch.setattr(jobs, "claim_within_cap", capped_claim_while_3_finish)
     listener = listener_over_a_backlog(db_url, settings)
     try:
         assert listener.drain() == 80, "claims up to the cap, then stops"

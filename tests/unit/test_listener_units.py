@@ -56,6 +56,53 @@ def test_the_claimer_stops_at_the_in_flight_cap_and_leaves_the_rest_pending() ->
     assert store.count_running() == 16 and len(broker.sent) == 16
 
 
+class CountingStore(InMemoryJobStore):
+    """Counts the store calls a drain makes (each is a round trip on PostgreSQL)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def count_running(self) -> int:
+        self.calls.append("count")
+        return super().count_running()
+
+    def claim_jobs(self, limit: int, *, max_owners: int = 1000) -> list[Any]:
+        self.calls.append("claim")
+        return super().claim_jobs(limit, max_owners=max_owners)
+
+    def claim_within_cap(self, limit: int, max_in_flight: int) -> tuple[list[Any], int | None]:
+        self.calls.append("claim")
+        with self._lock:  # one step, as one statement: not the two calls above
+            running = InMemoryJobStore.count_running(self)
+            claims = InMemoryJobStore.claim_jobs(self, max(0, min(limit, max_in_flight - running)))
+        return claims, (running if claims else None)
+
+
+def test_an_idle_wake_up_claims_in_one_round_trip_with_the_count_inside() -> None:
+    store = CountingStore()
+    store.submit_job(OWNERS[0], "p", {})
+    broker = Broker()
+
+    assert claimer(broker).drain(store, lambda: False) == 1
+
+    assert store.calls == ["claim"], "no separate count before the claim"
+    assert len(broker.sent) == 1
+
+
+def test_at_the_cap_the_claimer_still_counts_before_claiming() -> None:
+    store = CountingStore()
+    for _ in range(20):
+        store.submit_job(OWNERS[0], "p", {})
+    unit = claimer(Broker(), cap=8, batch=100)
+
+    assert unit.drain(store, lambda: False) == 8
+    store.calls.clear()
+    assert unit.drain(store, lambda: False) == 0, "the cap holds"
+
+    assert store.calls == ["count"]
+
+
 def test_a_failed_forward_puts_the_batch_back_without_counting_the_attempt() -> None:
     store = InMemoryJobStore()
     job_id = store.submit_job(OWNERS[0], "p", {})
