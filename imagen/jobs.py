@@ -1,9 +1,9 @@
 """The job row: claim, stage, heartbeat, complete, fail, rescue, cancel, retry.
 
 The functions on the job row over one connection; their statements are in
-imagen/store/jobs.sql (the claim, CLAIM, is still here), loaded by name, and
-their typed rows in `imagen.store.rows`. The statements that write or discard a
-job's image row under its fence are in `imagen.job_images`. Every write a stage makes is fenced on `status =
+imagen/store/jobs.sql, loaded by name (the claim, built from one template in two
+forms, is still here, where issue 20 is changing it), and their typed rows in
+`imagen.store.rows`. Every write a stage makes is fenced on `status =
 'running' AND attempt = <the message's attempt>`: a function returns False (or
 None) when the fence fails, and the caller drops the message. Every write is one
 statement run by `execute_once`, so it is committed when the function returns,
