@@ -97,6 +97,14 @@ def _when(moment: datetime | None) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
+def _span(seconds: float) -> str:
+    """A duration the operator gave, in the form they give it (30d, 12h, 45s), not as a timing."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -438,7 +446,7 @@ def prune(older_than: timedelta, prune_statuses: tuple[str, ...], dry_run: bool,
     becomes null); storage objects are untouched. The output says how many
     images were detached.
     """
-    what = f"{'/'.join(prune_statuses)} job(s) older than {_duration(older_than.total_seconds())}"
+    what = f"{'/'.join(prune_statuses)} job(s) older than {_span(older_than.total_seconds())}"
     with _connection() as conn:
         if dry_run or not yes:
             found = jobs_admin.prune(conn, older_than, prune_statuses, dry_run=True)
