@@ -56,8 +56,14 @@ def imagen(tmp_path: Path, *args: str, timeout: float = 60, **env: str) -> subpr
 
 @pytest.mark.parametrize(
     "args",
-    [("listen",), ("jobs", "ls"), ("jobs", "stats"), ("smoke", "--timeout", "1")],
-    ids=["listen", "jobs-ls", "jobs-stats", "smoke"],
+    [
+        ("listen",),
+        ("jobs", "ls"),
+        ("jobs", "stats"),
+        ("smoke", "--timeout", "1"),
+        ("web", "--port", str(free_port())),
+    ],
+    ids=["listen", "jobs-ls", "jobs-stats", "smoke", "web"],
 )
 def test_an_unmigrated_database_exits_78_with_the_migrate_hint(
     fresh_db_url: str, tmp_path: Path, args: tuple[str, ...]
