@@ -74,6 +74,23 @@ def test_an_unmigrated_database_exits_78_with_the_migrate_hint(
     assert one_line(result).endswith(MIGRATE_HINT), explain(result)
 
 
+@pytest.mark.parametrize("database", ["unmigrated", "down"])
+def test_generate_sync_checks_the_database_before_generating(
+    fresh_db_url: str, tmp_path: Path, database: str
+) -> None:
+    """No image is made (with a real backend: paid for) when it could not be synced."""
+    url = fresh_db_url if database == "unmigrated" else down_url()
+    owner = "00000000-0000-4000-8000-000000000001"
+    result = imagen(tmp_path, "generate", "a cat", "--sync", "--owner", owner, "--out", "out",
+                    IMAGEN_DATABASE_URL=url, IMAGEN_STORAGE_DIR=str(tmp_path / "storage"),
+                    IMAGEN_USAGE_SPOOL_DIR=str(tmp_path / "spool"))  # fmt: skip
+
+    assert result.returncode == (EXIT_CONFIG if database == "unmigrated" else EXIT_TEMPFAIL), explain(result)
+    line = one_line(result)
+    assert line.endswith(MIGRATE_HINT if database == "unmigrated" else "(temporary failure; try again later)")
+    assert not list(tmp_path.glob("out/*.png")), "nothing was generated"
+
+
 def test_workers_on_an_unmigrated_database_exit_78_with_the_migrate_hint(
     fresh_db_url: str, redis_url: str, tmp_path: Path
 ) -> None:
