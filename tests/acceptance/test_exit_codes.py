@@ -91,6 +91,38 @@ def test_generate_sync_checks_the_database_before_generating(
     assert not list(tmp_path.glob("out/*.png")), "nothing was generated"
 
 
+@pytest.mark.parametrize(
+    "args", [("presets",), ("generate", "a cat", "--out", "out")], ids=["presets", "generate"]
+)
+@pytest.mark.parametrize("problem", ["missing", "malformed"])
+def test_a_bad_presets_file_is_configuration_exit_78(
+    tmp_path: Path, args: tuple[str, ...], problem: str
+) -> None:
+    presets = tmp_path / "presets.toml"
+    if problem == "malformed":
+        presets.write_text("[presets.a\nprefix = 'x'\n")
+    result = imagen(tmp_path, *args, IMAGEN_PRESETS_FILE=str(presets))
+
+    assert result.returncode == EXIT_CONFIG, explain(result)
+    assert one_line(result).startswith(f"imagen: presets file {presets}"), explain(result)
+
+
+def test_workers_with_a_bad_presets_file_exit_78_naming_it(
+    db_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Not every job failing with it: a restart cannot fix the file, so systemd does not restart."""
+    missing = tmp_path / "presets.toml"
+    env = clean_env(IMAGEN_DATABASE_URL=db_url, IMAGEN_REDIS_URL=redis_url, IMAGEN_WORKER_METRICS="0",
+                    IMAGEN_PRESETS_FILE=str(missing))  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "dramatiq", "imagen.actors", "-p", "1", "-t", "1"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert result.returncode == EXIT_CONFIG, explain(result)
+    assert f"imagen.actors: presets file {missing} does not exist" in result.stderr, explain(result)
+
+
 def test_workers_on_an_unmigrated_database_exit_78_with_the_migrate_hint(
     fresh_db_url: str, redis_url: str, tmp_path: Path
 ) -> None:
