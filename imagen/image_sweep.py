@@ -16,7 +16,6 @@ missing row or object is nothing.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from uuid import UUID
 
 from imagen.errors import ImagenError
@@ -24,6 +23,7 @@ from imagen.jobs import Conn
 from imagen.logs import transition
 from imagen.storage import EXTENSIONS, Storage, job_object_path
 from imagen.store.queries import QUERIES
+from imagen.store.rows import Discarded
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,6 @@ DELETE_IMAGE = QUERIES["delete_image"]
 PATHS_IN_USE = QUERIES["paths_in_use"]
 MARK_SWEPT = QUERIES["mark_swept"]
 UNSWEPT = QUERIES["unswept"]
-
-
-@dataclass(frozen=True)
-class Discarded:
-    """What `discard_ended` removed for one job."""
-
-    job_id: UUID
-    status: str
-    attempt: int
-    row: bool
-    objects: list[str]
-
-    @property
-    def removed_anything(self) -> bool:
-        return self.row or bool(self.objects)
 
 
 def discard_ended(conn: Conn, job_id: UUID | str, storage: Storage) -> Discarded | None:

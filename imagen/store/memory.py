@@ -17,14 +17,18 @@ from uuid import UUID, uuid4
 from imagen.errors import ImagenError
 from imagen.storage import EXTENSIONS, Storage, job_object_path
 from imagen.store.base import JobId
+from imagen.store.memory_operator import InMemoryOperatorStore
 from imagen.store.rows import Claim, Discarded, ImageRow, Rescued, RunningJob
 from imagen.usage import UsageRecord
 
 ENDED = ("done", "failed", "cancelled")
 
 
-class InMemoryJobStore:
-    """`JobStore` on dicts: `jobs` and `images` by id, `usage` by call id."""
+class InMemoryJobStore(InMemoryOperatorStore):
+    """`JobStore` on dicts: `jobs` and `images` by id, `usage` by call id, `quotas` by owner.
+
+    The operator's reads are `InMemoryOperatorStore`'s (memory_operator.py).
+    """
 
     def __init__(self) -> None:
         self.jobs: dict[UUID, dict[str, Any]] = {}
@@ -32,6 +36,8 @@ class InMemoryJobStore:
         self.usage: dict[UUID, UsageRecord] = {}
         self._lock = threading.RLock()
         self._last = datetime.now(UTC)
+
+        self.quotas: dict[UUID, tuple[int | None, float | None]] = {}
 
     def now(self) -> datetime:
         """The store's clock: wall time, but strictly later than any time it gave before."""

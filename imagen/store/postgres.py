@@ -15,14 +15,18 @@ from uuid import UUID
 from imagen import image_sweep, job_images, jobs
 from imagen.storage import Storage
 from imagen.store.base import JobId
+from imagen.store.postgres_operator import PostgresOperatorStore
 from imagen.store.rows import Claim, Discarded, ImageRow, Rescued, RunningJob
 from imagen.usage import INSERT_USAGE, UsageRecord, usage_params
 
 Connect = Callable[[], AbstractContextManager[Any]]
 
 
-class PostgresJobStore:
-    """`JobStore` over a connection factory: a pool's `connection` method, or one that opens one."""
+class PostgresJobStore(PostgresOperatorStore):
+    """`JobStore` over a connection factory: a pool's `connection` method, or one that opens one.
+
+    The operator's reads are `PostgresOperatorStore`'s (postgres_operator.py, operator.sql).
+    """
 
     def __init__(self, connect: Connect) -> None:
         self.connect = connect
