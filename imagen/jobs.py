@@ -2,7 +2,7 @@
 
 The SQL of the job row lives here, kept together as procrastinate keeps its
 queries; the statements that write or discard a job's image row under its fence
-are in `imagen.job_images`. Every write a stage makes is fenced on `status =
+are in `imagen.store.postgres_stages`. Every write a stage makes is fenced on `status =
 'running' AND attempt = <the message's attempt>`: a function returns False (or
 None) when the fence fails, and the caller drops the message. Every write is one
 statement run by `execute_once`, so it is committed when the function returns,

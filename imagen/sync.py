@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
-from imagen import job_images
 from imagen.config import Settings
 from imagen.pipeline import Generation
 from imagen.storage import cli_object_path, open_storage
+from imagen.store.postgres import PostgresJobStore
+from imagen.store.rows import ImageMeta, ImageRow
 
 
 @dataclass(frozen=True)
@@ -26,23 +27,18 @@ def sync_generation(
     settings: Settings, generation: Generation, owner_user_id: UUID | None
 ) -> list[SyncResult]:
     """Upload every image of a CLI generation and insert its imagen.images row (job_id NULL)."""
-    from imagen.db import connect
-
-    url = settings.require_database_url()
+    store = PostgresJobStore.from_url(settings.require_database_url())
     storage = open_storage(settings)
     results = []
-    with connect(url, autocommit=True) as conn:
-        for image in generation.images:
-            path = cli_object_path(owner_user_id, image.mime)
-            stored = storage.put(path, image.data, image.mime)
-            image_id = job_images.insert_image(
-                conn,
-                {
-                    "owner_user_id": owner_user_id, "job_id": None, "bucket": stored.bucket, "path": path,
-                    "mime": image.mime, "width": image.width, "height": image.height, "bytes": len(image.data),
-                    "prompt": generation.prompt, "backend": generation.backend, "model": generation.model,
-                    "params": {**generation.params, "seed": image.seed},
-                },
-            )  # fmt: skip
-            results.append(SyncResult(image_id=image_id, bucket=stored.bucket, path=path))
+    for image in generation.images:
+        path = cli_object_path(owner_user_id, image.mime)
+        stored = storage.put(path, image.data, image.mime)
+        meta = ImageMeta(
+            mime=image.mime, width=image.width, height=image.height, backend=generation.backend,
+            model=generation.model, prompt=generation.prompt, params={**generation.params, "seed": image.seed},
+        )  # fmt: skip
+        image_id = store.insert_image(
+            ImageRow.of(None, stored.bucket, path, len(image.data), meta), owner_user_id
+        )
+        results.append(SyncResult(image_id=image_id, bucket=stored.bucket, path=path))
     return results

@@ -25,6 +25,8 @@ class Harness(Protocol):
 
     def usage_call_ids(self) -> list[UUID]: ...
 
+    def set_quota(self, owner: UUID, daily_images: int | None, daily_cost_usd: float | None) -> None: ...
+
 
 class MemoryHarness:
     def __init__(self) -> None:
@@ -42,6 +44,9 @@ class MemoryHarness:
 
     def usage_call_ids(self) -> list[UUID]:
         return sorted(self.memory.usage)
+
+    def set_quota(self, owner: UUID, daily_images: int | None, daily_cost_usd: float | None) -> None:
+        self.memory.quotas[owner] = (daily_images, daily_cost_usd)
 
 
 class PostgresHarness:
@@ -67,6 +72,13 @@ class PostgresHarness:
 
     def usage_call_ids(self) -> list[UUID]:
         return sorted(r["call_id"] for r in self._rows("SELECT call_id FROM imagen.usage"))
+
+    def set_quota(self, owner: UUID, daily_images: int | None, daily_cost_usd: float | None) -> None:
+        self._rows(
+            "INSERT INTO imagen.owner_quotas (owner_user_id, daily_images, daily_cost_usd) VALUES (%s, %s, %s)"
+            " RETURNING owner_user_id",
+            (owner, daily_images, daily_cost_usd),
+        )
 
 
 @pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.integration)])
