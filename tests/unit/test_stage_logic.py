@@ -184,6 +184,30 @@ def test_a_redelivered_sync_message_never_writes_a_second_image_row(
     assert len(objects(tmp_path)) == 1
 
 
+def test_a_sync_redelivered_while_the_first_still_uploads_writes_one_image_row(
+    ctx: StageContext, store: InMemoryJobStore, tmp_path: Path
+) -> None:
+    job_id = claimed(store)
+    run_generate(ctx, job_id, 1)
+    storage = ctx.storage
+    put = storage.put
+    uploads = []
+
+    def slow_first_upload(*args: Any) -> Any:
+        uploads.append(args[0])
+        if len(uploads) == 1:
+            run_sync(ctx, job_id, 1)  # the broker gave the message to another worker meanwhile
+        return put(*args)
+
+    storage.put = slow_first_upload  # type: ignore[method-assign]
+    run_sync(ctx, job_id, 1)
+
+    assert len(uploads) == 2 and len(set(uploads)) == 1, "both uploads went to the job's one path"
+    first, second = sent(ctx, FINALIZE_ACTOR)
+    assert first == second and len(store.images) == 1
+    assert len(objects(tmp_path)) == 1
+
+
 def test_a_chained_job_run_twice_has_one_image_row_and_one_usage_row(
     ctx: StageContext, store: InMemoryJobStore, tmp_path: Path
 ) -> None:
