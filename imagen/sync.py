@@ -6,6 +6,7 @@ stage links the same kind of result to its job.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -27,18 +28,22 @@ def sync_generation(
     settings: Settings, generation: Generation, owner_user_id: UUID | None
 ) -> list[SyncResult]:
     """Upload every image of a CLI generation and insert its imagen.images row (job_id NULL)."""
-    store = PostgresJobStore.from_url(settings.require_database_url())
+    from imagen.db import connect
+
+    url = settings.require_database_url()
     storage = open_storage(settings)
     results = []
-    for image in generation.images:
-        path = cli_object_path(owner_user_id, image.mime)
-        stored = storage.put(path, image.data, image.mime)
-        meta = ImageMeta(
-            mime=image.mime, width=image.width, height=image.height, backend=generation.backend,
-            model=generation.model, prompt=generation.prompt, params={**generation.params, "seed": image.seed},
-        )  # fmt: skip
-        image_id = store.insert_image(
-            ImageRow.of(None, stored.bucket, path, len(image.data), meta), owner_user_id
-        )
-        results.append(SyncResult(image_id=image_id, bucket=stored.bucket, path=path))
+    # One connection for the run, opened first: a database that is away fails before any upload.
+    with connect(url, autocommit=True) as conn:
+        store = PostgresJobStore(lambda: nullcontext(conn))
+        for image in generation.images:
+            path = cli_object_path(owner_user_id, image.mime)
+            stored = storage.put(path, image.data, image.mime)
+            meta = ImageMeta(
+                mime=image.mime, width=image.width, height=image.height, backend=generation.backend,
+                model=generation.model, prompt=generation.prompt, params={**generation.params, "seed": image.seed},
+            )  # fmt: skip
+            row = ImageRow.of(None, stored.bucket, path, len(image.data), meta)
+            image_id = store.insert_image(row, owner_user_id)
+            results.append(SyncResult(image_id=image_id, bucket=stored.bucket, path=path))
     return results
