@@ -74,7 +74,8 @@ def _configure() -> tuple[Settings, dramatiq.Broker]:
         # A database that can never work (unknown, wrong password, not migrated) stops the worker with
         # exit 78, which the systemd unit does not restart; one that is down is the stages' to retry.
         unreachable = preflight(settings.require_database_url())
-        JobPolicy.from_settings(settings)  # a bad IMAGEN_JOB_BACKENDS stops the worker, not each job
+        # A bad IMAGEN_JOB_BACKENDS or IMAGEN_JOB_OPENAI_QUALITIES stops the worker, not each job.
+        JobPolicy.from_settings(settings)
     except ConfigError as exc:
         print(f"imagen.actors: {exc}", file=sys.stderr)
         raise SystemExit(78) from None

@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     job_backends: str | None = None
     job_gemini_models: str | None = None
     job_openai_models: str | None = None
+    job_openai_qualities: str | None = None
     job_test_options: bool = False
     max_pixels: int = Field(default=3840 * 2160, ge=256)
     # Seconds a provider call or simulated delay in progress may still run after SIGTERM.

@@ -3,8 +3,8 @@
 A job row is written by a signed-in user, so its params are hostile input
 (docs/security.md): without a policy any user could pick a backend or model the
 operator never offered (and the bill that goes with it), the mock's test options
-(`delay_ms` holds a worker thread), or a size that costs a worker hundreds of
-megabytes. The policy comes from settings only; the CLI (`imagen generate`) is
+(`delay_ms` holds a worker thread), an OpenAI quality that multiplies the price
+of every image, or a size that costs a worker hundreds of megabytes. The policy comes from settings only; the CLI (`imagen generate`) is
 the operator's own tool and does not apply it. A refusal is an InvalidRequest
 (permanent: the job fails at once) whose text names the setting to change, and
 an error never lists a choice the policy does not allow.
@@ -19,6 +19,7 @@ from typing import Any
 from imagen.backends import canonical_name
 from imagen.config import Settings
 from imagen.errors import ConfigError, InvalidRequest
+from imagen.params import QUALITIES
 
 TEST_OPTIONS = ("delay_ms", "fail")
 # The largest size a job can ask a real provider for: OpenAI's gpt-image-2 custom sizes go up
@@ -26,6 +27,8 @@ TEST_OPTIONS = ("delay_ms", "fail")
 DEFAULT_MAX_PIXELS = 3840 * 2160
 # Backends whose bill depends on the model: a job names only models the operator listed.
 BILLED_BY_MODEL = ("gemini", "openai")
+# Backends whose bill depends on params.quality (others ignore it, with a warning).
+BILLED_BY_QUALITY = ("openai",)
 ANY = "*"
 
 
@@ -35,12 +38,15 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class JobPolicy:
-    """What a job may choose: backends, models per backend, test options, pixels per image."""
+    """What a job may choose: backends, models per backend, OpenAI qualities, test options, pixels per image."""
 
     backends: tuple[str, ...]
     # Per backend billed by model: the models a job may name (ANY: every model); a job
     # that names none gets the backend's configured model, which is always allowed.
     models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # The params.quality values a job may name for the backends in BILLED_BY_QUALITY (ANY: every
+    # one); a job that names none gets IMAGEN_OPENAI_QUALITY, which is always allowed.
+    qualities: tuple[str, ...] = (ANY,)
     test_options: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
 
@@ -57,9 +63,16 @@ class JobPolicy:
             configured[canonical_name(settings.backend)] = settings.model
         listed = {"gemini": settings.job_gemini_models, "openai": settings.job_openai_models}
         models = {key: _names(listed[key]) or (configured[key],) for key in BILLED_BY_MODEL}
+        qualities = _names(settings.job_openai_qualities) or (settings.openai_quality,)
+        wrong = [name for name in qualities if name not in (*QUALITIES, ANY)]
+        if wrong:
+            raise ConfigError(
+                f"IMAGEN_JOB_OPENAI_QUALITIES: unknown quality {wrong[0][:20]!r}; use {', '.join(QUALITIES)} or *"
+            )
         return cls(
             backends=backends,
             models=models,
+            qualities=qualities,
             test_options=settings.job_test_options,
             max_pixels=settings.max_pixels,
         )
@@ -100,6 +113,20 @@ class JobPolicy:
             f" {', '.join(allowed)} (the operator can add it to IMAGEN_JOB_{backend.upper()}_MODELS)"
         )
 
+    def quality_choices(self) -> tuple[str, ...]:
+        """The qualities a job's error may list: only those allowed."""
+        return QUALITIES if ANY in self.qualities else tuple(q for q in QUALITIES if q in self.qualities)
+
+    def check_quality(self, backend: str, quality: str | None) -> None:
+        """Refuse a quality the operator does not offer, on a backend that bills by it."""
+        if quality is None or backend not in BILLED_BY_QUALITY or ANY in self.qualities:
+            return
+        if quality not in self.qualities:
+            raise InvalidRequest(
+                f"quality {quality!r} is not offered for {backend} jobs on this server; jobs may use:"
+                f" {', '.join(self.quality_choices())} (the operator can add it to IMAGEN_JOB_OPENAI_QUALITIES)"
+            )
+
     def check_size(
         self, backend: str, size: tuple[int, int] | None, allowed: Collection[tuple[int, int]] | None
     ) -> None:
@@ -125,6 +152,7 @@ def check_generation(policy: JobPolicy, backend: Any, spec: Any) -> None:
     """
     policy.check_backend(backend.name)
     policy.check_model(backend.name, spec.model)
+    policy.check_quality(backend.name, spec.quality)
     if spec.options:
         policy.check_keys(spec.options)
     sizes = getattr(backend, "allowed_sizes", None)

@@ -135,7 +135,8 @@ def spec_from_params(prompt: str, params: Any, policy: JobPolicy | None = None) 
         parse_aspect(aspect)
     quality = _string(params, "quality", 10)
     if quality is not None and quality not in QUALITIES:
-        raise InvalidRequest(f"params.quality must be one of {', '.join(QUALITIES)}, not {_shown(quality)!r}")
+        choices = policy.quality_choices() if policy is not None else QUALITIES
+        raise InvalidRequest(f"params.quality must be one of {', '.join(choices)}, not {_shown(quality)!r}")
     options: dict[str, Any] = {}
     delay = _integer(params, "delay_ms", 0, MAX_DELAY_MS)
     if delay is not None:

@@ -25,6 +25,7 @@ ALL = [
     "009_usage_cost_basis.sql",
     "010_dashboard_indexes.sql",
     "011_admission.sql",
+    "014_params_size.sql",
 ]
 
 
@@ -161,6 +162,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "009_usage_cost_basis.sql": "applied",
         "010_dashboard_indexes.sql": "applied",
         "011_admission.sql": "applied",
+        "014_params_size.sql": "applied",
         "099_next.sql": "pending",
     }
 

@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import errors
+from psycopg.types.json import Jsonb
 
 from imagen import db, jobs
 
@@ -125,6 +126,16 @@ def test_params_must_be_an_object(db_url: str, params: str) -> None:
             (OWNER, params),
         )
     assert raised.value.diag.constraint_name == "jobs_params_check"
+
+
+def test_params_larger_than_any_job_needs_are_refused(db_url: str) -> None:
+    """A user cannot make a worker read megabytes of params; the largest real params still fit."""
+    largest = {"negative_prompt": "\x01" * 2000, "backend": "b" * 40, "model": "m" * 100, "preset": "p" * 60}
+    with psycopg.connect(db_url) as conn:
+        _job(conn, params=Jsonb(largest))
+        with pytest.raises(errors.CheckViolation) as raised:
+            _job(conn, params=Jsonb({"pad": "x" * 20_000}))
+    assert raised.value.diag.constraint_name == "jobs_params_size_check"
 
 
 def test_params_may_not_be_sql_null(db_url: str) -> None:

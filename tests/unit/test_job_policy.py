@@ -96,6 +96,39 @@ def test_billed_models_are_only_those_listed_or_configured() -> None:
     check_generation(policy(), Backend("mock"), GenerateSpec(prompt="p", model="anything"))
 
 
+def test_openai_quality_is_only_the_operators_by_default_naming_the_setting() -> None:
+    """Quality multiplies an OpenAI image's price: a job gets only IMAGEN_OPENAI_QUALITY unless
+    the operator lists more in IMAGEN_JOB_OPENAI_QUALITIES."""
+    openai = Backend("openai")
+    default = policy(job_backends="openai,gemini", openai_quality="low")
+    check_generation(default, openai, GenerateSpec(prompt="p"))  # none named: the operator's
+    check_generation(default, openai, GenerateSpec(prompt="p", quality="low"))
+    with pytest.raises(InvalidRequest) as caught:
+        check_generation(default, openai, GenerateSpec(prompt="p", quality="high"))
+    assert str(caught.value) == (
+        "quality 'high' is not offered for openai jobs on this server; jobs may use: low"
+        " (the operator can add it to IMAGEN_JOB_OPENAI_QUALITIES)"
+    )
+    listed = policy(job_backends="openai", job_openai_qualities="low, medium")
+    check_generation(listed, openai, GenerateSpec(prompt="p", quality="medium"))
+    with pytest.raises(InvalidRequest, match="jobs may use: low, medium "):
+        check_generation(listed, openai, GenerateSpec(prompt="p", quality="max"))
+    check_generation(
+        policy(job_backends="openai", job_openai_qualities="*"),
+        openai,
+        GenerateSpec(prompt="p", quality="max"),
+    )
+    # Backends that do not bill by quality ignore it: nothing to refuse.
+    check_generation(default, Backend("gemini"), GenerateSpec(prompt="p", quality="high"))
+
+
+def test_a_bad_quality_lists_only_the_allowed_ones_and_a_bad_setting_is_a_config_error() -> None:
+    text = refused({"quality": "ultra"}, openai_quality="medium")
+    assert text == "params.quality must be one of medium, not 'ultra'"
+    with pytest.raises(ConfigError, match="IMAGEN_JOB_OPENAI_QUALITIES: unknown quality 'hi'"):
+        policy(job_openai_qualities="low,hi")
+
+
 def test_a_size_over_max_pixels_is_refused_naming_the_setting() -> None:
     mock = Backend("mock")
     check_generation(policy(), mock, GenerateSpec(prompt="p", size=(3840, 2160)))
