@@ -1,9 +1,10 @@
 """The job row: claim, stage, heartbeat, complete, fail, rescue, cancel, retry.
 
-The SQL of the job row lives here, kept together as procrastinate keeps its
-queries; the statements that write or discard a job's image row under its fence
-are in `imagen.store.postgres_stages`. Every write a stage makes is fenced on `status =
-'running' AND attempt = <the message's attempt>`: a function returns False (or
+The functions on the job row over one connection; their statements are in
+imagen/store/jobs.sql (the claim, CLAIM, is still here), loaded by name, and
+their typed rows in `imagen.store.rows`. The statements that write or discard a
+job's image row under its fence are `imagen.store.postgres_stages`'s. Every
+write a stage makes is fenced on `status = 'running' AND attempt = <the message's attempt>`: a function returns False (or
 None) when the fence fails, and the caller drops the message. Every write is one
 statement run by `execute_once`, so it is committed when the function returns,
 unless the caller holds a transaction open, which it then joins.
@@ -11,187 +12,67 @@ unless the caller holds a transaction open, which it then joins.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import psycopg
 from psycopg.rows import dict_row
 
+from imagen.store.queries import QUERIES
+from imagen.store.rows import Claim, Rescued, RunningJob
+
 Conn = psycopg.Connection[Any]
 
-# Fair claim: a loose index scan finds the owners with pending jobs, each owner
-# contributes its oldest rows, and the batch takes every owner's first job before
-# anyone's second. FOR UPDATE SKIP LOCKED makes concurrent listeners take disjoint rows.
+# Fair claim in rounds (sql/012_fair_rounds.sql): each pending job carries the round it is served
+# in, so the claim walks jobs_claim_idx in (fair_round, created_at, id) order and reads only the
+# rows it takes, however many owners wait. Every owner's next job comes before anyone's following
+# one. FOR UPDATE SKIP LOCKED in the walk makes concurrent listeners take disjoint rows.
 CLAIM = """
-WITH RECURSIVE owners(owner, n) AS (
-    (SELECT owner_user_id, 1 FROM imagen.jobs WHERE status = 'pending' ORDER BY owner_user_id LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.owner_user_id FROM imagen.jobs j
-            WHERE j.status = 'pending' AND j.owner_user_id > o.owner
-            ORDER BY j.owner_user_id LIMIT 1), o.n + 1
-    FROM owners o WHERE o.owner IS NOT NULL AND o.n < %(max_owners)s
+WITH locked AS (
+    SELECT j.id, j.owner_user_id, j.fair_round, j.created_at
+    FROM imagen.jobs j
+    WHERE j.status = 'pending' AND j.fair_round IS NOT NULL  -- always true (jobs_fair_round_check),
+    ORDER BY j.fair_round, j.created_at, j.id                -- and it names jobs_claim_idx
+    LIMIT %(limit)s
+    FOR UPDATE OF j SKIP LOCKED
 ),
-candidates AS (
-    SELECT c.id, c.created_at, c.owner_rank
-    FROM owners o
-    CROSS JOIN LATERAL (
-        SELECT j.id, j.created_at, row_number() OVER (ORDER BY j.created_at, j.id) AS owner_rank
-        FROM imagen.jobs j
-        WHERE j.status = 'pending' AND j.owner_user_id = o.owner
-        ORDER BY j.created_at, j.id
-        LIMIT %(limit)s
-    ) c
-    WHERE o.owner IS NOT NULL
+positioned AS (
+    SELECT id, owner_user_id, row_number() OVER (ORDER BY fair_round, created_at, id) AS pos FROM locked
+),
+owners AS (
+    -- At most max_owners owners per batch, in the order their first job comes.
+    SELECT owner_user_id, row_number() OVER (ORDER BY min(pos)) AS owner_order
+    FROM positioned GROUP BY owner_user_id
 ),
 chosen AS (
-    SELECT id, owner_rank FROM candidates ORDER BY owner_rank, created_at, id LIMIT %(limit)s
-),
-picked AS (
-    -- The chosen rows, locked through the primary key and nothing else: with the status test
-    -- here, a plan made while the statistics showed no pending rows (a burst on a table of done
-    -- jobs) walked every pending row for each claim. The lock returns the row as it is now, so
-    -- a row another claim took meanwhile shows its new status and is left out below.
-    SELECT j.id, j.status FROM imagen.jobs j
-    WHERE j.id = ANY (ARRAY(SELECT id FROM chosen))
-    FOR UPDATE OF j SKIP LOCKED
+    SELECT p.id, p.pos FROM positioned p JOIN owners o ON o.owner_user_id = p.owner_user_id
+    WHERE o.owner_order <= %(max_owners)s
 )
 UPDATE imagen.jobs j
 SET status = 'running', stage = 'queued', attempt = j.attempt + 1, claimed_at = now(),
     heartbeat_at = now(), error = NULL, last_error = NULL,
     stage_times = jsonb_build_object('queued', now())
-FROM picked JOIN chosen ON chosen.id = picked.id
-WHERE j.id = picked.id AND picked.status = 'pending'
-RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, chosen.owner_rank,
+FROM chosen
+WHERE j.id = chosen.id
+RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, chosen.pos,
           coalesce(j.pending_at, j.created_at)
 """
 
-COUNT_RUNNING = "SELECT count(*) FROM imagen.jobs WHERE status = 'running'"
-
-RELEASE = """
-UPDATE imagen.jobs
-SET status = 'pending', stage = NULL, attempt = attempt - 1, claimed_at = NULL, heartbeat_at = NULL
-WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-"""
-
-# A job still 'queued' never reached a worker (workers down, or Redis lost its messages):
-# it goes back to pending however many attempts it has, so an outage fails nothing.
-RESCUE = """
-WITH expired AS (
-    SELECT id FROM imagen.jobs
-    WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => %(lease)s)
-    ORDER BY heartbeat_at
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE imagen.jobs j
-SET status = CASE WHEN j.attempt >= %(max_attempts)s AND j.stage IS DISTINCT FROM 'queued'
-                  THEN 'failed' ELSE 'pending' END,
-    error = CASE WHEN j.attempt >= %(max_attempts)s AND j.stage IS DISTINCT FROM 'queued'
-        THEN format('gave up after %%s attempts: the job stopped making progress in stage %%s '
-                    '(no heartbeat for %%s s)%%s', j.attempt, coalesce(j.stage, 'queued'), %(lease)s,
-                    coalesce('; last error: ' || j.last_error, ''))
-        ELSE j.error END,
-    -- Back to pending: pickup counts from now, and the jobs_notify_pending trigger wakes the listeners.
-    pending_at = CASE WHEN j.attempt >= %(max_attempts)s AND j.stage IS DISTINCT FROM 'queued'
-                      THEN j.pending_at ELSE now() END,
-    stage = NULL, heartbeat_at = NULL
-FROM expired
-WHERE j.id = expired.id
-RETURNING j.id, j.status, j.attempt
-"""
-
-BEGIN_STAGE = """
-UPDATE imagen.jobs
-SET stage = %(stage)s, heartbeat_at = now(),
-    stage_times = stage_times || jsonb_build_object(%(stage)s::text, now())
-WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-RETURNING id, owner_user_id, prompt, params::text, attempt, created_at, claimed_at
-"""
-
-HEARTBEAT_MANY = """
-UPDATE imagen.jobs j SET heartbeat_at = now()
-FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS b(id, attempt)
-WHERE j.id = b.id AND j.attempt = b.attempt AND j.status = 'running'
-"""
-
-STILL_RUNNING = """
-SELECT j.id::text, j.attempt FROM imagen.jobs j
-JOIN unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS b(id, attempt) ON j.id = b.id AND j.attempt = b.attempt
-WHERE j.status = 'running'
-"""
-
-NOTE_TRANSIENT = """
-UPDATE imagen.jobs SET last_error = %(error)s, heartbeat_at = now()
-WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-"""
-
-FAIL = """
-UPDATE imagen.jobs SET status = 'failed', error = %(error)s, stage = NULL
-WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-"""
-
-COMPLETE = """
-UPDATE imagen.jobs
-SET status = 'done', image_id = %(image_id)s, stage = NULL, error = NULL, last_error = NULL,
-    stage_times = stage_times || jsonb_build_object('done', now())
-WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-"""
-
-STATE = "SELECT status, attempt FROM imagen.jobs WHERE id = %(id)s"
-
-CANCEL = """
-UPDATE imagen.jobs SET status = 'cancelled'
-WHERE id = %(id)s AND status IN ('pending', 'running')
-RETURNING status
-"""
-
-RETRY = """
-UPDATE imagen.jobs
-SET status = 'pending', stage = NULL, error = NULL, last_error = NULL, image_id = NULL,
-    claimed_at = NULL, heartbeat_at = NULL, finished_at = NULL, stage_times = '{}', pending_at = now()
-WHERE id = %(id)s AND status IN ('failed', 'cancelled')
-RETURNING status
-"""
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A job the listener took: what goes into the generation message."""
-
-    job_id: UUID
-    attempt: int
-    owner_user_id: UUID
-    created_at: datetime
-    claimed_at: datetime
-    pending_since: datetime  # created_at, or when a retry or rescue last made it pending again
-
-    @property
-    def pickup_seconds(self) -> float:
-        """Pending -> claimed on the server's clock: the wait of this claim, not of earlier attempts."""
-        return (self.claimed_at - self.pending_since).total_seconds()
-
-
-@dataclass(frozen=True)
-class RunningJob:
-    """A job as a stage sees it once its fence held."""
-
-    job_id: UUID
-    owner_user_id: UUID
-    prompt: str
-    # As text: jsonb holds what Python's json cannot load; `load_params` turns that into InvalidRequest.
-    params_json: str
-    attempt: int
-    created_at: datetime
-    claimed_at: datetime | None
-
-
-@dataclass(frozen=True)
-class Rescued:
-    job_id: UUID
-    status: str
-    attempt: int
+# The statements are in imagen/store/jobs.sql, with why each is written as it is.
+COUNT_RUNNING = QUERIES["count_running"]
+RELEASE = QUERIES["release_claim"]
+RESCUE = QUERIES["rescue_expired"]
+BEGIN_STAGE = QUERIES["begin_stage"]
+HEARTBEAT_MANY = QUERIES["heartbeat_many"]
+STILL_RUNNING = QUERIES["still_running"]
+NOTE_TRANSIENT = QUERIES["note_transient"]
+FAIL = QUERIES["fail_job"]
+COMPLETE = QUERIES["complete_job"]
+STATE = QUERIES["job_state"]
+CANCEL = QUERIES["cancel_job"]
+RETRY = QUERIES["retry_job"]
+GET = QUERIES["get_job"]
+SUBMIT = QUERIES["submit_job"]
 
 
 def execute_once(conn: Conn, query: str, params: Any = None) -> psycopg.Cursor[Any]:
@@ -212,8 +93,8 @@ def execute_once(conn: Conn, query: str, params: Any = None) -> psycopg.Cursor[A
 def claim_jobs(conn: Conn, limit: int, *, max_owners: int = 1000) -> list[Claim]:
     """Claim up to `limit` pending jobs fairly across owners, committed on return."""
     rows = execute_once(conn, CLAIM, {"limit": limit, "max_owners": max_owners}).fetchall()
-    # UPDATE ... RETURNING has no order: forward in claim order, every owner's first job first.
-    rows.sort(key=lambda r: (r[5], r[3], r[0]))
+    # UPDATE ... RETURNING has no order: forward in claim order, every owner's next job first.
+    rows.sort(key=lambda r: r[5])
     return [
         Claim(
             job_id=r[0],
@@ -322,13 +203,7 @@ def retry_job(conn: Conn, job_id: UUID | str) -> bool:
 
 def get_job(conn: Conn, job_id: UUID | str) -> dict[str, Any] | None:
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute("SELECT * FROM imagen.jobs WHERE id = %(id)s", {"id": job_id}).fetchone()
-
-
-SUBMIT_AS_OWNER = """
-INSERT INTO imagen.jobs (owner_user_id, prompt, params) VALUES (%(owner)s, %(prompt)s, %(params)s)
-RETURNING id
-"""
+        return cur.execute(GET, {"id": job_id}).fetchone()
 
 
 def submit_job(conn: Conn, owner_user_id: UUID, prompt: str, params: Any, *, as_owner: bool = True) -> UUID:
@@ -340,11 +215,11 @@ def submit_job(conn: Conn, owner_user_id: UUID, prompt: str, params: Any, *, as_
 
     with conn.transaction():
         if as_owner:
-            conn.execute("SET LOCAL ROLE authenticated")
+            conn.execute(QUERIES["become_owner_role"])
             claims = json.dumps({"sub": str(owner_user_id), "role": "authenticated"})
-            conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (claims,))
+            conn.execute(QUERIES["act_as_owner"], {"claims": claims})
         row = conn.execute(
-            SUBMIT_AS_OWNER, {"owner": owner_user_id, "prompt": prompt, "params": Jsonb(params)}
+            SUBMIT, {"owner": owner_user_id, "prompt": prompt, "params": Jsonb(params)}
         ).fetchone()
     assert row is not None
     return UUID(str(row[0]))

@@ -18,30 +18,16 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from imagen.errors import PermanentError
 
+if TYPE_CHECKING:
+    from imagen.store.operator import OperatorStore
+
 # How long a worker trusts the overrides it read: an operator's change takes effect within this.
 OVERRIDE_TTL_S = 30.0
-
-# Every owner with usage today or an override, for `imagen jobs stats`.
-OWNERS_TODAY = """
-WITH used AS (
-    SELECT owner_user_id, sum(images) FILTER (WHERE ok) AS images, sum(cost_usd) AS cost
-    FROM imagen.usage
-    WHERE owner_user_id IS NOT NULL
-      AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-    GROUP BY owner_user_id
-)
-SELECT coalesce(u.owner_user_id, q.owner_user_id), coalesce(u.images, 0), coalesce(u.cost, 0),
-       q.daily_images, q.daily_cost_usd, q.owner_user_id IS NOT NULL
-FROM used u FULL JOIN imagen.owner_quotas q ON q.owner_user_id = u.owner_user_id
-ORDER BY coalesce(u.cost, 0) DESC, coalesce(u.images, 0) DESC, 1
-LIMIT %(limit)s
-"""
 
 
 class QuotaReads(Protocol):
@@ -144,16 +130,15 @@ class QuotaBook:
             )
 
 
-def owners_today(conn: Any, default: Quota, *, limit: int = 50) -> list[OwnerUsage]:
-    """Owners with usage since midnight UTC or an override, most spent first."""
-    rows = conn.execute(OWNERS_TODAY, {"limit": limit}).fetchall()
+def owners_today(store: OperatorStore, default: Quota, *, limit: int = 50) -> list[OwnerUsage]:
+    """Owners with usage since midnight UTC or an override, most spent first, with their quotas."""
     return [
         OwnerUsage(
-            owner_user_id=row[0],
-            images=int(row[1]),
-            cost_usd=float(row[2] if isinstance(row[2], Decimal | int | float) else 0),
-            quota=_merge(default, row[3], row[4]),
-            overridden=bool(row[5]),
+            owner_user_id=day.owner_user_id,
+            images=day.images,
+            cost_usd=day.cost_usd,
+            quota=_merge(default, day.daily_images, day.daily_cost_usd),
+            overridden=day.overridden,
         )
-        for row in rows
+        for day in store.owners_today(limit)
     ]

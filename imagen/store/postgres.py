@@ -14,16 +14,19 @@ from uuid import UUID
 
 from imagen import jobs
 from imagen.store.base import JobId
+from imagen.store.postgres_operator import PostgresOperatorStore
 from imagen.store.postgres_stages import PostgresStageStore
 from imagen.store.rows import Claim, Rescued, RunningJob
 
 Connect = Callable[[], AbstractContextManager[Any]]
 
 
-class PostgresJobStore(PostgresStageStore):
+class PostgresJobStore(PostgresStageStore, PostgresOperatorStore):
     """`JobStore` over a connection factory: a pool's `connection` method, or one that opens one.
 
-    The images, usage, quota and sweep statements the stages use are `PostgresStageStore`'s.
+    The images, usage, quota and sweep statements the stages use are `PostgresStageStore`'s
+    (postgres_stages.py); the operator's reads are `PostgresOperatorStore`'s (postgres_operator.py,
+    operator.sql).
     """
 
     def __init__(self, connect: Connect) -> None:

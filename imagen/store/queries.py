@@ -1,8 +1,10 @@
-"""Every SQL statement on imagen.* by name, from queries.sql (procrastinate's `queries.sql`).
+"""Every SQL statement on imagen.* by name, from the package's .sql files (procrastinate's `queries.sql`).
 
 A statement starts at a `-- name: <name>` line; the `--` lines right after it say
-why it is written that way, and it runs to the next `-- name:` line. Loaded once,
-at import; a name that is missing is a KeyError at import of its user, not at run time.
+why it is written that way, and it runs to the next `-- name:` line. Every `*.sql`
+file of imagen/store is read (queries.sql, jobs.sql, operator.sql: one file per concern),
+and a name may be defined once across them. Loaded once, at import; a name that is
+missing is a KeyError at import of its user, not at run time.
 Statements keep psycopg's `%(name)s` parameters (and `%%` for a literal percent sign).
 """
 
@@ -30,4 +32,18 @@ def parse_queries(text: str) -> dict[str, str]:
     return found
 
 
-QUERIES = parse_queries(resources.files("imagen.store").joinpath("queries.sql").read_text())
+def load_queries(package: str) -> dict[str, str]:
+    """{name: statement} from every `*.sql` file of `package`, in file name order; a name defined twice
+    (in one file or across two) is a ValueError."""
+    found: dict[str, str] = {}
+    for entry in sorted(resources.files(package).iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        for name, statement in parse_queries(entry.read_text()).items():
+            if name in found:
+                raise ValueError(f"query {name!r} is defined twice ({entry.name})")
+            found[name] = statement
+    return found
+
+
+QUERIES = load_queries("imagen.store")

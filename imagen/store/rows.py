@@ -11,10 +11,49 @@ is what removing an ended job's image took away.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from imagen.jobs import Claim, Rescued, RunningJob
+
+@dataclass(frozen=True)
+class Claim:
+    """A job the listener took: what goes into the generation message."""
+
+    job_id: UUID
+    attempt: int
+    owner_user_id: UUID
+    created_at: datetime
+    claimed_at: datetime
+    pending_since: datetime  # created_at, or when a retry or rescue last made it pending again
+
+    @property
+    def pickup_seconds(self) -> float:
+        """Pending -> claimed on the server's clock: the wait of this claim, not of earlier attempts."""
+        return (self.claimed_at - self.pending_since).total_seconds()
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A job as a stage sees it once its fence held."""
+
+    job_id: UUID
+    owner_user_id: UUID
+    prompt: str
+    # As text: jsonb holds what Python's json cannot load; `load_params` turns that into InvalidRequest.
+    params_json: str
+    attempt: int
+    created_at: datetime
+    claimed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Rescued:
+    """A running job whose lease expired, and where the rescue put it (pending or failed)."""
+
+    job_id: UUID
+    status: str
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -89,4 +128,99 @@ class Discarded:
         return self.row or bool(self.objects)
 
 
-__all__ = ["Claim", "Discarded", "ImageMeta", "ImageRow", "Rescued", "RunningJob"]
+# ---- section: operator - what `imagen jobs ...` and `imagen web` read ----
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """One line of `imagen jobs ls` and of the dashboard's list."""
+
+    id: UUID
+    owner_user_id: UUID
+    status: str
+    stage: str | None
+    attempt: int
+    prompt: str
+    error: str | None
+    image_id: UUID | None
+    created_at: datetime
+    claimed_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Jobs that finished in a span of time, and the latencies of the done ones (seconds)."""
+
+    done: int
+    failed: int
+    cancelled: int
+    pickup_p50: float | None
+    pickup_p95: float | None
+    total_p50: float | None
+    total_p95: float | None
+
+
+@dataclass(frozen=True)
+class MinuteBucket(Finished):
+    """Jobs that finished in one minute (a point of the health charts)."""
+
+    minute: datetime = datetime.min
+
+
+@dataclass(frozen=True)
+class FinishedWindow:
+    """Jobs that finished in a window: the whole of it, and per minute from `start` when asked."""
+
+    whole: Finished
+    start: datetime
+    minutes: list[MinuteBucket]
+
+
+@dataclass(frozen=True)
+class UsageCost:
+    """Provider spend over a window; unpriced calls are counted and named, never left out silently."""
+
+    calls: int
+    cost_usd: float
+    unpriced_calls: int
+    unpriced_models: list[str]
+
+
+@dataclass(frozen=True)
+class OwnerDay:
+    """An owner's usage since midnight UTC and its quota override row (None where it sets no limit)."""
+
+    owner_user_id: UUID
+    images: int
+    cost_usd: float
+    daily_images: int | None
+    daily_cost_usd: float | None
+    overridden: bool
+
+
+@dataclass(frozen=True)
+class ListenerSession:
+    """One `imagen listen` session seen in pg_stat_activity."""
+
+    pid: int
+    client: str | None
+    connected_at: datetime
+    state_since: datetime | None
+
+
+__all__ = [
+    "Claim",
+    "Discarded",
+    "Finished",
+    "FinishedWindow",
+    "ImageMeta",
+    "ImageRow",
+    "JobSummary",
+    "ListenerSession",
+    "MinuteBucket",
+    "OwnerDay",
+    "Rescued",
+    "RunningJob",
+    "UsageCost",
+]

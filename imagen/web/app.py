@@ -8,12 +8,12 @@ dashboards (or a restarted one) always agree with `imagen jobs`.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -28,6 +28,9 @@ from imagen.config import Settings
 from imagen.errors import ConfigError
 from imagen.web.images import ImageSource
 from imagen.web.security import CSRF_FIELD, Guard, GuardMiddleware
+
+if TYPE_CHECKING:
+    from imagen.store import PostgresJobStore
 
 HERE = Path(__file__).parent
 MIN_TOKEN_LENGTH = 16
@@ -56,9 +59,13 @@ class WebState:
     images: ImageSource
     pool: Any = field(default=None)
 
-    def connection(self) -> Any:
-        """A pooled autocommit connection (a context manager)."""
-        return self.pool.connection()
+    @contextmanager
+    def store(self) -> Iterator[PostgresJobStore]:
+        """The job store on one pooled autocommit connection, for one request's reads and writes."""
+        from imagen.store import PostgresJobStore
+
+        with self.pool.connection() as conn:
+            yield PostgresJobStore(lambda: nullcontext(conn))
 
 
 def is_loopback(host: str) -> bool:

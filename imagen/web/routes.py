@@ -80,15 +80,15 @@ def _render(request: Request, name: str, context: dict[str, Any], status: int = 
 
 
 def _jobs_context(state: WebState, filters: Filters) -> dict[str, Any]:
-    with state.connection() as conn:
+    with state.store() as store:
         rows = jobs_admin.list_jobs(
-            conn,
+            store,
             statuses=(filters.status,) if filters.status else (),
             owner=filters.owner,
             text=filters.text,
             limit=state.options.page_size,
         )
-        counts = queries.capped_counts(conn)
+        counts = queries.capped_counts(store)
     return {"jobs": rows, "counts": counts, "filters": filters, "now": datetime.now(UTC)}
 
 
@@ -135,8 +135,8 @@ def timeline_bar(detail: jobs_admin.JobDetail, now: datetime) -> list[Segment]:
 
 
 def _job_context(state: WebState, job_id: UUID) -> dict[str, Any]:
-    with state.connection() as conn:
-        detail = jobs_admin.job_detail(conn, job_id)
+    with state.store() as store:
+        detail = jobs_admin.job_detail(store, job_id)
     now = datetime.now(UTC)
     costs = [float(use["cost_usd"]) for use in detail.usage if use["cost_usd"] is not None]
     return {
@@ -173,11 +173,11 @@ async def job_fragment(request: Request) -> Response:
 
 
 def _act(state: WebState, action: str, job_id: UUID) -> str:
-    with state.connection() as conn:
+    with state.store() as store:
         if action == "retry":
-            was = jobs_admin.retry(conn, job_id)
+            was = jobs_admin.retry(store, job_id)
             return f"{was} -> pending"
-        was = jobs_admin.cancel(conn, job_id)
+        was = jobs_admin.cancel(store, job_id)
         note = " (it stops at its next stage boundary)" if was == "running" else ""
         return f"{was} -> cancelled{note}"
 
@@ -217,8 +217,8 @@ async def image(request: Request) -> Response:
         return PlainTextResponse("not an image id", status_code=404)
 
     def load() -> dict[str, Any] | None:
-        with state.connection() as conn:
-            return queries.image_row(conn, image_id)
+        with state.store() as store:
+            return queries.image_row(store, image_id)
 
     row = await run_in_threadpool(load)
     if row is None:
@@ -239,8 +239,8 @@ async def image(request: Request) -> Response:
 
 
 def _health_context(state: WebState) -> dict[str, Any]:
-    with state.connection() as conn:
-        health = queries.health(conn)
+    with state.store() as store:
+        health = queries.health(store)
     redis_error = None
     try:
         depths = queue_depths(state.settings.redis_url)

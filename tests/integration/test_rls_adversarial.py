@@ -33,6 +33,7 @@ from imagen import jobs, jobs_admin
 from imagen.config import Settings
 from imagen.devtools.servers import free_port
 from imagen.stages import StageContext, run_finalize, run_generate, run_sync
+from imagen.store import PostgresJobStore
 from tests.integration.conftest import RecordingBroker
 from tests.waiting import wait_until
 
@@ -343,7 +344,7 @@ def test_a_reused_job_id_after_prune_never_reaches_the_first_owners_image(
             first_object = tmp_path / "storage" / "imagen" / first_image[2]
             first_bytes = first_object.read_bytes()
 
-            pruned = jobs_admin.prune(conn, timedelta(0))
+            pruned = jobs_admin.prune(PostgresJobStore.from_url(db_url), timedelta(0))
             assert (pruned.count, pruned.images_detached) == (1, 1)
             with pytest.raises(errors.InsufficientPrivilege), as_user(conn, second) as user:
                 postgrest_insert(user, {"id": str(job_id), "owner_user_id": str(second), "prompt": "mine?"})

@@ -19,6 +19,8 @@ from imagen.broker import GENERATE_QUEUE, SYNC_QUEUE, build_broker, stage_messag
 from imagen.config import Settings, load_settings
 from imagen.errors import ConfigError
 from imagen.listener import HEALTH_SQL, LISTEN_SQL
+from imagen.store import PostgresJobStore
+from imagen.store.queries import QUERIES
 from imagen.web import WebOptions, create_app
 from imagen.web.app import check_bind
 from imagen.web.queries import capped_counts
@@ -356,7 +358,7 @@ def test_counts_stop_at_the_cap(db_url: str) -> None:
             "INSERT INTO imagen.jobs (owner_user_id, prompt, status) "
             "SELECT gen_random_uuid(), 'x', 'done' FROM generate_series(1, 30)"
         )
-        counts = capped_counts(conn, cap=25)
+        counts = capped_counts(PostgresJobStore.from_url(db_url), cap=25)
     assert counts == {"pending": 0, "running": 0, "done": 25, "failed": 0, "cancelled": 0}
 
 
@@ -367,8 +369,7 @@ def _ago(seconds: float) -> Any:
 
 
 def test_newest_jobs_and_capped_counts_use_migration_010s_indexes(db_url: str) -> None:
-    from imagen import jobs_admin
-    from imagen.web.queries import CAPPED_COUNTS, COUNT_CAP
+    from imagen.web.queries import COUNT_CAP
 
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(
@@ -382,19 +383,19 @@ def test_newest_jobs_and_capped_counts_use_migration_010s_indexes(db_url: str) -
             return "\n".join(row[0] for row in conn.execute("EXPLAIN " + query, params).fetchall())
 
         base = {"statuses": None, "owner": None, "since": None, "pattern": None, "limit": 50}
-        assert "jobs_created_idx" in plan(jobs_admin.LIST, base)
+        assert "jobs_created_idx" in plan(QUERIES["list_jobs"], base)
         # A rare status: its rows through jobs_status_created_idx, not a walk of every newer job.
         conn.execute(
             "UPDATE imagen.jobs SET status = 'cancelled' WHERE id IN (SELECT id FROM imagen.jobs LIMIT 10)"
         )
         conn.execute("ANALYZE imagen.jobs")
-        assert "jobs_status_created_idx" in plan(jobs_admin.LIST, {**base, "statuses": ["cancelled"]})
-        counts = plan(CAPPED_COUNTS, {"cap": COUNT_CAP})
+        assert "jobs_status_created_idx" in plan(QUERIES["list_jobs"], {**base, "statuses": ["cancelled"]})
+        counts = plan(QUERIES["capped_counts"], {"cap": COUNT_CAP})
         # Rare statuses through their indexes; the dominant one (done) may be read in table order,
         # stopping at the cap either way.
         for index in ("jobs_pending_idx", "jobs_running_idx", "jobs_status_created_idx"):
             assert index in counts, counts
-        assert "jobs_finished_idx" in plan(jobs_admin.WINDOW, {"window": 3600.0})
+        assert "jobs_finished_idx" in plan(QUERIES["finished_window"], {"window": 3600.0, "by_minute": True})
 
 
 def test_supabase_images_redirect_to_a_short_lived_signed_url(db_url: str, redis_url: str) -> None:

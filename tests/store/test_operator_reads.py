@@ -1,0 +1,233 @@
+"""The operator's reads and writes (`imagen jobs ...`, `imagen web`), the same on every store."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import cast
+from uuid import UUID, uuid4
+
+import pytest
+
+from imagen.store import ImageRow, JobStore
+from imagen.store.operator import JobRefused, OperatorStore
+from imagen.usage import UsageRecord
+from tests.store.conftest import Harness
+
+OWNER = UUID("00000000-0000-4000-8000-0000000000ee")
+OTHER = UUID("00000000-0000-4000-8000-0000000000ef")
+
+
+@pytest.fixture
+def ops(store: JobStore) -> OperatorStore:
+    return cast(OperatorStore, store)
+
+
+def done(store: JobStore, prompt: str = "a lighthouse", owner: UUID = OWNER) -> tuple[UUID, UUID]:
+    """A job that ended done with an images row: (job id, image id)."""
+    job_id = store.submit_job(owner, prompt, {"backend": "mock"})
+    claims = store.claim_jobs(100)
+    attempt = next(c.attempt for c in claims if c.job_id == job_id)
+    row = ImageRow(
+        job_id=job_id, bucket="imagen", path=f"{owner}/{job_id}.png", mime="image/png", width=8, height=8,
+        bytes=10, prompt=prompt, backend="mock", model="mock-1", params={},
+    )  # fmt: skip
+    image_id = store.record_job_image(attempt, row, complete_after=0.0)
+    assert image_id is not None
+    return job_id, image_id
+
+
+def ended(store: JobStore, how: str, owner: UUID = OWNER) -> UUID:
+    job_id = store.submit_job(owner, f"ends {how}", {})
+    if how == "failed":
+        (claim,) = store.claim_jobs(1)
+        assert store.fail_job(job_id, claim.attempt, "generation failed: no")
+    else:
+        assert store.cancel_job(job_id)
+    return job_id
+
+
+def call(
+    owner: UUID | None, cost: float | None, *, ok: bool = True, images: int = 1, job: UUID | None = None
+) -> UsageRecord:
+    return UsageRecord(
+        backend="mock", model="priced" if cost is not None else "free-for-all", images=images, ok=ok,
+        latency_ms=5.0, cost_usd=cost, owner_user_id=owner, job_id=job, call_id=uuid4(),
+    )  # fmt: skip
+
+
+def test_the_list_is_newest_first_and_each_filter_narrows_it(ops: OperatorStore, store: JobStore) -> None:
+    first = store.submit_job(OWNER, "a red fox", {})
+    second = store.submit_job(OTHER, "100% blue_sky", {})
+    third = store.submit_job(OWNER, "a RED barn", {})
+    store.cancel_job(first)
+
+    assert [j.id for j in ops.list_jobs()] == [third, second, first]
+    assert [j.id for j in ops.list_jobs(limit=2)] == [third, second]
+    assert [j.id for j in ops.list_jobs(statuses=["cancelled"])] == [first]
+    assert [j.id for j in ops.list_jobs(owner=OTHER)] == [second]
+    assert [j.id for j in ops.list_jobs(text="red")] == [third, first]  # any case
+    # % and _ are the text itself, not wildcards.
+    assert [j.id for j in ops.list_jobs(text="0% blue_")] == [second]
+    assert ops.list_jobs(text="0%_blue") == []
+    created = ops.list_jobs(statuses=["pending"])[0].created_at
+    assert [j.id for j in ops.list_jobs(since=created)] == [third]
+
+
+def test_counts_by_status_and_stage_and_the_capped_counts(ops: OperatorStore, store: JobStore) -> None:
+    for _ in range(3):
+        store.submit_job(OWNER, "p", {})
+    (claim,) = store.claim_jobs(1)
+    store.begin_stage(claim.job_id, claim.attempt, "generating")
+    ended(store, "cancelled")
+
+    assert sorted(ops.status_counts(), key=str) == sorted(
+        [("pending", None, 2), ("running", "generating", 1), ("cancelled", None, 1)], key=str
+    )
+    assert ops.capped_counts(1) == {"pending": 1, "running": 1, "done": 0, "failed": 0, "cancelled": 1}
+    assert ops.capped_counts(10)["pending"] == ops.pending_count() == 2
+    assert ops.running_by_stage() == {"generating": 1}
+    oldest = ops.oldest_pending_seconds()
+    assert oldest is not None and 0 <= oldest < 60
+
+
+def test_nothing_pending_has_no_oldest_age_and_nothing_claimed_no_last_claim(ops: OperatorStore) -> None:
+    assert ops.oldest_pending_seconds() is None
+    assert ops.last_claim(3600) is None
+
+
+def test_the_window_counts_what_finished_and_the_latencies_of_the_done_jobs(
+    ops: OperatorStore, store: JobStore
+) -> None:
+    done(store)
+    done(store)
+    ended(store, "failed")
+    ended(store, "cancelled")
+    store.submit_job(OWNER, "still pending", {})
+
+    window = ops.finished_window(3600)
+
+    whole = window.whole
+    assert (whole.done, whole.failed, whole.cancelled) == (2, 1, 1)
+    assert whole.pickup_p50 is not None and whole.pickup_p95 is not None
+    assert whole.total_p50 is not None and whole.total_p95 is not None
+    assert 0 <= whole.pickup_p50 <= whole.pickup_p95 <= whole.total_p95 < 60
+    assert window.minutes == []  # only when asked
+    assert window.start.second == 0 and window.start.microsecond == 0
+
+
+def test_per_minute_the_window_adds_up_to_the_whole(ops: OperatorStore, store: JobStore) -> None:
+    done(store)
+    ended(store, "failed")
+
+    window = ops.finished_window(3600, by_minute=True)
+
+    assert window.minutes and all(m.minute >= window.start for m in window.minutes)
+    assert sum(m.done for m in window.minutes) == 1 and sum(m.failed for m in window.minutes) == 1
+    assert ops.last_claim(3600) is not None
+
+
+def test_an_empty_window_has_counts_of_zero_and_no_latencies(ops: OperatorStore) -> None:
+    whole = ops.finished_window(60, by_minute=True).whole
+
+    assert (whole.done, whole.failed, whole.cancelled, whole.pickup_p50, whole.total_p95) == (
+        0,
+        0,
+        0,
+        None,
+        None,
+    )
+
+
+def test_spend_counts_every_call_and_names_the_ones_it_could_not_price(
+    ops: OperatorStore, store: JobStore
+) -> None:
+    store.record_usage(call(OWNER, 0.25))
+    store.record_usage(call(OWNER, 0.5, ok=False))
+    store.record_usage(call(OTHER, None))
+
+    spend = ops.usage_cost(3600)
+
+    assert (spend.calls, spend.cost_usd, spend.unpriced_calls) == (3, 0.75, 1)
+    assert spend.unpriced_models == ["mock/free-for-all"]
+
+
+def test_owners_today_are_the_spenders_first_and_those_with_an_override(
+    ops: OperatorStore, store: JobStore, harness: Harness
+) -> None:
+    quiet = UUID("00000000-0000-4000-8000-0000000000f0")
+    store.record_usage(call(OWNER, 0.1, images=2))
+    store.record_usage(call(OWNER, 0.1, ok=False, images=3))  # a failed call costs but makes no image
+    store.record_usage(call(OTHER, 1.0))
+    harness.set_quota(quiet, 5, None)
+
+    days = ops.owners_today()
+
+    assert [(d.owner_user_id, d.images, round(d.cost_usd, 6), d.overridden) for d in days] == [
+        (OTHER, 1, 1.0, False),
+        (OWNER, 2, 0.2, False),
+        (quiet, 0, 0.0, True),
+    ]
+    assert (days[2].daily_images, days[2].daily_cost_usd) == (5, None)
+    assert len(ops.owners_today(limit=1)) == 1
+
+
+def test_a_jobs_image_and_usage_rows_as_show_prints_them(ops: OperatorStore, store: JobStore) -> None:
+    job_id, image_id = done(store)
+    store.record_usage(call(OWNER, 0.1, job=job_id))
+
+    image = ops.job_image(job_id, image_id)
+    assert image is not None and image["id"] == image_id and image["path"] == f"{OWNER}/{job_id}.png"
+    assert ops.job_image(job_id, None) == image  # found by its job when the job links none
+    (use,) = ops.job_usage(job_id)
+    assert (use["backend"], use["images"], use["ok"]) == ("mock", 1, True)
+    row = ops.image_row(image_id)
+    assert row is not None and (row["job_id"], row["owner_user_id"]) == (job_id, OWNER)
+    assert ops.image_row(uuid4()) is None
+
+
+def test_prune_takes_only_ended_jobs_in_batches_and_keeps_their_images_detached(
+    ops: OperatorStore, store: JobStore, harness: Harness
+) -> None:
+    done_job, image_id = done(store)
+    failed = ended(store, "failed")
+    ended(store, "cancelled")
+    pending = store.submit_job(OWNER, "waiting", {})
+
+    assert ops.count_prunable(["done", "failed"], 0) == 2
+    assert ops.count_prunable(["done", "failed", "cancelled"], 3600) == 0  # none is that old
+    assert ops.prune_batch(["done", "failed", "cancelled"], 0, 2)[0] == 2
+    assert ops.prune_batch(["done", "failed", "cancelled", "pending"], 0, 2)[0] == 1
+
+    assert store.get_job(pending) is not None
+    assert store.get_job(done_job) is None and store.get_job(failed) is None
+    row = ops.image_row(image_id)
+    assert row is not None and row["job_id"] is None
+
+
+def test_prune_says_how_many_images_it_detached(ops: OperatorStore, store: JobStore) -> None:
+    done(store)
+    ended(store, "failed")
+
+    assert ops.prune_batch(["done", "failed"], 0, 100) == (2, 1)
+
+
+def test_a_job_its_owner_could_not_insert_is_refused_and_nothing_is_written(
+    ops: OperatorStore, store: JobStore
+) -> None:
+    job_id = ops.submit_as_owner(OWNER, "a cat", {"size": "16x16"})
+    assert store.job_state(job_id) == ("pending", 0)
+
+    with pytest.raises(JobRefused, match=r"the database refused the job: .*jobs_prompt_check"):
+        ops.submit_as_owner(OWNER, "   ", {})
+    assert [j.id for j in ops.list_jobs()] == [job_id]
+
+
+def test_no_listener_is_connected_to_a_store_nobody_listens_on(ops: OperatorStore) -> None:
+    assert ops.listener_sessions() == []
+
+
+def test_a_job_finished_long_ago_is_outside_a_short_window(ops: OperatorStore, store: JobStore) -> None:
+    ended(store, "cancelled")
+
+    assert ops.finished_window(timedelta(hours=1).total_seconds()).whole.cancelled == 1
+    assert ops.count_prunable(["cancelled"], timedelta(hours=1).total_seconds()) == 0
