@@ -72,6 +72,12 @@ class InMemoryJobStore(InMemoryStageStore, InMemoryOperatorStore):
         with self._lock:
             return sum(1 for r in self.jobs.values() if r["status"] == "running")
 
+    def claim_within_cap(self, limit: int, max_in_flight: int) -> tuple[list[Claim], int | None]:
+        with self._lock:
+            running = self.count_running()
+            claims = self.claim_jobs(max(0, min(limit, max_in_flight - running)))
+            return claims, (running if claims else None)
+
     def release_claim(self, job_id: JobId, attempt: int) -> bool:
         with self._lock:
             row = self._held(job_id, attempt)

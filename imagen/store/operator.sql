@@ -151,3 +151,11 @@ SELECT pid, host(client_addr), backend_start, state_change
 FROM pg_stat_activity
 WHERE datname = current_database() AND state = 'idle' AND query IN (%(listen)s, %(health)s)
 ORDER BY backend_start;
+
+-- name: image_place
+-- Where an image is stored (`imagen smoke` prints it).
+SELECT bucket, path FROM imagen.images WHERE id = %(image_id)s;
+
+-- name: images_of_jobs
+-- The images rows of several jobs (`imagen demo` prints them).
+SELECT id, bucket, path FROM imagen.images WHERE job_id = ANY(%(job_ids)s);

@@ -36,13 +36,14 @@ from imagen.devtools.bench.procs import (
     _interrupt_on_sigterm,
     _ready,
     clean_env,
-    proc_text,
     process_tree,
     processes,
     spawn,
+    stamped,
     wait_for,
 )
 from imagen.devtools.bench.report import LATENCY_LABELS, Report, Summary
+from imagen.devtools.bench.sql import QUERIES
 from imagen.devtools.bench.throughput import Backlogs
 from imagen.devtools.runner import DRAMATIQ_READY, Proc, listeners_listening, pipeline_env
 from imagen.devtools.servers import PostgresServer, RedisServer
@@ -51,8 +52,9 @@ POLL_CLAIM = 0.0002  # seconds between polls while waiting for a claim
 POLL_DONE = 0.001
 RAW_INSERT = "INSERT INTO bench.raw_jobs DEFAULT VALUES RETURNING id"
 RAW_POLL = "SELECT status, claimed_at, NULL::timestamptz, NULL::text FROM bench.raw_jobs WHERE id = %s"
-JOB_INSERT = "INSERT INTO imagen.jobs (owner_user_id, prompt, params) VALUES (%s, 'bench', %s) RETURNING id"
-JOB_POLL = "SELECT status, claimed_at, finished_at, error FROM imagen.jobs WHERE id = %s"
+# One job through the whole pipeline, inserted and polled (bench.sql).
+JOB_INSERT = QUERIES["probe_insert"]
+JOB_POLL = QUERIES["probe_poll"]
 
 
 @dataclass
@@ -327,20 +329,6 @@ class BenchRun(Backlogs):
                     self.report.latency[key] = Summary.of(out)
         finally:
             stock.close()
-
-
-def stamped(client: redis.Redis, key: str, send: Callable[[], object], token: int, what: str) -> float:
-    """Send one job that pushes "<token> <time.time()>" to `key` when it runs: seconds from just
-    before the send to that stamp (one host, one clock)."""
-    started = time.time()
-    send()
-    got = client.blpop([key], timeout=30)
-    if got is None:
-        raise BenchError(f"{what} {token} did not finish within 30 s")
-    seen, stamp = proc_text(got[1]).split()
-    if seen != str(token):
-        raise BenchError(f"{what}: expected token {token}, got {seen}")
-    return float(stamp) - started
 
 
 def execute(run_type: type[BenchRun], config: BenchConfig, echo: Echo | None) -> BenchRun:
