@@ -25,9 +25,16 @@ class Claimer:
     """Drains the backlog into Redis, as far as the in-flight gate allows."""
 
     def __init__(
-        self, broker: Any, gate: InFlightGate, stats: ListenerStats, metrics: Metrics | None
+        self,
+        broker: Any,
+        gate: InFlightGate,
+        stats: ListenerStats,
+        metrics: Metrics | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.broker = broker
+        self.clock = clock  # the gate's time: a test passes its own, never patches the process's
         self.gate = gate
         self.stats = stats
         self.metrics = metrics
@@ -38,7 +45,7 @@ class Claimer:
         total = 0
         while not stopping():
             if gate.saturated:
-                want = gate.want(store.count_running(), time.monotonic())
+                want = gate.want(store.count_running(), self.clock())
                 if not want:
                     break
                 claims = store.claim_jobs(want)
@@ -48,7 +55,7 @@ class Claimer:
                 claims, running = store.claim_within_cap(gate.claim_batch, gate.max_in_flight)
                 if running is None:  # nothing claimed: drained, or at the cap
                     running = store.count_running()
-                want = gate.want(running, time.monotonic())
+                want = gate.want(running, self.clock())
                 if not want:
                     break
             gate.claimed()
@@ -59,7 +66,7 @@ class Claimer:
                 break
             if len(claims) < want:
                 break  # the backlog is drained: the next claim waits for a notification or the poll
-            if gate.filled(want, time.monotonic()):
+            if gate.filled(want, self.clock()):
                 break
         return total
 
