@@ -1,11 +1,11 @@
 """The job row: claim, stage, heartbeat, complete, fail, rescue, cancel, retry.
 
 The functions on the job row over one connection; their statements are in
-imagen/store/jobs.sql, loaded by name (the claim, built from one template in two
-forms, is still here, where issue 20 is changing it), and their typed rows in
-`imagen.store.rows`. Every write a stage makes is fenced on `status =
-'running' AND attempt = <the message's attempt>`: a function returns False (or
-None) when the fence fails, and the caller drops the message. Every write is one
+imagen/store/jobs.sql, loaded by name (the claim is one template there, filled
+here in two forms), and their typed rows in `imagen.store.rows`. Every write a
+stage makes is fenced on `status = 'running' AND attempt = <the message's
+attempt>`: a function returns False (or None) when the fence fails, and the
+caller drops the message. Every write is one
 statement run by `execute_once`, so it is committed when the function returns,
 unless the caller holds a transaction open, which it then joins.
 """
@@ -23,48 +23,13 @@ from imagen.store.rows import Claim, Rescued, RunningJob
 
 Conn = psycopg.Connection[Any]
 
-# Fair claim in rounds (sql/012_fair_rounds.sql): each pending job carries the round it is served
-# in, so the claim walks jobs_claim_idx in (fair_round, created_at, id) order and reads only the
-# rows it takes, however many owners wait. Every owner's next job comes before anyone's following
-# one. FOR UPDATE SKIP LOCKED in the walk makes concurrent listeners take disjoint rows.
-_CLAIM = """
-WITH running AS MATERIALIZED (
-    SELECT {running} AS n
-),
-locked AS (
-    SELECT j.id, j.owner_user_id, j.fair_round, j.created_at
-    FROM imagen.jobs j
-    WHERE j.status = 'pending' AND j.fair_round IS NOT NULL  -- always true (jobs_fair_round_check),
-    ORDER BY j.fair_round, j.created_at, j.id                -- and it names jobs_claim_idx
-    LIMIT {limit}
-    FOR UPDATE OF j SKIP LOCKED
-),
-positioned AS (
-    SELECT id, owner_user_id, row_number() OVER (ORDER BY fair_round, created_at, id) AS pos FROM locked
-),
-owners AS (
-    -- At most max_owners owners per batch, in the order their first job comes.
-    SELECT owner_user_id, row_number() OVER (ORDER BY min(pos)) AS owner_order
-    FROM positioned GROUP BY owner_user_id
-),
-chosen AS (
-    SELECT p.id, p.pos FROM positioned p JOIN owners o ON o.owner_user_id = p.owner_user_id
-    WHERE o.owner_order <= %(max_owners)s
-)
-UPDATE imagen.jobs j
-SET status = 'running', stage = 'queued', attempt = j.attempt + 1, claimed_at = now(),
-    heartbeat_at = now(), error = NULL, last_error = NULL,
-    stage_times = jsonb_build_object('queued', now())
-FROM chosen
-WHERE j.id = chosen.id
-RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, chosen.pos,
-          coalesce(j.pending_at, j.created_at), (SELECT n FROM running)
-"""
+# The claim's template is in imagen/store/jobs.sql (claim_jobs_template), with why it is so.
+_CLAIM = QUERIES["claim_jobs_template"]
 CLAIM = _CLAIM.format(running="NULL::bigint", limit="%(limit)s")
 # The idle path's claim: the in-flight count in the same statement, not a round trip before it
 # (the count is of the statement's snapshot, before this claim's rows; the gate gets it back).
 CLAIM_WITHIN_CAP = _CLAIM.format(
-    running="(SELECT count(*) FROM imagen.jobs WHERE status = 'running')",
+    running=f"({QUERIES['count_running'].strip()})",
     limit="least(%(limit)s, greatest(%(cap)s - (SELECT n FROM running), 0))",
 )
 

@@ -1,7 +1,47 @@
 -- ---- section: jobs - the job row's life after its claim (imagen/jobs.py) ----
 -- Every stage write is fenced on `status = 'running' AND attempt = %(attempt)s`: a write whose
--- fence fails changes no row, and its caller drops the message. The claim itself is still in
--- imagen/jobs.py (CLAIM, CLAIM_WITHIN_CAP: one template in two forms).
+-- fence fails changes no row, and its caller drops the message. The claim comes first: one
+-- template, filled in two forms by imagen/jobs.py (CLAIM, CLAIM_WITHIN_CAP).
+
+-- name: claim_jobs_template
+-- Fair claim in rounds (sql/012_fair_rounds.sql): each pending job carries the round it is served
+-- in, so the claim walks jobs_claim_idx in (fair_round, created_at, id) order and reads only the
+-- rows it takes, however many owners wait. Every owner's next job comes before anyone's following
+-- one. FOR UPDATE SKIP LOCKED in the walk makes concurrent listeners take disjoint rows.
+-- A template in two forms (imagen/jobs.py fills {running} and {limit}): the plain claim
+-- (running = NULL, limit = %(limit)s) and the idle path's claim within the in-flight cap, with the
+-- running count in the same statement instead of a round trip before it.
+WITH running AS MATERIALIZED (
+    SELECT {running} AS n
+),
+locked AS (
+    SELECT j.id, j.owner_user_id, j.fair_round, j.created_at
+    FROM imagen.jobs j
+    WHERE j.status = 'pending' AND j.fair_round IS NOT NULL  -- always true (jobs_fair_round_check),
+    ORDER BY j.fair_round, j.created_at, j.id                -- and it names jobs_claim_idx
+    LIMIT {limit}
+    FOR UPDATE OF j SKIP LOCKED
+),
+positioned AS (
+    SELECT id, owner_user_id, row_number() OVER (ORDER BY fair_round, created_at, id) AS pos FROM locked
+),
+owners AS (
+    -- At most max_owners owners per batch, in the order their first job comes.
+    SELECT owner_user_id, row_number() OVER (ORDER BY min(pos)) AS owner_order
+    FROM positioned GROUP BY owner_user_id
+),
+chosen AS (
+    SELECT p.id, p.pos FROM positioned p JOIN owners o ON o.owner_user_id = p.owner_user_id
+    WHERE o.owner_order <= %(max_owners)s
+)
+UPDATE imagen.jobs j
+SET status = 'running', stage = 'queued', attempt = j.attempt + 1, claimed_at = now(),
+    heartbeat_at = now(), error = NULL, last_error = NULL,
+    stage_times = jsonb_build_object('queued', now())
+FROM chosen
+WHERE j.id = chosen.id
+RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, chosen.pos,
+          coalesce(j.pending_at, j.created_at), (SELECT n FROM running);
 
 -- name: count_running
 SELECT count(*) FROM imagen.jobs WHERE status = 'running';

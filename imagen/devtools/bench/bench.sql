@@ -56,3 +56,28 @@ RETURNING id;
 SELECT count(*) FILTER (WHERE status = 'done'), count(*) FILTER (WHERE status = 'failed'),
        count(*) FILTER (WHERE status IN ('done', 'failed', 'cancelled'))
 FROM imagen.jobs WHERE id = ANY(%(ids)s);
+
+-- ---- section: imagen bench --scale (scale.py) ----
+
+-- name: scale_fill_finished
+-- 1,000,000 jobs finished over the last year, from 1,000 owners: no trigger fires (not pending).
+INSERT INTO imagen.jobs (owner_user_id, prompt, params, status, attempt, created_at, claimed_at, finished_at)
+SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g %% 1000), 12, '0'))::uuid, 'filler ' || g, %(params)s,
+       'done', 1, now() - make_interval(secs => g * 30), now() - make_interval(secs => g * 30),
+       now() - make_interval(secs => g * 30 - 2)
+FROM generate_series(1, %(n)s) g;
+
+-- name: scale_fill_pending
+-- A backlog from `owners` owners, `each` jobs apiece, interleaved in time as they would arrive.
+INSERT INTO imagen.jobs (owner_user_id, prompt, params)
+SELECT (%(owners)s::uuid[])[1 + g %% %(n_owners)s], 'bench ' || g, %(params)s
+FROM generate_series(0, %(n)s - 1) g;
+
+-- name: scale_done_since
+SELECT count(*) FROM imagen.jobs WHERE finished_at >= %(t0)s AND status = 'done';
+
+-- name: scale_claim_stats
+-- The listener's claims (claim_jobs_template, both forms) from pg_stat_statements.
+SELECT sum(calls), sum(total_exec_time) / nullif(sum(calls), 0), max(max_exec_time), sum(rows),
+       sum(shared_blks_hit + shared_blks_read)
+FROM pg_stat_statements WHERE query LIKE 'WITH running AS%%' AND query LIKE '%%FOR UPDATE OF j SKIP LOCKED%%';

@@ -27,6 +27,7 @@ from imagen import jobs as job_sql
 from imagen.devtools.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
 from imagen.devtools.bench.report import Summary, Throughput, format_value
 from imagen.devtools.bench.run import JOB_INSERT, JOB_POLL, BenchRun, execute
+from imagen.devtools.bench.sql import QUERIES
 
 WIDTH = 2  # worker processes, as the issue's figures
 PROBES = 20  # rolled-back claims per step
@@ -39,27 +40,11 @@ STEPS = (
     ("wide", "+ 1,000 owners x 100 jobs"),
 )
 TARGET_RATE, TARGET_PICKUP, TARGET_CLAIM_MS = 0.9, 1.1, 5.0
-
-# 1,000,000 jobs finished over the last year, from 1,000 owners: no trigger fires (not pending).
-FILL_FINISHED = """
-INSERT INTO imagen.jobs (owner_user_id, prompt, params, status, attempt, created_at, claimed_at, finished_at)
-SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g %% 1000), 12, '0'))::uuid, 'filler ' || g, %(params)s,
-       'done', 1, now() - make_interval(secs => g * 30), now() - make_interval(secs => g * 30),
-       now() - make_interval(secs => g * 30 - 2)
-FROM generate_series(1, %(n)s) g
-"""
-# A backlog from `owners` owners, `each` jobs apiece, interleaved in time as they would arrive.
-FILL_PENDING = """
-INSERT INTO imagen.jobs (owner_user_id, prompt, params)
-SELECT (%(owners)s::uuid[])[1 + g %% %(n_owners)s], 'bench ' || g, %(params)s
-FROM generate_series(0, %(n)s - 1) g
-"""
-DONE_SINCE = "SELECT count(*) FROM imagen.jobs WHERE finished_at >= %(t0)s AND status = 'done'"
-CLAIM_STATS = """
-SELECT sum(calls), sum(total_exec_time) / nullif(sum(calls), 0), max(max_exec_time), sum(rows),
-       sum(shared_blks_hit + shared_blks_read)
-FROM pg_stat_statements WHERE query LIKE 'WITH running AS%%' AND query LIKE '%%FOR UPDATE OF j SKIP LOCKED%%'
-"""
+# The statements are in bench.sql (section: imagen bench --scale).
+FILL_FINISHED = QUERIES["scale_fill_finished"]
+FILL_PENDING = QUERIES["scale_fill_pending"]
+DONE_SINCE = QUERIES["scale_done_since"]
+CLAIM_STATS = QUERIES["scale_claim_stats"]
 
 
 @dataclass(frozen=True)
