@@ -77,6 +77,7 @@ def provider() -> Iterator[FakeProvider]:
         yield server
 
 
+@pytest.mark.serial
 def test_generate_writes_one_png_with_sidecar_and_prints_its_path_within_two_seconds(
     tmp_path: Path, out: Path
 ) -> None:

@@ -13,6 +13,9 @@ from dramatiq.brokers.redis import RedisBroker
 from imagen.broker import MAX_WAKE_TOKENS, WakingRedisBroker
 from tests.waiting import wait_until
 
+# Wake-up latency under 0.25 s: run alone, outside the parallel pool (pyproject: serial).
+pytestmark = pytest.mark.serial
+
 
 def consume_one(broker: RedisBroker, queue: str, timeout_ms: int) -> tuple[Any, float]:
     """Start an idle consumer, enqueue after it is blocked, return (message, seconds to receive)."""
