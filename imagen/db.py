@@ -24,6 +24,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from imagen.errors import ConfigError, ImagenError, NotReachable, SchemaNotReady
+from imagen.sql_script import split_statements
+from imagen.store.queries import QUERIES
 
 SHIM_NAME = "000_supabase_shim.sql"
 """Creates what Supabase provides (roles, auth.uid()); not a numbered migration."""
@@ -33,7 +35,6 @@ SHIM_MESSAGE = "auth.uid() not found: applying the Supabase shim for plain Postg
 # One key for every imagen migrator of a database: "imagen" as a bigint.
 _LOCK_KEY = int.from_bytes(b"imagen", "big")
 _MIGRATION_NAME = re.compile(r"^(?P<version>\d+)_[A-Za-z0-9_.-]+\.sql$")
-_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_\x80-\U0010ffff]*)?\$")
 _STATEMENT_PREVIEW = 240
 
 # Defaults for every imagen connection; a value in the conninfo, the matching libpq
@@ -51,17 +52,8 @@ _CONNECT_DEFAULTS: dict[str, tuple[str | None, object]] = {
     "tcp_user_timeout": (None, 30_000),
 }
 
-_BOOKKEEPING = """
-create schema if not exists imagen;
-create table if not exists imagen.schema_migrations (
-    version text primary key,
-    name text not null,
-    checksum text not null,
-    applied_at timestamptz not null default now()
-);
-alter table imagen.schema_migrations enable row level security;
-revoke all on imagen.schema_migrations from public;
-"""
+# The migrator's own statements on imagen.schema_migrations: imagen/store/migrations.sql.
+_BOOKKEEPING = QUERIES["create_schema_migrations"]
 
 MigrationState = Literal["applied", "pending", "changed", "missing"]
 
@@ -164,7 +156,7 @@ def check_schema(conn: psycopg.Connection[Any], *, sql_dir: Path | None = None) 
     A database with migrations newer than these files is fine (an older host during
     an upgrade); one without some of them would fail on its first statement instead.
     """
-    exists = conn.execute("select to_regclass('imagen.schema_migrations') is not null").fetchone()
+    exists = conn.execute(QUERIES["schema_migrations_exists"]).fetchone()
     if not (exists and exists[0]):
         raise SchemaNotReady(f"the database has no imagen schema: {MIGRATE_HINT}")
     pending = [m.name for m in load_migrations(sql_dir) if m.version not in _recorded(conn)]
@@ -257,9 +249,12 @@ def migrate(
                     say(f"applying {migration.name}")
                     _run_script(conn, migration.name, migration.sql)
                     conn.execute(
-                        "insert into imagen.schema_migrations (version, name, checksum, applied_at)"
-                        " values (%s, %s, %s, now())",
-                        (migration.version, migration.name, migration.checksum),
+                        QUERIES["record_migration"],
+                        {
+                            "version": migration.version,
+                            "name": migration.name,
+                            "checksum": migration.checksum,
+                        },
                     )
                 applied.append(migration.name)
     except psycopg.OperationalError as exc:
@@ -275,7 +270,7 @@ def status(conninfo: str, *, sql_dir: Path | None = None) -> list[MigrationStatu
     migrations = load_migrations(sql_dir)
     try:
         with connect(conninfo, autocommit=True) as conn:
-            exists = conn.execute("select to_regclass('imagen.schema_migrations') is not null").fetchone()
+            exists = conn.execute(QUERIES["schema_migrations_exists"]).fetchone()
             recorded = _recorded(conn) if exists and exists[0] else {}
     except psycopg.OperationalError as exc:
         raise describe_error(exc) from None
@@ -293,59 +288,6 @@ def status(conninfo: str, *, sql_dir: Path | None = None) -> list[MigrationStatu
         row = recorded[version]
         result.append(MigrationStatus(row.name, row.checksum, row.applied_at, "missing"))
     return result
-
-
-def split_statements(text: str) -> list[tuple[int, str]]:
-    """Split a SQL script at top-level semicolons: (offset in `text`, statement) pairs.
-
-    Understands quoted strings (including E'' escapes), quoted identifiers,
-    dollar-quoted bodies and both comment styles; statements holding only
-    comments are dropped. It does not understand `BEGIN ATOMIC` function bodies:
-    write function bodies with $$ quotes.
-    """
-    statements: list[tuple[int, str]] = []
-    start = 0
-    code_start = -1
-    i = 0
-    n = len(text)
-
-    def close(end: int) -> None:
-        if code_start >= 0:
-            statements.append((start, text[start:end]))
-
-    while i < n:
-        char = text[i]
-        if char == "-" and text.startswith("--", i):
-            newline = text.find("\n", i)
-            i = n if newline < 0 else newline + 1
-            continue
-        if char == "/" and text.startswith("/*", i):
-            i = _skip_block_comment(text, i)
-            continue
-        if char.isspace():
-            i += 1
-            continue
-        if code_start < 0:
-            code_start = i
-        if char == ";":
-            close(i)
-            start, code_start = i + 1, -1
-            i += 1
-        elif char == "'":
-            i = _skip_string(text, i)
-        elif char == '"':
-            i = _skip_quoted(text, i, '"')
-        elif char == "$" and not (i and (text[i - 1].isalnum() or text[i - 1] in "_$")):
-            tag = _DOLLAR_TAG.match(text, i)
-            if tag:
-                end = text.find(tag.group(), tag.end())
-                i = n if end < 0 else end + len(tag.group())
-            else:
-                i += 1
-        else:
-            i += 1
-    close(n)
-    return statements
 
 
 def _read(path: Path, version: str) -> Migration:
@@ -370,7 +312,7 @@ class _Recorded:
 
 
 def _recorded(conn: psycopg.Connection[Any]) -> dict[str, _Recorded]:
-    rows = conn.execute("select version, name, checksum, applied_at from imagen.schema_migrations")
+    rows = conn.execute(QUERIES["recorded_migrations"])
     return {version: _Recorded(name, checksum, applied_at) for version, name, checksum, applied_at in rows}
 
 
@@ -411,49 +353,3 @@ def _describe_failure(name: str, text: str, offset: int, statement: str, exc: ps
 
 def _message(exc: psycopg.Error) -> str:
     return exc.diag.message_primary or str(exc).strip() or type(exc).__name__
-
-
-def _skip_block_comment(text: str, i: int) -> int:
-    depth = 0
-    while i < len(text):
-        if text.startswith("/*", i):
-            depth, i = depth + 1, i + 2
-        elif text.startswith("*/", i):
-            depth, i = depth - 1, i + 2
-            if depth == 0:
-                return i
-        else:
-            i += 1
-    return i
-
-
-def _skip_string(text: str, i: int) -> int:
-    # E'...' strings allow backslash escapes; standard strings only double the quote.
-    prefix = text[i - 1] if i else ""
-    before = text[i - 2] if i > 1 else ""
-    escapes = prefix in ("e", "E") and not (before.isalnum() or before == "_")
-    i += 1
-    while i < len(text):
-        char = text[i]
-        if escapes and char == "\\":
-            i += 2
-        elif char == "'":
-            if text.startswith("''", i):
-                i += 2
-            else:
-                return i + 1
-        else:
-            i += 1
-    return i
-
-
-def _skip_quoted(text: str, i: int, quote: str) -> int:
-    i += 1
-    while i < len(text):
-        if text[i] == quote:
-            if text.startswith(quote * 2, i):
-                i += 2
-                continue
-            return i + 1
-        i += 1
-    return i

@@ -23,49 +23,38 @@ from imagen.store.rows import Claim, Rescued, RunningJob
 
 Conn = psycopg.Connection[Any]
 
-# Fair claim: a loose index scan finds the owners with pending jobs, each owner
-# contributes its oldest rows, and the batch takes every owner's first job before
-# anyone's second. FOR UPDATE SKIP LOCKED makes concurrent listeners take disjoint rows.
+# Fair claim in rounds (sql/012_fair_rounds.sql): each pending job carries the round it is served
+# in, so the claim walks jobs_claim_idx in (fair_round, created_at, id) order and reads only the
+# rows it takes, however many owners wait. Every owner's next job comes before anyone's following
+# one. FOR UPDATE SKIP LOCKED in the walk makes concurrent listeners take disjoint rows.
 CLAIM = """
-WITH RECURSIVE owners(owner, n) AS (
-    (SELECT owner_user_id, 1 FROM imagen.jobs WHERE status = 'pending' ORDER BY owner_user_id LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.owner_user_id FROM imagen.jobs j
-            WHERE j.status = 'pending' AND j.owner_user_id > o.owner
-            ORDER BY j.owner_user_id LIMIT 1), o.n + 1
-    FROM owners o WHERE o.owner IS NOT NULL AND o.n < %(max_owners)s
+WITH locked AS (
+    SELECT j.id, j.owner_user_id, j.fair_round, j.created_at
+    FROM imagen.jobs j
+    WHERE j.status = 'pending' AND j.fair_round IS NOT NULL  -- always true (jobs_fair_round_check),
+    ORDER BY j.fair_round, j.created_at, j.id                -- and it names jobs_claim_idx
+    LIMIT %(limit)s
+    FOR UPDATE OF j SKIP LOCKED
 ),
-candidates AS (
-    SELECT c.id, c.created_at, c.owner_rank
-    FROM owners o
-    CROSS JOIN LATERAL (
-        SELECT j.id, j.created_at, row_number() OVER (ORDER BY j.created_at, j.id) AS owner_rank
-        FROM imagen.jobs j
-        WHERE j.status = 'pending' AND j.owner_user_id = o.owner
-        ORDER BY j.created_at, j.id
-        LIMIT %(limit)s
-    ) c
-    WHERE o.owner IS NOT NULL
+positioned AS (
+    SELECT id, owner_user_id, row_number() OVER (ORDER BY fair_round, created_at, id) AS pos FROM locked
+),
+owners AS (
+    -- At most max_owners owners per batch, in the order their first job comes.
+    SELECT owner_user_id, row_number() OVER (ORDER BY min(pos)) AS owner_order
+    FROM positioned GROUP BY owner_user_id
 ),
 chosen AS (
-    SELECT id, owner_rank FROM candidates ORDER BY owner_rank, created_at, id LIMIT %(limit)s
-),
-picked AS (
-    -- The chosen rows, locked through the primary key and nothing else: with the status test
-    -- here, a plan made while the statistics showed no pending rows (a burst on a table of done
-    -- jobs) walked every pending row for each claim. The lock returns the row as it is now, so
-    -- a row another claim took meanwhile shows its new status and is left out below.
-    SELECT j.id, j.status FROM imagen.jobs j
-    WHERE j.id = ANY (ARRAY(SELECT id FROM chosen))
-    FOR UPDATE OF j SKIP LOCKED
+    SELECT p.id, p.pos FROM positioned p JOIN owners o ON o.owner_user_id = p.owner_user_id
+    WHERE o.owner_order <= %(max_owners)s
 )
 UPDATE imagen.jobs j
 SET status = 'running', stage = 'queued', attempt = j.attempt + 1, claimed_at = now(),
     heartbeat_at = now(), error = NULL, last_error = NULL,
     stage_times = jsonb_build_object('queued', now())
-FROM picked JOIN chosen ON chosen.id = picked.id
-WHERE j.id = picked.id AND picked.status = 'pending'
-RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, chosen.owner_rank,
+FROM chosen
+WHERE j.id = chosen.id
+RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, chosen.pos,
           coalesce(j.pending_at, j.created_at)
 """
 
@@ -104,8 +93,8 @@ def execute_once(conn: Conn, query: str, params: Any = None) -> psycopg.Cursor[A
 def claim_jobs(conn: Conn, limit: int, *, max_owners: int = 1000) -> list[Claim]:
     """Claim up to `limit` pending jobs fairly across owners, committed on return."""
     rows = execute_once(conn, CLAIM, {"limit": limit, "max_owners": max_owners}).fetchall()
-    # UPDATE ... RETURNING has no order: forward in claim order, every owner's first job first.
-    rows.sort(key=lambda r: (r[5], r[3], r[0]))
+    # UPDATE ... RETURNING has no order: forward in claim order, every owner's next job first.
+    rows.sort(key=lambda r: r[5])
     return [
         Claim(
             job_id=r[0],

@@ -11,6 +11,7 @@ from uuid import UUID
 from imagen import jobs
 from imagen.config import Settings
 from imagen.db import check_schema, connect
+from imagen.store.queries import QUERIES
 
 TERMINAL = ("done", "failed", "cancelled")
 
@@ -98,9 +99,7 @@ def run_smoke(
             # Nothing may pick it up later and spend a provider call on a smoke nobody waits for.
             jobs.cancel_job(conn, job_id)
         image = (
-            conn.execute(
-                "SELECT bucket, path FROM imagen.images WHERE id = %s", (row["image_id"],)
-            ).fetchone()
+            conn.execute(QUERIES["image_place"], {"image_id": row["image_id"]}).fetchone()
             if row["image_id"]
             else None
         )

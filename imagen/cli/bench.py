@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -59,6 +60,20 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
     " each, about a minute; --quick, --jobs, --samples, --scratch and --json apply (needs"
     " pip install -e '.[peers]')",
 )
+@click.option(
+    "--scale",
+    is_flag=True,
+    help="instead: the pipeline on a fresh table, then after 1,000,000 finished rows, then 3,000"
+    " single-job owners and 1,000 owners x 100 jobs: backlog rates, idle pickup and the claim's cost,"
+    " as ratios to the fresh table, a few minutes; --quick, --jobs (each step's backlog"
+    " [default: 2000; 1000 quick]), --samples [default: 30; 15 quick], --scratch, --durable and --json apply",
+)
+@click.option(
+    "--durable",
+    is_flag=True,
+    help="PostgreSQL with fsync, full_page_writes and synchronous_commit on, and the images on disk"
+    " (the temp folder unless --scratch): what an operator's server does",
+)
 @handle_errors
 def bench(
     quick: bool,
@@ -69,6 +84,8 @@ def bench(
     rounds: int | None,
     scratch: Path | None,
     peers: bool,
+    scale: bool,
+    durable: bool,
 ) -> None:
     """Measure pickup, INSERT -> done, throughput and memory against baselines from the same run.
 
@@ -81,13 +98,20 @@ def bench(
     figures are the pipeline's, not the disk's (see docs/benchmarks.md).
 
     With --peers it runs our job next to pgqueuer's and procrastinate's instead, on
-    the same fresh servers, and prints each peer's figure with ours over it.
+    the same fresh servers, and prints each peer's figure with ours over it. With
+    --scale it runs one pipeline through a growing table instead (docs/benchmarks.md).
     """
     from imagen.devtools.bench import bench_config, render_table, report_json, run_bench
 
     config = bench_config(
-        quick=quick, jobs=jobs, samples=samples, workers=workers, scratch=scratch, rounds=rounds
-    )
+        quick=quick, jobs=jobs, samples=samples, workers=workers, scratch=scratch, rounds=rounds,
+        durable=durable,
+    )  # fmt: skip
+    if peers and scale:
+        raise click.UsageError("--peers and --scale are two different runs: give one")
+    if scale:
+        _scale(config, quick=quick, jobs=jobs, samples=samples, json_path=json_path)
+        return
     if peers:
         source = click.get_current_context().get_parameter_source("workers")
         if rounds is not None or source is not click.core.ParameterSource.DEFAULT:
@@ -105,3 +129,17 @@ def bench(
     click.echo(render_table(report))
     if json_path is not None:
         json_path.write_text(json.dumps(round_times(report_json(report)), indent=2) + "\n")
+
+
+def _scale(
+    config: Any, *, quick: bool, jobs: int | None, samples: int | None, json_path: Path | None
+) -> None:
+    from dataclasses import replace
+
+    from imagen.devtools.bench.scale import render_scale, run_scale, scale_json
+
+    config = replace(config, jobs=jobs or (1000 if quick else 2000), samples=samples or (15 if quick else 30))
+    report = run_scale(config, echo=lambda line: click.echo(f"bench: {line}", err=True))
+    click.echo(render_scale(report))
+    if json_path is not None:
+        json_path.write_text(json.dumps(round_times(scale_json(report)), indent=2) + "\n")

@@ -22,6 +22,7 @@ from imagen.devtools.runner import PipelineProcesses, Proc, listeners_listening,
 from imagen.devtools.servers import PostgresServer, RedisServer
 from imagen.errors import NotReachable
 from imagen.smoke import TERMINAL
+from imagen.store.queries import QUERIES
 
 PROMPTS = [
     ("a lighthouse at dusk", {"backend": "mock", "size": "512x512"}),
@@ -145,12 +146,7 @@ def _submit_and_watch(
                 echo("a pipeline process exited early:\n" + procs.logs())
                 return False
             time.sleep(0.05)
-        images = {
-            r[0]: r[1:]
-            for r in conn.execute(
-                "SELECT id, bucket, path FROM imagen.images WHERE job_id = ANY(%s)", (every,)
-            ).fetchall()
-        }
+        images = {r[0]: r[1:] for r in conn.execute(QUERIES["images_of_jobs"], {"job_ids": every}).fetchall()}
     echo("")
     echo(f"{'job':<36}  {'status':<7} {'pickup':>8} {'total':>8}  image / error")
     ok = True

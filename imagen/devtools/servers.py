@@ -69,6 +69,9 @@ class PostgresServer:
     port: int = field(default_factory=free_port)
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="imagen-pg-")))
     proc: subprocess.Popen[bytes] | None = None
+    # More `-c name=value` settings, after (and so over) the defaults: `imagen bench --durable`
+    # turns fsync back on, `--scale` loads pg_stat_statements.
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -125,6 +128,7 @@ class PostgresServer:
                     postgres, "-D", str(self.root / "data"), "-p", str(self.port), "-k", str(self.root),
                     "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
                     "-c", "full_page_writes=off", "-c", "max_connections=200",
+                    *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")),
                 ],
                 stdout=out, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
                 **ids,

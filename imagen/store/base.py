@@ -7,8 +7,11 @@ Two implementations keep the same rules: `PostgresJobStore` (the real one) and
 
 - every stage write is fenced on `status = 'running' AND attempt = <the message's
   attempt>`; a write whose fence fails changes nothing and answers False or None;
-- a claim takes every owner's oldest pending job before anyone's second, oldest
-  first within an owner, and increments `attempt`;
+- a claim takes the pending jobs in rounds: every owner's next job before anyone's
+  following one, oldest first within a round, and increments `attempt`. A new job
+  goes one round after its owner's last pending job, or into the current (lowest
+  pending) round; a job put back to pending keeps its round or takes the current
+  one (sql/012_fair_rounds.sql);
 - an images row is written once per job (a second write returns the first row's
   id), owned by the job's owner, and only while the attempt holds the job;
 - a usage row is written once per call id, fence or not.

@@ -68,26 +68,40 @@ class InMemoryJobStore(InMemoryOperatorStore):
 
     def submit_job(self, owner_user_id: UUID, prompt: str, params: Any) -> UUID:
         with self._lock:
-            job_id, now = uuid4(), self.now()
+            job_id, now, owner = uuid4(), self.now(), UUID(str(owner_user_id))
+            mine = [r.get("fair_round", 0) for r in self._pending() if r["owner_user_id"] == owner]
+            fair_round = max(self._current_round(), max(mine, default=-1) + 1)  # sql/012_fair_rounds.sql
             self.jobs[job_id] = {
-                "id": job_id, "owner_user_id": UUID(str(owner_user_id)), "prompt": prompt, "params": params,
+                "id": job_id, "owner_user_id": owner, "prompt": prompt, "params": params,
                 "status": "pending", "stage": None, "attempt": 0, "error": None, "last_error": None,
                 "image_id": None, "created_at": now, "updated_at": now, "claimed_at": None,
                 "heartbeat_at": None, "finished_at": None, "stage_times": {}, "image_swept_at": None, "pending_at": None,
+                "fair_round": fair_round,
             }  # fmt: skip
             return job_id
 
+    def _pending(self) -> list[dict[str, Any]]:
+        return [r for r in self.jobs.values() if r["status"] == "pending"]
+
+    def _current_round(self) -> int:
+        """The lowest round still pending (0 when none is): where a job put back to pending goes."""
+        return min((r.get("fair_round", 0) for r in self._pending()), default=0)
+
+    def _requeue(self, row: dict[str, Any], **values: Any) -> None:
+        """Back to pending in its own round, or the current one if later (sql/012_fair_rounds.sql)."""
+        fair_round = min(self._current_round(), row.get("fair_round", 1 << 62))
+        self._set(row, status="pending", fair_round=fair_round, **values)
+
     def claim_jobs(self, limit: int, *, max_owners: int = 1000) -> list[Claim]:
         with self._lock:
-            pending = [r for r in self.jobs.values() if r["status"] == "pending"]
-            owners = sorted({r["owner_user_id"] for r in pending})[:max_owners]
-            ranked = []
-            for owner in owners:
-                mine = sorted((r for r in pending if r["owner_user_id"] == owner), key=_age)[:limit]
-                ranked += [(rank, row) for rank, row in enumerate(mine, 1)]
-            ranked.sort(key=lambda item: (item[0], *_age(item[1])))
+            ordered = sorted(self._pending(), key=lambda r: (r.get("fair_round", 0), *_age(r)))[:limit]
+            owners: list[UUID] = []
+            for row in ordered:
+                if row["owner_user_id"] not in owners:
+                    owners.append(row["owner_user_id"])
+            taken = set(owners[:max_owners])
             claims = []
-            for _, row in ranked[:limit]:
+            for row in (r for r in ordered if r["owner_user_id"] in taken):
                 now = self.now()
                 self._set(
                     row, status="running", stage="queued", attempt=row["attempt"] + 1, claimed_at=now,
@@ -105,9 +119,7 @@ class InMemoryJobStore(InMemoryOperatorStore):
             row = self._held(job_id, attempt)
             if row is None:
                 return False
-            self._set(
-                row, status="pending", stage=None, attempt=attempt - 1, claimed_at=None, heartbeat_at=None
-            )
+            self._requeue(row, stage=None, attempt=attempt - 1, claimed_at=None, heartbeat_at=None)
             return True
 
     def rescue_expired(self, *, lease_seconds: float, max_attempts: int, limit: int = 1000) -> list[Rescued]:
@@ -127,7 +139,7 @@ class InMemoryJobStore(InMemoryOperatorStore):
                     )
                     self._set(row, status="failed", error=error, stage=None, heartbeat_at=None)
                 else:
-                    self._set(row, status="pending", stage=None, heartbeat_at=None, pending_at=self.now())
+                    self._requeue(row, stage=None, heartbeat_at=None, pending_at=self.now())
                 rescued.append(Rescued(row["id"], row["status"], row["attempt"]))
             return rescued
 
@@ -276,8 +288,8 @@ class InMemoryJobStore(InMemoryOperatorStore):
             row = self.jobs.get(UUID(str(job_id)))
             if row is None or row["status"] not in ("failed", "cancelled"):
                 return False
-            self._set(
-                row, status="pending", stage=None, error=None, last_error=None, image_id=None,
+            self._requeue(
+                row, stage=None, error=None, last_error=None, image_id=None,
                 claimed_at=None, heartbeat_at=None, stage_times={}, pending_at=self.now(),
             )  # fmt: skip
             row["finished_at"] = None

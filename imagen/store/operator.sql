@@ -151,3 +151,19 @@ SELECT pid, host(client_addr), backend_start, state_change
 FROM pg_stat_activity
 WHERE datname = current_database() AND state = 'idle' AND query IN (%(listen)s, %(health)s)
 ORDER BY backend_start;
+
+-- name: image_place
+-- Where an image is stored (`imagen smoke` prints it).
+SELECT bucket, path FROM imagen.images WHERE id = %(image_id)s;
+
+-- name: images_of_jobs
+-- The images rows of several jobs (`imagen demo` prints them).
+SELECT id, bucket, path FROM imagen.images WHERE job_id = ANY(%(job_ids)s);
+
+-- name: bench_insert_job
+-- `imagen bench`'s probe job, inserted as the service (positional: owner, params).
+INSERT INTO imagen.jobs (owner_user_id, prompt, params) VALUES (%s, 'bench', %s) RETURNING id;
+
+-- name: bench_poll_job
+-- `imagen bench` polls its probe job until it is claimed, or done (positional: id).
+SELECT status, claimed_at, finished_at, error FROM imagen.jobs WHERE id = %s;

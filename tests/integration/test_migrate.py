@@ -25,6 +25,7 @@ ALL = [
     "009_usage_cost_basis.sql",
     "010_dashboard_indexes.sql",
     "011_admission.sql",
+    "012_fair_rounds.sql",
     "014_params_size.sql",
 ]
 
@@ -162,6 +163,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "009_usage_cost_basis.sql": "applied",
         "010_dashboard_indexes.sql": "applied",
         "011_admission.sql": "applied",
+        "012_fair_rounds.sql": "applied",
         "014_params_size.sql": "applied",
         "099_next.sql": "pending",
     }

@@ -89,6 +89,7 @@ def test_trigger_functions_pin_an_empty_search_path(db_url: str) -> None:
         ).fetchall()
     assert rows == [
         ("jobs_before_update", ['search_path=""']),
+        ("jobs_fair_round", ['search_path=""']),
         ("jobs_notify_insert", ['search_path=""']),
         ("jobs_notify_pending", ['search_path=""']),
         ("jobs_server_id", ['search_path=""']),
@@ -252,8 +253,11 @@ def test_claim_queue_indexes_exist(db_url: str) -> None:
                 "select indexname, indexdef from pg_indexes where schemaname = 'imagen' and tablename = 'jobs'"
             ).fetchall()
         )
+    assert indexes["jobs_claim_idx"].endswith(
+        "(fair_round, created_at, id) WHERE ((status = 'pending'::text) AND (fair_round IS NOT NULL))"
+    )
     assert indexes["jobs_pending_idx"].endswith(
-        "(owner_user_id, created_at, id) WHERE (status = 'pending'::text)"
+        "(owner_user_id, fair_round) WHERE (status = 'pending'::text)"
     )
     assert indexes["jobs_owner_idx"].endswith("(owner_user_id, created_at DESC)")
     assert indexes["jobs_running_idx"].endswith("(claimed_at) WHERE (status = 'running'::text)")

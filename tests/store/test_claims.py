@@ -77,3 +77,30 @@ def test_release_puts_a_claim_back_without_counting_the_attempt(store: JobStore)
 def test_state_of_an_unknown_job_is_none(store: JobStore) -> None:
     assert store.job_state(uuid4()) is None
     assert store.get_job(uuid4()) is None
+
+
+def test_one_job_at_a_time_alternates_owners_instead_of_draining_the_oldest(store: JobStore) -> None:
+    a = submit(store, OWNER_A, 3)
+    b = submit(store, OWNER_B, 3)
+
+    taken = [claim.job_id for _ in range(6) for claim in store.claim_jobs(1)]
+
+    assert taken == [a[0], b[0], a[1], b[1], a[2], b[2]]
+
+
+def test_a_newcomer_waits_one_round_not_behind_the_whole_backlog(store: JobStore) -> None:
+    a = submit(store, OWNER_A, 4)
+    assert [c.job_id for c in store.claim_jobs(2)] == a[:2]
+    (b,) = submit(store, OWNER_B)
+
+    assert [c.job_id for c in store.claim_jobs(10)] == [a[2], b, a[3]]
+
+
+def test_a_job_put_back_to_pending_is_claimed_first_again(store: JobStore) -> None:
+    a = submit(store, OWNER_A, 2)
+    b = submit(store, OWNER_B, 2)
+    first = store.claim_jobs(2)
+    for claim in first:
+        store.release_claim(claim.job_id, claim.attempt)
+
+    assert [c.job_id for c in store.claim_jobs(10)] == [a[0], b[0], a[1], b[1]]

@@ -308,14 +308,20 @@ def test_peers_bench_runs_ours_pgqueuer_and_procrastinate_on_one_pair_of_servers
     result = subprocess.run([*argv, "--json", str(out)], capture_output=True, text=True, timeout=150)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert set(data["latency_ms"]) == {"imagen_start", "imagen_done", "pgqueuer_start", "procrastinate_start"}
+    assert set(data["latency_ms"]) == {
+        "imagen_start", "imagen_done", "pgqueuer_start", "procrastinate_start", "pgqueuer_work", "procrastinate_work",
+    }  # fmt: skip
     assert all(s["n"] == 5 and 0 < s["p50"] < 1000 for s in data["latency_ms"].values())
     assert data["latency_ms"]["imagen_start"]["p50"] < data["latency_ms"]["imagen_done"]["p50"]
     assert {k: v["items"] for k, v in data["throughput"].items()} == {
         "imagen": 200,
         "pgqueuer": 200,
         "procrastinate": 200,
+        "pgqueuer_work": 200,
+        "procrastinate_work": 200,
     }
+    for peer in ("pgqueuer", "procrastinate"):  # the work (image, file, two rows) takes longer than a no-op
+        assert data["latency_ms"][f"{peer}_work"]["p50"] > data["latency_ms"][f"{peer}_start"]["p50"]
     assert "procrastinate: no-op jobs from a backlog" in result.stdout
 
 

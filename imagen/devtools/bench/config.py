@@ -46,6 +46,13 @@ class BenchConfig:
     rounds: int = 3
     quick: bool = False
     scratch: Path | None = None
+    # `--durable`: PostgreSQL with fsync, synchronous_commit and full_page_writes on, images on disk.
+    durable: bool = False
+
+
+# What `--durable` turns back on (imagen.devtools.servers runs PostgreSQL with fsync and
+# full_page_writes off); synchronous_commit is on there too, named here so the run says so.
+DURABLE_SETTINGS = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
 
 
 def size_note(config: BenchConfig) -> str | None:
@@ -83,6 +90,7 @@ def bench_config(
     workers: Sequence[int] = (),
     scratch: Path | None = None,
     rounds: int | None = None,
+    durable: bool = False,
 ) -> BenchConfig:
     """The default run, or the ~1 minute `--quick` one, with explicit sizes winning."""
     base = BenchConfig()
@@ -96,6 +104,8 @@ def bench_config(
         samples=samples or base.samples,
         stock_samples=min(base.stock_samples, samples or base.stock_samples),
         workers=tuple(sorted(set(workers))) or base.workers,
-        scratch=scratch,
+        # A durable run keeps its images on disk too, unless told where.
+        scratch=scratch or (Path(tempfile.gettempdir()) if durable else None),
         rounds=rounds or base.rounds,
+        durable=durable,
     )

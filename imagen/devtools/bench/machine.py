@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,13 @@ def describe_machine() -> dict[str, Any]:
         "dramatiq": dramatiq.__version__,
         "psycopg": psycopg.__version__,
     }
+
+
+def postgres_settings(url: str, names: Iterable[str]) -> dict[str, str]:
+    """The server's values of these settings, as the run's report shows them."""
+    found = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name in names:
+            row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+            found[name] = str(row[0]) if row else "?"
+    return found

@@ -1,12 +1,12 @@
 """`imagen bench --peers`: the pipeline next to pgqueuer and procrastinate, on the same fresh servers.
 
-The peers' figures quoted elsewhere come from another 2-core machine; this puts them in
-the same run as ours. Each peer runs a no-op job, registered and started the
-way its docs show, with its defaults; the job pushes its token and `time.time()`
-to a Redis list. Ours runs the real job (mock backend, 64x64: three stages, an
-image file, an images row) through `imagen listen` and `dramatiq imagen.actors
--p 1`. Every system gets one worker process. The peers are an optional extra
-(`pip install -e '.[peers]'`), not dependencies of imagen.
+Each peer runs two jobs, registered and started the way its docs show, with its
+defaults: a no-op, and our job's work (render the 64x64 mock image, store it,
+write the images row and the usage row; the peer then ends its job); each pushes
+its token and `time.time()` to a Redis list when it is done. Ours runs the real
+job through `imagen listen` and `dramatiq imagen.actors -p 1`. Every system gets
+one worker process. The peers are an optional extra (`pip install -e
+'.[peers]'`), not dependencies of imagen.
 """
 
 from __future__ import annotations
@@ -33,9 +33,42 @@ STARTED_KEY = "bench:started"
 PEERS = ("pgqueuer", "procrastinate")
 OURS = "pipeline_1w"  # our backlog figure, as `imagen bench` names it
 
+# What our job does, for a peer's job: render the 64x64 mock image, store it (one file), write the
+# images row and the usage row (one statement), and end (the peer marks its own job done).
+PEER_WORK = '''"""The work of one imagen job, done by a peer's job (imagen bench --peers)."""
+import os, time, uuid
+import psycopg, redis
+from pathlib import Path
+from psycopg.types.json import Jsonb
+from imagen.backends.mock import render_png
+
+FILES = Path(os.environ["BENCH_FILES"])
+OWNER = uuid.UUID("00000000-0000-4000-8000-0000000000be")
+ROWS = """
+WITH usage AS (
+    INSERT INTO imagen.usage (backend, model, images, ok, latency_ms, cost_usd, cost_basis, owner_user_id, call_id)
+    VALUES ('mock', 'mock-1', 1, true, %(ms)s, 0, 'free', %(owner)s, %(call)s)
+)
+INSERT INTO imagen.images (owner_user_id, bucket, path, mime, width, height, bytes, prompt, backend, model, params)
+VALUES (%(owner)s, 'bench', %(path)s, 'image/png', 64, 64, %(bytes)s, %(prompt)s, 'mock', 'mock-1', %(params)s)
+"""
+results = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
+conn = psycopg.connect(os.environ["BENCH_DATABASE_URL"], autocommit=True)
+
+def work(token: str) -> None:
+    started, prompt, path = time.perf_counter(), "bench " + token, "%s.png" % uuid.uuid4()
+    png = render_png(prompt, 1, 64, 64)
+    (FILES / path).write_bytes(png)
+    conn.execute(ROWS, {"ms": (time.perf_counter() - started) * 1000, "owner": OWNER, "call": uuid.uuid4(),
+                        "path": path, "bytes": len(png), "prompt": prompt,
+                        "params": Jsonb({"backend": "mock", "size": "64x64"})})
+    results.rpush("bench:started", "%s %r" % (token, time.time()))
+'''
+
 PGQUEUER_APP = '''"""pgqueuer's no-op worker (imagen bench --peers), as its docs write one."""
 import asyncio, contextlib, os, time
 import asyncpg, redis
+import peer_work
 from pgqueuer import PgQueuer
 from pgqueuer.db import AsyncpgDriver
 from pgqueuer.models import Job
@@ -50,6 +83,10 @@ async def main():
     @pgq.entrypoint("noop")
     async def noop(job: Job) -> None:
         results.rpush("bench:started", "%s %r" % (job.payload.decode(), time.time()))
+
+    @pgq.entrypoint("work")
+    async def work(job: Job) -> None:
+        peer_work.work(job.payload.decode())
 
     try:
         yield pgq
@@ -66,6 +103,7 @@ if __name__ == "__main__":
 PROCRASTINATE_APP = '''"""procrastinate's no-op worker (imagen bench --peers), as its docs write one."""
 import os, time
 import redis
+import peer_work
 from procrastinate import App, PsycopgConnector
 
 app = App(connector=PsycopgConnector(conninfo=os.environ["BENCH_DATABASE_URL"]))
@@ -74,6 +112,10 @@ results = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
 @app.task(name="noop")
 async def noop(token: str) -> None:
     results.rpush("bench:started", "%s %r" % (token, time.time()))
+
+@app.task(name="work")
+async def work(token: str) -> None:
+    peer_work.work(token)
 '''
 
 LATENCY_ROWS = (
@@ -81,12 +123,17 @@ LATENCY_ROWS = (
     ("imagen_done", "imagen: INSERT sent -> done, 3 stages + 64x64 image (ms)"),
     ("pgqueuer_start", "pgqueuer: enqueue sent -> no-op job started (ms)"),
     ("procrastinate_start", "procrastinate: defer sent -> no-op job started (ms)"),
+    ("pgqueuer_work", "pgqueuer: enqueue sent -> our work done (ms)"),
+    ("procrastinate_work", "procrastinate: defer sent -> our work done (ms)"),
 )
 THROUGHPUT_ROWS = (
     (OURS, "imagen: full jobs from a backlog, 1 process (jobs/s)"),
     ("pgqueuer", "pgqueuer: no-op jobs from a backlog, 1 process (jobs/s)"),
     ("procrastinate", "procrastinate: no-op jobs from a backlog, 1 process (jobs/s)"),
+    ("pgqueuer_work", "pgqueuer: our work, from a backlog, 1 process (jobs/s)"),
+    ("procrastinate_work", "procrastinate: our work, from a backlog, 1 process (jobs/s)"),
 )
+TASKS = ("noop", "work")
 
 
 def missing_peer_modules() -> list[str]:
@@ -106,20 +153,20 @@ class _Enqueuers:
         self._pgq = SyncQueries(SyncPsycopgDriver(self._conn))
         self._app = App(connector=SyncPsycopgConnector(conninfo=db_url))
         self._app.open()
-        self._noop = self._app.configure_task(name="noop")
+        self._tasks = {task: self._app.configure_task(name=task) for task in TASKS}
 
-    def one(self, peer: str, token: str) -> None:
+    def one(self, peer: str, token: str, task: str = "noop") -> None:
         if peer == "pgqueuer":
-            self._pgq.enqueue("noop", token.encode())
+            self._pgq.enqueue(task, token.encode())
         else:
-            self._noop.defer(token=token)
+            self._tasks[task].defer(token=token)
 
-    def many(self, peer: str, tokens: list[str]) -> None:
+    def many(self, peer: str, tokens: list[str], task: str = "noop") -> None:
         if peer == "pgqueuer":
-            self._pgq.enqueue(["noop"] * len(tokens), [t.encode() for t in tokens], [0] * len(tokens))
+            self._pgq.enqueue([task] * len(tokens), [t.encode() for t in tokens], [0] * len(tokens))
         else:
             kwargs: list[dict[str, Any]] = [{"token": t} for t in tokens]
-            self._noop.batch_defer(*kwargs)
+            self._tasks[task].batch_defer(*kwargs)
 
     def close(self) -> None:
         self._app.close()
@@ -135,9 +182,12 @@ class _PeersRun(BenchRun):
         self.peers_folder.mkdir()
         (self.peers_folder / "peer_pgqueuer.py").write_text(PGQUEUER_APP)
         (self.peers_folder / "peer_procrastinate.py").write_text(PROCRASTINATE_APP)
+        (self.peers_folder / "peer_work.py").write_text(PEER_WORK)
+        (self.files / "peers").mkdir()
         self.peers_env = clean_env(
             BENCH_DATABASE_URL=self.db_url,
             BENCH_REDIS_URL=self.bare_url,
+            BENCH_FILES=str(self.files / "peers"),
             PGDSN=self.db_url,
             PYTHONPATH=str(self.peers_folder),
         )
@@ -185,8 +235,9 @@ class _PeersRun(BenchRun):
                     self._warm_peer(client, enqueue, peer, peers[peer])
                 self._peer_latency(client, enqueue)
                 self._job_throughput(listener, workers, 1)
-                for peer in PEERS:
-                    self._peer_throughput(client, enqueue, peer, peers[peer])
+                for task in TASKS:
+                    for peer in PEERS:
+                        self._peer_throughput(client, enqueue, peer, peers[peer], task)
         finally:
             enqueue.close()
             client.close()
@@ -214,7 +265,9 @@ class _PeersRun(BenchRun):
 
     def _peer_latency(self, client: redis.Redis, enqueue: _Enqueuers) -> None:
         n = self.config.samples
-        self.echo(f"latency: {n} rounds of one imagen job, one pgqueuer and one procrastinate no-op job")
+        self.echo(
+            f"latency: {n} rounds of one imagen job and, for pgqueuer and procrastinate, a no-op job and our job's work"
+        )
         values: dict[str, list[float]] = {key: [] for key, _ in LATENCY_ROWS}
         owner = uuid.uuid4()
         with (
@@ -225,6 +278,10 @@ class _PeersRun(BenchRun):
                 "imagen": lambda i: self._imagen_sample(conn, poller, owner),
                 "pgqueuer": lambda i: self._peer_sample(client, enqueue, "pgqueuer", i),
                 "procrastinate": lambda i: self._peer_sample(client, enqueue, "procrastinate", i),
+                "pgqueuer_work": lambda i: self._peer_sample(client, enqueue, "pgqueuer", i, "work"),
+                "procrastinate_work": lambda i: self._peer_sample(
+                    client, enqueue, "procrastinate", i, "work"
+                ),
             }
             for i in range(n):
                 order = list(samplers)
@@ -251,18 +308,28 @@ class _PeersRun(BenchRun):
         assert row is not None
         return {"imagen_start": row[0].timestamp() - probe.sent_wall, "imagen_done": probe.done_clock}
 
-    def _peer_sample(self, client: redis.Redis, enqueue: _Enqueuers, peer: str, i: int) -> dict[str, float]:
+    def _peer_sample(
+        self, client: redis.Redis, enqueue: _Enqueuers, peer: str, i: int, task: str = "noop"
+    ) -> dict[str, float]:
+        key = f"{peer}_start" if task == "noop" else f"{peer}_{task}"
         return {
-            f"{peer}_start": stamped(client, STARTED_KEY, lambda: enqueue.one(peer, str(i)), i, f"{peer} job")
+            key: stamped(
+                client, STARTED_KEY, lambda: enqueue.one(peer, str(i), task), i, f"{peer} {task} job"
+            )
         }
 
-    def _peer_throughput(self, client: redis.Redis, enqueue: _Enqueuers, peer: str, worker: Proc) -> None:
-        """From the backlog's enqueue returning to the last job's start, as for our backlog."""
+    def _peer_throughput(
+        self, client: redis.Redis, enqueue: _Enqueuers, peer: str, worker: Proc, task: str = "noop"
+    ) -> None:
+        """From the backlog's enqueue returning to the last job's stamp (a no-op's start, the work's
+        end), as for our backlog."""
         jobs = self.config.jobs
-        self.echo(f"throughput: {peer} from a backlog of {jobs} no-op jobs, 1 process")
+        what = "no-op jobs" if task == "noop" else "jobs doing our job's work"
+        self.echo(f"throughput: {peer} from a backlog of {jobs} {what}, 1 process")
         client.delete(STARTED_KEY)
-        enqueue.many(peer, [f"b{i}" for i in range(jobs)])
-        self.report.throughput[peer] = [self._stamps_rate(client, STARTED_KEY, jobs, worker, peer)]
+        enqueue.many(peer, [f"b{i}" for i in range(jobs)], task)
+        key = peer if task == "noop" else f"{peer}_{task}"
+        self.report.throughput[key] = [self._stamps_rate(client, STARTED_KEY, jobs, worker, key)]
 
 
 def run_peers(config: BenchConfig, echo: Echo | None = None) -> Report:
@@ -280,16 +347,13 @@ def render_peers(report: Report) -> str:
     """The peers' table: each figure, and ours over it (for latency below 1 is ours faster)."""
     lines = [f"{'figure':<62} | {'p50':>6} | {'p99':>6} | {'max':>6} | imagen vs this"]
     lines.append("-" * len(lines[0]))
-    start = report.latency.get("imagen_start")
+    start, done = report.latency.get("imagen_start"), report.latency.get("imagen_done")
     for key, label in LATENCY_ROWS:
         s = report.latency.get(key)
         if s is None:
             continue
-        ratio = (
-            format_versus(start.p50, s.p50, "ms")
-            if start and key.endswith("_start") and key != "imagen_start"
-            else "-"
-        )
+        mine = start if key.endswith("_start") else done
+        ratio = format_versus(mine.p50, s.p50, "ms") if mine and not key.startswith("imagen") else "-"
         lines.append(
             f"{label:<62} | {format_value(s.p50):>6} | {format_value(s.p99):>6} | {format_value(s.max):>6} | {ratio}"
         )
@@ -303,8 +367,8 @@ def render_peers(report: Report) -> str:
     lines.append("")
     lines.append(
         "imagen vs this: how many times slower or faster our figure is than the peer's: for latency our"
-        " generation stage's start against the peer's no-op start, for throughput our full jobs/s"
-        " against the peer's no-op jobs/s"
+        " generation stage's start against the peer's no-op start, our job's end against the end of the"
+        " peer's job doing the same work; for throughput our full jobs/s against the peer's"
     )
     lines += [f"note: {note}" for note in report.notes]
     return "\n".join(lines)
@@ -313,7 +377,7 @@ def render_peers(report: Report) -> str:
 def peers_json(report: Report) -> dict[str, Any]:
     """The peers run as plain JSON types; our backlog figure is "imagen" here."""
     throughput = {}
-    for key in (OURS, *PEERS):
+    for key in (OURS, *PEERS, *(f"{peer}_work" for peer in PEERS)):
         rounds = report.throughput.get(key)
         if rounds:
             t = rounds[0]

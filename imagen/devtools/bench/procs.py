@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import redis
+
 from imagen.devtools.bench.config import BenchError
 from imagen.devtools.runner import PipelineProcesses, Proc
 
@@ -148,3 +150,17 @@ def _interrupt_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stamped(client: redis.Redis, key: str, send: Callable[[], object], token: int, what: str) -> float:
+    """Send one job that pushes "<token> <time.time()>" to `key` when it runs: seconds from just
+    before the send to that stamp (one host, one clock)."""
+    started = time.time()
+    send()
+    got = client.blpop([key], timeout=30)
+    if got is None:
+        raise BenchError(f"{what} {token} did not finish within 30 s")
+    seen, stamp = proc_text(got[1]).split()
+    if seen != str(token):
+        raise BenchError(f"{what}: expected token {token}, got {seen}")
+    return float(stamp) - started

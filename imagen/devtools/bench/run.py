@@ -29,29 +29,32 @@ from psycopg.types.json import Jsonb
 
 from imagen.broker import WakingRedisBroker
 from imagen.devtools.bench.baselines import BARE_ACTORS, DONE_KEY, RAW_CLAIMER, RAW_SCHEMA
+from imagen.devtools.bench.config import DURABLE_SETTINGS as DURABLE
 from imagen.devtools.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo, default_scratch, size_note
-from imagen.devtools.bench.machine import cpu_pressure, describe_machine, filesystem_type
+from imagen.devtools.bench.machine import cpu_pressure, describe_machine, filesystem_type, postgres_settings
 from imagen.devtools.bench.procs import (
     _interrupt_on_sigterm,
     _ready,
     clean_env,
-    proc_text,
     process_tree,
     processes,
     spawn,
+    stamped,
     wait_for,
 )
 from imagen.devtools.bench.report import LATENCY_LABELS, Report, Summary
 from imagen.devtools.bench.throughput import Backlogs
 from imagen.devtools.runner import DRAMATIQ_READY, Proc, listeners_listening, pipeline_env
 from imagen.devtools.servers import PostgresServer, RedisServer
+from imagen.store.queries import QUERIES
 
 POLL_CLAIM = 0.0002  # seconds between polls while waiting for a claim
 POLL_DONE = 0.001
 RAW_INSERT = "INSERT INTO bench.raw_jobs DEFAULT VALUES RETURNING id"
 RAW_POLL = "SELECT status, claimed_at, NULL::timestamptz, NULL::text FROM bench.raw_jobs WHERE id = %s"
-JOB_INSERT = "INSERT INTO imagen.jobs (owner_user_id, prompt, params) VALUES (%s, 'bench', %s) RETURNING id"
-JOB_POLL = "SELECT status, claimed_at, finished_at, error FROM imagen.jobs WHERE id = %s"
+# One job through the whole pipeline, inserted and polled (imagen/store/operator.sql).
+JOB_INSERT = QUERIES["bench_insert_job"]
+JOB_POLL = QUERIES["bench_poll_job"]
 
 
 @dataclass
@@ -80,7 +83,7 @@ class BenchRun(Backlogs):
             tempfile.mkdtemp(prefix="imagen-bench-files-", dir=config.scratch or default_scratch())
         )
         stack.callback(shutil.rmtree, self.files, ignore_errors=True)
-        self.pg = PostgresServer()
+        self.pg = PostgresServer(settings=dict(DURABLE) if config.durable else {})
         stack.callback(self.pg.cleanup)
         self.redis = RedisServer()
         stack.callback(self.redis.cleanup)
@@ -103,6 +106,7 @@ class BenchRun(Backlogs):
         info = redis.Redis.from_url(self.redis.url).info("server")
         self.report.machine["redis"] = info.get("redis_version")
         self.report.machine["scratch"] = f"{self.files.parent} ({filesystem_type(self.files) or 'unknown'})"
+        self.report.machine["postgres_settings"] = postgres_settings(self.db_url, DURABLE)
         self.bare_folder.mkdir()
         (self.bare_folder / "bench_actors.py").write_text(BARE_ACTORS)
         (self.root / "raw_claimer.py").write_text(RAW_CLAIMER)
@@ -327,20 +331,6 @@ class BenchRun(Backlogs):
             stock.close()
 
 
-def stamped(client: redis.Redis, key: str, send: Callable[[], object], token: int, what: str) -> float:
-    """Send one job that pushes "<token> <time.time()>" to `key` when it runs: seconds from just
-    before the send to that stamp (one host, one clock)."""
-    started = time.time()
-    send()
-    got = client.blpop([key], timeout=30)
-    if got is None:
-        raise BenchError(f"{what} {token} did not finish within 30 s")
-    seen, stamp = proc_text(got[1]).split()
-    if seen != str(token):
-        raise BenchError(f"{what}: expected token {token}, got {seen}")
-    return float(stamp) - started
-
-
 def execute(run_type: type[BenchRun], config: BenchConfig, echo: Echo | None) -> BenchRun:
     """Start a run's servers and measure, timing each line; whatever happens, every process and
     server it started is stopped before this returns or raises."""
@@ -399,4 +389,6 @@ def run_bench(config: BenchConfig, echo: Echo | None = None) -> Report:
     note = size_note(config)
     if note:
         report.notes.append(note)
+    settings = ", ".join(f"{k}={v}" for k, v in report.machine.get("postgres_settings", {}).items())
+    report.notes.append(f"PostgreSQL {settings}; images under {report.machine.get('scratch')}")
     return report

@@ -1,0 +1,88 @@
+"""`imagen bench --scale` and `--durable`: their ratios, verdicts and options (no servers)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from imagen.cli import main
+from imagen.devtools.bench import Summary, Throughput, bench_config
+from imagen.devtools.bench.config import DURABLE_SETTINGS
+from imagen.devtools.bench.scale import (
+    ClaimCost,
+    ScaleReport,
+    Step,
+    render_scale,
+    scale_ratios,
+    scale_targets,
+)
+
+
+def step(name: str, rate: float, pickup: float, claim_ms: float = 1.0) -> Step:
+    return Step(
+        name, name, rows=10, pickup=Summary.of([pickup]), rate=Throughput(int(rate * 10), 10.0),
+        claims=ClaimCost(10, claim_ms, 0.1, claim_ms * 2, 32.0, 700.0), probe=Summary.of([claim_ms]),
+    )  # fmt: skip
+
+
+def report() -> ScaleReport:
+    out = ScaleReport(bench_config(quick=True))
+    out.steps = [
+        step("fresh", 300.0, 4.0),
+        step("finished", 285.0, 4.2),
+        step("owners", 240.0, 4.0),
+        step("wide", 300.0, 5.0, claim_ms=6.0),
+    ]
+    return out
+
+
+def test_each_step_is_a_ratio_to_the_fresh_table_of_the_same_run() -> None:
+    ratios = scale_ratios(report())
+    assert ratios["fresh"] == {"rate": 1.0, "pickup": 1.0}
+    assert round(ratios["finished"]["rate"] or 0, 3) == 0.95
+    assert round(ratios["wide"]["pickup"] or 0, 3) == 1.25
+
+
+def test_scale_targets_name_the_step_that_missed() -> None:
+    verdicts = dict(scale_targets(report()))
+    assert verdicts["rate x fresh >= 0.9 (finished)"].endswith("met")
+    assert verdicts["rate x fresh >= 0.9 (owners)"] == "0.80 -> MISSED"
+    assert verdicts["pickup x fresh <= 1.1 (wide)"] == "1.25 -> MISSED"
+    assert verdicts["claim mean <= 5.0 ms at 1,000 x 100"] == "6.00 -> MISSED"
+    table = render_scale(report())
+    assert "target rate x fresh >= 0.9 (owners): 0.80 -> MISSED" in table
+    assert "0.80x" in table
+
+
+def test_durable_run_turns_fsync_on_and_keeps_the_images_on_disk() -> None:
+    config = bench_config(durable=True)
+    assert config.durable and config.scratch == Path(tempfile.gettempdir())
+    assert DURABLE_SETTINGS == {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
+    assert bench_config(durable=True, scratch=Path("/srv")).scratch == Path("/srv")
+    assert bench_config().durable is False and bench_config().scratch is None
+
+
+def test_scale_and_peers_are_two_runs() -> None:
+    result = CliRunner().invoke(main, ["bench", "--scale", "--peers"])
+    assert result.exit_code == 2 and "give one" in result.output
+
+
+@pytest.mark.skipif(shutil.which("initdb") is None and not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")),
+                    reason="needs the PostgreSQL server binaries")  # fmt: skip
+def test_a_durable_bench_server_really_syncs() -> None:
+    import psycopg
+
+    from imagen.devtools.servers import PostgresServer
+
+    server = PostgresServer(settings=dict(DURABLE_SETTINGS))
+    try:
+        server.start()
+        with psycopg.connect(server.url) as conn:
+            shown = {name: conn.execute(f"SHOW {name}").fetchone() for name in DURABLE_SETTINGS}
+        assert shown == {name: ("on",) for name in DURABLE_SETTINGS}
+    finally:
+        server.cleanup()
