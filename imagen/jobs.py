@@ -1,9 +1,9 @@
 """The job row: claim, stage, heartbeat, complete, fail, rescue, cancel, retry.
 
 The functions on the job row over one connection; their statements are in
-imagen/store/jobs.sql (the claim, CLAIM, is still here), loaded by name, and
-their typed rows in `imagen.store.rows`. The statements that write or discard a
-job's image row under its fence are in `imagen.job_images`. Every write a stage makes is fenced on `status =
+imagen/store/jobs.sql, loaded by name (the claim, built from one template in two
+forms, is still here, where issue 20 is changing it), and their typed rows in
+`imagen.store.rows`. Every write a stage makes is fenced on `status =
 'running' AND attempt = <the message's attempt>`: a function returns False (or
 None) when the fence fails, and the caller drops the message. Every write is one
 statement run by `execute_once`, so it is committed when the function returns,
@@ -27,13 +27,16 @@ Conn = psycopg.Connection[Any]
 # in, so the claim walks jobs_claim_idx in (fair_round, created_at, id) order and reads only the
 # rows it takes, however many owners wait. Every owner's next job comes before anyone's following
 # one. FOR UPDATE SKIP LOCKED in the walk makes concurrent listeners take disjoint rows.
-CLAIM = """
-WITH locked AS (
+_CLAIM = """
+WITH running AS MATERIALIZED (
+    SELECT {running} AS n
+),
+locked AS (
     SELECT j.id, j.owner_user_id, j.fair_round, j.created_at
     FROM imagen.jobs j
     WHERE j.status = 'pending' AND j.fair_round IS NOT NULL  -- always true (jobs_fair_round_check),
     ORDER BY j.fair_round, j.created_at, j.id                -- and it names jobs_claim_idx
-    LIMIT %(limit)s
+    LIMIT {limit}
     FOR UPDATE OF j SKIP LOCKED
 ),
 positioned AS (
@@ -55,8 +58,15 @@ SET status = 'running', stage = 'queued', attempt = j.attempt + 1, claimed_at = 
 FROM chosen
 WHERE j.id = chosen.id
 RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, chosen.pos,
-          coalesce(j.pending_at, j.created_at)
+          coalesce(j.pending_at, j.created_at), (SELECT n FROM running)
 """
+CLAIM = _CLAIM.format(running="NULL::bigint", limit="%(limit)s")
+# The idle path's claim: the in-flight count in the same statement, not a round trip before it
+# (the count is of the statement's snapshot, before this claim's rows; the gate gets it back).
+CLAIM_WITHIN_CAP = _CLAIM.format(
+    running="(SELECT count(*) FROM imagen.jobs WHERE status = 'running')",
+    limit="least(%(limit)s, greatest(%(cap)s - (SELECT n FROM running), 0))",
+)
 
 # The statements are in imagen/store/jobs.sql, with why each is written as it is.
 COUNT_RUNNING = QUERIES["count_running"]
@@ -93,6 +103,18 @@ def execute_once(conn: Conn, query: str, params: Any = None) -> psycopg.Cursor[A
 def claim_jobs(conn: Conn, limit: int, *, max_owners: int = 1000) -> list[Claim]:
     """Claim up to `limit` pending jobs fairly across owners, committed on return."""
     rows = execute_once(conn, CLAIM, {"limit": limit, "max_owners": max_owners}).fetchall()
+    return _claims(rows)
+
+
+def claim_within_cap(conn: Conn, limit: int, max_in_flight: int) -> tuple[list[Claim], int | None]:
+    """Claim up to min(limit, max_in_flight - running) in one round trip; with the running count
+    before the claim, or None when nothing was claimed (then count if it matters)."""
+    params = {"limit": limit, "cap": max_in_flight, "max_owners": 1000}
+    rows = execute_once(conn, CLAIM_WITHIN_CAP, params).fetchall()
+    return _claims(rows), (int(rows[0][7]) if rows else None)
+
+
+def _claims(rows: list[Any]) -> list[Claim]:
     # UPDATE ... RETURNING has no order: forward in claim order, every owner's next job first.
     rows.sort(key=lambda r: r[5])
     return [

@@ -1,7 +1,8 @@
 """Fixtures for real servers: throwaway PostgreSQL and Redis started from the binaries on PATH.
 
 Set IMAGEN_TEST_DATABASE_URL (an admin connection to a server where the tests may
-create databases) or IMAGEN_TEST_REDIS_URL to use existing servers instead.
+create databases) or IMAGEN_TEST_REDIS_URL to use existing servers instead, and
+IMAGEN_TEST_TEMPLATE_DB to reuse a migrated template database on that server.
 Each test that asks for `db_url` gets a fresh database copied from a migrated
 template; each test that asks for `redis_url` gets a flushed Redis.
 """
@@ -41,9 +42,16 @@ def _db_url(admin_url: str, dbname: str) -> str:
 
 @pytest.fixture(scope="session")
 def template_db(pg_admin_url: str) -> str:
-    """A database with every migration applied, used as the template for per-test databases."""
+    """A database with every migration applied, used as the template for per-test databases.
+
+    IMAGEN_TEST_TEMPLATE_DB names one already migrated on IMAGEN_TEST_DATABASE_URL's server
+    (scripts/mutation.py: each mutant's short session would migrate one again otherwise).
+    """
     from imagen import db
 
+    existing = os.environ.get("IMAGEN_TEST_TEMPLATE_DB")
+    if existing and os.environ.get("IMAGEN_TEST_DATABASE_URL"):
+        return existing
     name = f"imagen_tpl_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')

@@ -62,13 +62,60 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes], log: Pa
     raise RuntimeError(f"server did not listen on port {port} within {timeout}s: {log.read_text()[-2000:]}")
 
 
+def migrated_servers(stack: contextlib.ExitStack, prefix: str) -> tuple[Path, PostgresServer, RedisServer]:
+    """A folder of its own (`prefix`...) and fresh PostgreSQL (migrated) and Redis servers, all
+    removed by `stack` however the caller ends: the set-up of a measurement that runs the pipeline."""
+    from imagen.db import migrate
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    stack.callback(shutil.rmtree, root, ignore_errors=True)
+    pg, rd = PostgresServer(), RedisServer()
+    stack.callback(pg.cleanup)
+    stack.callback(rd.cleanup)
+    pg.start()
+    rd.start()
+    migrate(pg.url)
+    return root, pg, rd
+
+
 @dataclass
-class PostgresServer:
-    """A private PostgreSQL cluster: initdb once, then start/stop/restart freely."""
+class _Server:
+    """What both throwaway servers share: a free port, a folder of their own, one process in its
+    own session (so a test's Ctrl-C does not reach it), its output in `server.log`."""
 
     port: int = field(default_factory=free_port)
-    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="imagen-pg-")))
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="imagen-server-")))
     proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, args: list[str], timeout: float, **popen: Any) -> None:
+        """Start the server process and wait until it listens on its port."""
+        log = self.root / "server.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen
+            )
+        _wait_port(self.port, timeout, self.proc, log)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class PostgresServer(_Server):
+    """A private PostgreSQL cluster: initdb once, then start/stop/restart freely."""
+
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="imagen-pg-")))
     # More `-c name=value` settings, after (and so over) the defaults: `imagen bench --durable`
     # turns fsync back on, `--scale` loads pg_stat_statements.
     settings: dict[str, str] = field(default_factory=dict)
@@ -120,20 +167,13 @@ class PostgresServer:
             self.init()
         postgres = _find_pg_binary("postgres")
         assert postgres
-        log = self.root / "server.log"
-        ids = self._run_as()
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    postgres, "-D", str(self.root / "data"), "-p", str(self.port), "-k", str(self.root),
-                    "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-                    "-c", "full_page_writes=off", "-c", "max_connections=200",
-                    *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")),
-                ],
-                stdout=out, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
-                **ids,
-            )  # fmt: skip
-        _wait_port(self.port, timeout, self.proc, log)
+        args = [
+            postgres, "-D", str(self.root / "data"), "-p", str(self.port), "-k", str(self.root),
+            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+            "-c", "full_page_writes=off", "-c", "max_connections=200",
+            *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")),
+        ]  # fmt: skip
+        self._spawn(args, timeout, cwd=self.root, **self._run_as())
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -160,22 +200,12 @@ class PostgresServer:
                 self.proc.wait()
         self.proc = None
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
 
 @dataclass
-class RedisServer:
+class RedisServer(_Server):
     """A private, non-persistent Redis server."""
 
-    port: int = field(default_factory=free_port)
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="imagen-redis-")))
-    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -185,14 +215,11 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if not binary:
             raise ConfigError(_REDIS_HINT)
-        log = self.root / "server.log"
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.root), "--daemonize", "no"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        _wait_port(self.port, timeout, self.proc, log)
+        args = [
+            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(self.root), "--daemonize", "no",
+        ]  # fmt: skip
+        self._spawn(args, timeout)
 
     def stop(self) -> None:
         """Kill the server; its data is lost (it keeps nothing on disk)."""
@@ -200,11 +227,3 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)

@@ -45,7 +45,9 @@ class Listener:
         broker: Any = None,
         metrics_port: int | None = None,
         on_event: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` paces the claimer at the in-flight cap (tests pass their own)."""
         self.settings = settings
         self.url = settings.require_database_url()
         self.stats = ListenerStats()
@@ -56,7 +58,9 @@ class Listener:
         self.gate = InFlightGate(settings.max_in_flight, settings.claim_batch)
         port = settings.listener_metrics_port if metrics_port is None else metrics_port
         self._metrics = Metrics(port, settings.metrics_addr) if port else None
-        self.claimer = Claimer(broker or build_broker(settings), self.gate, self.stats, self._metrics)
+        self.claimer = Claimer(
+            broker or build_broker(settings), self.gate, self.stats, self._metrics, clock=clock
+        )
         self.rescuer = Rescuer(settings, self.stats, self._metrics)
 
     def stop(self) -> None:

@@ -42,6 +42,11 @@ class JobStore(Protocol):
 
     def count_running(self) -> int: ...
 
+    def claim_within_cap(self, limit: int, max_in_flight: int) -> tuple[list[Claim], int | None]:
+        """Claim up to min(limit, max_in_flight - running) in one step; also the running count
+        before the claim, or None when nothing was claimed."""
+        ...
+
     def release_claim(self, job_id: JobId, attempt: int) -> bool:
         """Undo a claim whose forward failed: back to pending, the attempt not counted."""
         ...

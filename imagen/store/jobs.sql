@@ -1,7 +1,7 @@
 -- ---- section: jobs - the job row's life after its claim (imagen/jobs.py) ----
 -- Every stage write is fenced on `status = 'running' AND attempt = %(attempt)s`: a write whose
 -- fence fails changes no row, and its caller drops the message. The claim itself is still in
--- imagen/jobs.py (CLAIM).
+-- imagen/jobs.py (CLAIM, CLAIM_WITHIN_CAP: one template in two forms).
 
 -- name: count_running
 SELECT count(*) FROM imagen.jobs WHERE status = 'running';

@@ -46,10 +46,13 @@ class InMemoryJobStore(InMemoryOperatorStore):
             return self._last
 
     def _set(self, row: dict[str, Any], **values: Any) -> None:
+        """Update a row as the jobs_before_update trigger does (sql/002_jobs.sql): a cancel clears the stage."""
         row.update(values)
         row["updated_at"] = self.now()
         if values.get("status") in ENDED:
             row["finished_at"] = row["updated_at"]
+        if values.get("status") == "cancelled":
+            row["stage"] = None
 
     def _held(self, job_id: JobId, attempt: int) -> dict[str, Any] | None:
         """The job's row if `attempt` still holds it (the fence every stage write takes)."""
@@ -113,6 +116,12 @@ class InMemoryJobStore(InMemoryOperatorStore):
     def count_running(self) -> int:
         with self._lock:
             return sum(1 for r in self.jobs.values() if r["status"] == "running")
+
+    def claim_within_cap(self, limit: int, max_in_flight: int) -> tuple[list[Claim], int | None]:
+        with self._lock:
+            running = self.count_running()
+            claims = self.claim_jobs(max(0, min(limit, max_in_flight - running)))
+            return claims, (running if claims else None)
 
     def release_claim(self, job_id: JobId, attempt: int) -> bool:
         with self._lock:
@@ -314,7 +323,7 @@ class InMemoryJobStore(InMemoryOperatorStore):
             except BaseException:
                 self.images.update({i["id"]: i for i in deleted})
                 raise
-            row["image_swept_at"] = self.now()
+            self._set(row, image_swept_at=self.now())  # an UPDATE: updated_at moves too
             return Discarded(row["id"], row["status"], row["attempt"], bool(deleted), objects)
 
     def sweep_ended(self, storage: Storage, *, limit: int = 100) -> list[Discarded]:

@@ -159,11 +159,3 @@ SELECT bucket, path FROM imagen.images WHERE id = %(image_id)s;
 -- name: images_of_jobs
 -- The images rows of several jobs (`imagen demo` prints them).
 SELECT id, bucket, path FROM imagen.images WHERE job_id = ANY(%(job_ids)s);
-
--- name: bench_insert_job
--- `imagen bench`'s probe job, inserted as the service (positional: owner, params).
-INSERT INTO imagen.jobs (owner_user_id, prompt, params) VALUES (%s, 'bench', %s) RETURNING id;
-
--- name: bench_poll_job
--- `imagen bench` polls its probe job until it is claimed, or done (positional: id).
-SELECT status, claimed_at, finished_at, error FROM imagen.jobs WHERE id = %s;

@@ -50,6 +50,10 @@ class PostgresJobStore(PostgresOperatorStore):
         with self.connect() as conn:
             return jobs.count_running(conn)
 
+    def claim_within_cap(self, limit: int, max_in_flight: int) -> tuple[list[Claim], int | None]:
+        with self.connect() as conn:
+            return jobs.claim_within_cap(conn, limit, max_in_flight)
+
     def release_claim(self, job_id: JobId, attempt: int) -> bool:
         with self.connect() as conn:
             return jobs.release_claim(conn, UUID(str(job_id)), attempt)

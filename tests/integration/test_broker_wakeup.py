@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -17,8 +18,21 @@ from tests.waiting import wait_until
 pytestmark = pytest.mark.serial
 
 
-def consume_one(broker: RedisBroker, queue: str, timeout_ms: int) -> tuple[Any, float]:
-    """Start an idle consumer, enqueue after it is blocked, return (message, seconds to receive)."""
+def blocked_pops(broker: RedisBroker) -> int:
+    """Clients Redis holds in a blocking command (the waking consumer's BLPOP), from CLIENT LIST."""
+    return sum(1 for client in broker.client.client_list() if "b" in client["flags"])
+
+
+def fetches(broker: RedisBroker) -> int:
+    """Calls of Dramatiq's fetch script so far (EVALSHA in INFO commandstats)."""
+    stats = broker.client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def consume_one(
+    broker: RedisBroker, queue: str, timeout_ms: int, idle: Callable[[], object]
+) -> tuple[Any, float]:
+    """Start a consumer, enqueue once `idle()` says it waits for work, return (message, seconds to receive)."""
     consumer = broker.consume(queue, prefetch=1, timeout=timeout_ms)
     received: list[Any] = []
 
@@ -31,7 +45,8 @@ def consume_one(broker: RedisBroker, queue: str, timeout_ms: int) -> tuple[Any, 
 
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(0.3)  # let the consumer go idle: the point is that it is blocked when the message comes
+    # The point is that the consumer already waits when the message comes: wait for that, not a guess.
+    wait_until(idle, timeout=10, message="the consumer waiting for work")
     sent = time.monotonic()
     broker.enqueue(dramatiq.Message(queue_name=queue, actor_name="noop", args=(), kwargs={}, options={}))
     thread.join(10)
@@ -43,7 +58,7 @@ def consume_one(broker: RedisBroker, queue: str, timeout_ms: int) -> tuple[Any, 
 def test_idle_consumer_wakes_on_enqueue_instead_of_sleeping_its_timeout(redis_url: str) -> None:
     broker = WakingRedisBroker(url=redis_url)
     broker.declare_queue("wake-test")
-    message, latency = consume_one(broker, "wake-test", timeout_ms=5000)
+    message, latency = consume_one(broker, "wake-test", timeout_ms=5000, idle=lambda: blocked_pops(broker))
     assert message.queue_name == "wake-test"
     assert latency < 0.25, f"took {latency:.3f}s: the consumer slept instead of waking"
 
@@ -52,8 +67,18 @@ def test_stock_broker_baseline_sleeps_up_to_its_timeout(redis_url: str) -> None:
     """The baseline we replace: Dramatiq's consumer sleeps with backoff between empty fetches."""
     broker = RedisBroker(url=redis_url)
     broker.declare_queue("stock-test")
-    _, latency = consume_one(broker, "stock-test", timeout_ms=2000)
-    assert latency > 0.05
+    first = fetches(broker)
+    last = [first]
+
+    def just_fetched_in_long_backoff() -> bool:
+        # Ten empty fetches put its backoff at the 2 s timeout (sleeps of 1-2 s with jitter); the
+        # message goes right after the next fetch, so it comes during one of those sleeps.
+        now = fetches(broker)
+        fetched, last[0] = now > last[0], now
+        return fetched and now >= first + 11
+
+    _, latency = consume_one(broker, "stock-test", timeout_ms=2000, idle=just_fetched_in_long_backoff)
+    assert latency > 0.5
 
 
 def test_wake_tokens_are_bounded_when_nobody_consumes(redis_url: str) -> None:

@@ -152,9 +152,12 @@ def test_cancelled_running_job_stops_at_next_stage_without_image(
     wait_until(lambda: row(db_url, job_id)["stage"] == "generating", timeout=15, message="generating")
     with psycopg.connect(db_url, autocommit=True) as conn:
         assert jobs.cancel_job(conn, job_id)
-    # The generation finishes, its hand-off is dropped at the fence: wait for the drop in the logs.
+    # The generation finishes, its hand-off is dropped at the fence: wait for that job's drop line
+    # (the job id alone is in the claim's line already, and "dropped" anywhere proved nothing).
     wait_until(
-        lambda: "dropped" in procs.logs() and str(job_id) in procs.logs(), timeout=15, message="drop logged"
+        lambda: any(f"job {job_id} " in line and " dropped" in line for line in procs.logs().splitlines()),
+        timeout=15,
+        message=f"the drop of job {job_id} logged\n{procs.logs()}",
     )
     final = row(db_url, job_id)
     assert final["status"] == "cancelled" and final["image_id"] is None

@@ -7,6 +7,7 @@ workers. "No provider call" is checked through imagen.usage: every call writes a
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,26 @@ def make_ctx(db_url: str, redis_url: str, tmp_path: Path, **quota: Any) -> Stage
 
 
 @pytest.fixture
-def contexts() -> Any:
+def stage_ctx(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[Callable[..., StageContext]]:
+    """make(**quota): a stage context with these quota settings, closed when the test ends."""
     made: list[StageContext] = []
-    yield made
+
+    def make(**quota: Any) -> StageContext:
+        made.append(make_ctx(db_url, redis_url, tmp_path, **quota))
+        return made[-1]
+
+    yield make
     for ctx in made:
         ctx.close()
+
+
+def override(db_url: str, owner: uuid.UUID, daily_images: int) -> None:
+    """The operator's imagen.owner_quotas row for `owner`."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "insert into imagen.owner_quotas (owner_user_id, daily_images) values (%s, %s)",
+            (owner, daily_images),
+        )
 
 
 def spend(db_url: str, owner: uuid.UUID, images: int, cost: float, *, days_ago: int = 0) -> None:
@@ -69,10 +85,9 @@ def calls_of(db_url: str, job_id: uuid.UUID) -> int:
 
 
 def test_job_over_the_daily_image_quota_fails_without_a_provider_call(
-    db_url: str, redis_url: str, tmp_path: Path, contexts: list[StageContext]
+    db_url: str, stage_ctx: Callable[..., StageContext]
 ) -> None:
-    ctx = make_ctx(db_url, redis_url, tmp_path, owner_daily_images=3)
-    contexts.append(ctx)
+    ctx = stage_ctx(owner_daily_images=3)
     owner = uuid.uuid4()
     spend(db_url, owner, 3, 0.1)
     row = run_job(ctx, db_url, owner)
@@ -81,11 +96,8 @@ def test_job_over_the_daily_image_quota_fails_without_a_provider_call(
     assert calls_of(db_url, row["id"]) == 0
 
 
-def test_images_made_yesterday_do_not_count(
-    db_url: str, redis_url: str, tmp_path: Path, contexts: list[StageContext]
-) -> None:
-    ctx = make_ctx(db_url, redis_url, tmp_path, owner_daily_images=3)
-    contexts.append(ctx)
+def test_images_made_yesterday_do_not_count(db_url: str, stage_ctx: Callable[..., StageContext]) -> None:
+    ctx = stage_ctx(owner_daily_images=3)
     owner = uuid.uuid4()
     spend(db_url, owner, 50, 5.0, days_ago=1)
     row = run_job(ctx, db_url, owner)
@@ -94,10 +106,9 @@ def test_images_made_yesterday_do_not_count(
 
 
 def test_job_over_the_daily_cost_quota_fails_and_other_owners_are_unaffected(
-    db_url: str, redis_url: str, tmp_path: Path, contexts: list[StageContext]
+    db_url: str, stage_ctx: Callable[..., StageContext]
 ) -> None:
-    ctx = make_ctx(db_url, redis_url, tmp_path, owner_daily_cost_usd=1.0)
-    contexts.append(ctx)
+    ctx = stage_ctx(owner_daily_cost_usd=1.0)
     spender, other = uuid.uuid4(), uuid.uuid4()
     spend(db_url, spender, 4, 1.25)
     spend(db_url, other, 4, 0.5)
@@ -111,31 +122,25 @@ def test_job_over_the_daily_cost_quota_fails_and_other_owners_are_unaffected(
 
 
 def test_an_override_row_replaces_the_default_for_its_owner_only(
-    db_url: str, redis_url: str, tmp_path: Path, contexts: list[StageContext]
+    db_url: str, stage_ctx: Callable[..., StageContext]
 ) -> None:
-    ctx = make_ctx(db_url, redis_url, tmp_path, owner_daily_images=1)
-    contexts.append(ctx)
+    ctx = stage_ctx(owner_daily_images=1)
     vip, plain = uuid.uuid4(), uuid.uuid4()
     spend(db_url, vip, 5, 0.0)
     spend(db_url, plain, 1, 0.0)
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("insert into imagen.owner_quotas (owner_user_id, daily_images) values (%s, 100)", (vip,))
+    override(db_url, vip, 100)
     assert run_job(ctx, db_url, vip)["status"] == "done"
     assert run_job(ctx, db_url, plain)["status"] == "failed"
 
 
 def test_an_override_limits_an_owner_when_quotas_are_off_by_default(
-    db_url: str, redis_url: str, tmp_path: Path, contexts: list[StageContext]
+    db_url: str, stage_ctx: Callable[..., StageContext]
 ) -> None:
-    ctx = make_ctx(db_url, redis_url, tmp_path)
-    contexts.append(ctx)
+    ctx = stage_ctx()
     limited, free = uuid.uuid4(), uuid.uuid4()
     spend(db_url, limited, 2, 0.0)
     spend(db_url, free, 500, 90.0)
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(
-            "insert into imagen.owner_quotas (owner_user_id, daily_images) values (%s, 2)", (limited,)
-        )
+    override(db_url, limited, 2)
     assert run_job(ctx, db_url, limited)["error"] == (
         "generation failed: daily image quota of 2 reached; resets at 00:00 UTC"
     )
@@ -146,8 +151,7 @@ def test_jobs_stats_shows_usage_against_quota_per_owner(db_url: str, tmp_path: P
     owner, vip = uuid.uuid4(), uuid.uuid4()
     spend(db_url, owner, 7, 0.42)
     spend(db_url, vip, 2, 0.1)
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("insert into imagen.owner_quotas (owner_user_id, daily_images) values (%s, 100)", (vip,))
+    override(db_url, vip, 100)
     env = clean_env(
         IMAGEN_DATABASE_URL=db_url, IMAGEN_OWNER_DAILY_IMAGES="50", IMAGEN_OWNER_DAILY_COST_USD="2"
     )

@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,18 +171,27 @@ def test_two_listeners_claim_each_of_1000_jobs_exactly_once(db_url: str, setting
     def pending() -> int:
         return int(scalar(db_url, "SELECT count(*) FROM imagen.jobs WHERE status = 'pending'"))
 
+    errors: list[BaseException] = []
+
     def drain(listener: Listener) -> None:
-        barrier.wait()
-        # A drain that finds every candidate locked by the other listener claims nothing and returns;
-        # a real listener waits for its next wake. Here both keep going until the table is empty.
-        while pending():
-            listener.drain()
+        try:
+            barrier.wait()
+            # A drain that finds every candidate locked by the other listener claims nothing and
+            # returns; a real listener waits for its next wake. Both keep going until the table is empty.
+            while pending():
+                listener.drain()
+        except BaseException as exc:  # the test thread re-raises it: a thread's error is not a pass
+            errors.append(exc)
+            raise
 
     threads = [threading.Thread(target=drain, args=(lst,)) for lst in listeners]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a listener still draining after 60 s"
+    if errors:
+        raise errors[0]
     for listener in listeners:
         listener._close()
     client = redis.Redis.from_url(settings.redis_url)
@@ -206,12 +216,14 @@ def finish_running(db_url: str, n: int) -> None:
         )
 
 
-def listener_over_a_backlog(db_url: str, settings: Settings) -> Listener:
+def listener_over_a_backlog(
+    db_url: str, settings: Settings, clock: Callable[[], float] = time.monotonic
+) -> Listener:
     """A connected listener capped at 80 in flight (a refill is 10), over 200 pending jobs."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         insert_jobs(conn, [uuid.uuid4()], 200)
     tuned = settings.model_copy(update={"max_in_flight": 80, "claim_batch": 100})
-    listener = Listener(tuned, broker=RecordingBroker(), metrics_port=0)
+    listener = Listener(tuned, broker=RecordingBroker(), metrics_port=0, clock=clock)
     listener._connect()
     return listener
 
@@ -231,7 +243,16 @@ def test_listener_at_the_in_flight_cap_claims_a_refill_at_a_time(
         finish_running(db_url, 3)
         return claims
 
+    claim_within_cap = jobs.claim_within_cap
+
+    def capped_claim_while_3_finish(conn: Any, limit: int, cap: int) -> tuple[list[jobs.Claim], int | None]:
+        claims, running = claim_within_cap(conn, limit, cap)
+        sizes.append(len(claims))
+        finish_running(db_url, 3)
+        return claims, running
+
     monkeypatch.setattr(jobs, "claim_jobs", claim_while_3_finish)
+    monkeypatch.setattr(jobs, "claim_within_cap", capped_claim_while_3_finish)
     listener = listener_over_a_backlog(db_url, settings)
     try:
         assert listener.drain() == 80, "claims up to the cap, then stops"
@@ -243,14 +264,11 @@ def test_listener_at_the_in_flight_cap_claims_a_refill_at_a_time(
     assert sizes == [80, 10]
 
 
-def test_listener_at_the_cap_counts_again_at_the_pace_jobs_finish(
-    db_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_listener_at_the_cap_counts_again_at_the_pace_jobs_finish(db_url: str, settings: Settings) -> None:
     # Each check at the cap counts the running rows. A fixed 10 ms tick made that a hundred counts
     # a second however slowly jobs finished; the wait now follows how fast slots free up.
     clock = [1000.0]
-    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
-    listener = listener_over_a_backlog(db_url, settings)
+    listener = listener_over_a_backlog(db_url, settings, clock=lambda: clock[0])
     waits = []
     try:
         listener.drain()
@@ -291,7 +309,6 @@ def test_listener_on_a_steady_backlog_counts_once_per_refill(
     # cap waits for the next refill's worth (10 jobs: 0.1 s), so the count that follows finds room
     # and claims: one count per claim, not a count right after the claim and another once it fits.
     clock = [1000.0]
-    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     count_running = jobs.count_running
     counts = [0]
 
@@ -300,7 +317,7 @@ def test_listener_on_a_steady_backlog_counts_once_per_refill(
         return count_running(conn)
 
     monkeypatch.setattr(jobs, "count_running", counting)
-    listener = listener_over_a_backlog(db_url, settings)
+    listener = listener_over_a_backlog(db_url, settings, clock=lambda: clock[0])
     claimed, waits = [], []
     try:
         claimed.append(listener.drain())  # fills the cap; no pace known yet

@@ -104,3 +104,14 @@ def test_a_job_put_back_to_pending_is_claimed_first_again(store: JobStore) -> No
         store.release_claim(claim.job_id, claim.attempt)
 
     assert [c.job_id for c in store.claim_jobs(10)] == [a[0], b[0], a[1], b[1]]
+
+
+def test_a_claim_within_the_cap_takes_only_the_room_left_and_says_how_many_ran(store: JobStore) -> None:
+    a = submit(store, OWNER_A, 5)
+
+    first, running = store.claim_within_cap(10, 3)
+    assert [c.job_id for c in first] == a[:3] and running == 0
+    more, running = store.claim_within_cap(10, 4)
+    assert [c.job_id for c in more] == a[3:4] and running == 3, "the count before this claim"
+    assert store.claim_within_cap(10, 4) == ([], None), "at the cap: nothing, and no count"
+    assert store.count_running() == 4

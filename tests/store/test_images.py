@@ -168,3 +168,37 @@ def test_the_sweep_discards_the_images_of_ended_jobs_once_and_leaves_done_ones(
     assert [d.job_id for d in swept] == [ended]
     assert harness.images(ended) == [] and len(harness.images(done)) == 1
     assert store.sweep_ended(storage) == []
+
+
+class FailingStorage(LocalStorage):
+    """Local storage whose deletes of one path fail, as a storage outage does."""
+
+    failing: str = ""
+
+    def delete(self, path: str) -> bool:
+        if path == self.failing:
+            from imagen.errors import TransientStorageError
+
+            raise TransientStorageError("storage is down")
+        return super().delete(path)
+
+
+def test_the_sweep_takes_the_oldest_ended_first_and_a_storage_error_leaves_only_that_job_for_later(
+    store: JobStore, harness: Harness, tmp_path: Path
+) -> None:
+    storage = FailingStorage(tmp_path / "objects", "imagen")
+    first, second, third = claimed(store), claimed(store), claimed(store)
+    for job_id in (first, second, third):
+        storage.put(f"{OWNER}/{job_id}.png", b"png", "image/png")
+        store.record_job_image(1, image_row(job_id))
+    for job_id in (second, first, third):  # ended in this order
+        store.fail_job(job_id, 1, "sync failed: no")
+    storage.failing = f"{OWNER}/{first}.png"
+
+    assert [d.job_id for d in store.sweep_ended(storage, limit=1)] == [second]
+    assert [d.job_id for d in store.sweep_ended(storage, limit=10)] == [third]  # first's storage failed
+
+    assert len(harness.images(first)) == 1, "its row stays while its object could not be removed"
+    storage.failing = ""
+    assert [d.job_id for d in store.sweep_ended(storage)] == [first]
+    assert harness.images(first) == [] and not storage.local_path(f"{OWNER}/{first}.png").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -10,7 +11,7 @@ import pytest
 
 from imagen.config import load_settings
 from imagen.listener.claimer import Claimer
-from imagen.listener.gate import InFlightGate
+from imagen.listener.gate import SATURATED_POLL, InFlightGate
 from imagen.listener.metrics import ListenerStats
 from imagen.listener.rescuer import Rescuer
 from imagen.store import InMemoryJobStore
@@ -56,6 +57,53 @@ def test_the_claimer_stops_at_the_in_flight_cap_and_leaves_the_rest_pending() ->
     assert store.count_running() == 16 and len(broker.sent) == 16
 
 
+class CountingStore(InMemoryJobStore):
+    """Counts the store calls a drain makes (each is a round trip on PostgreSQL)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def count_running(self) -> int:
+        self.calls.append("count")
+        return super().count_running()
+
+    def claim_jobs(self, limit: int, *, max_owners: int = 1000) -> list[Any]:
+        self.calls.append("claim")
+        return super().claim_jobs(limit, max_owners=max_owners)
+
+    def claim_within_cap(self, limit: int, max_in_flight: int) -> tuple[list[Any], int | None]:
+        self.calls.append("claim")
+        with self._lock:  # one step, as one statement: not the two calls above
+            running = InMemoryJobStore.count_running(self)
+            claims = InMemoryJobStore.claim_jobs(self, max(0, min(limit, max_in_flight - running)))
+        return claims, (running if claims else None)
+
+
+def test_an_idle_wake_up_claims_in_one_round_trip_with_the_count_inside() -> None:
+    store = CountingStore()
+    store.submit_job(OWNERS[0], "p", {})
+    broker = Broker()
+
+    assert claimer(broker).drain(store, lambda: False) == 1
+
+    assert store.calls == ["claim"], "no separate count before the claim"
+    assert len(broker.sent) == 1
+
+
+def test_at_the_cap_the_claimer_still_counts_before_claiming() -> None:
+    store = CountingStore()
+    for _ in range(20):
+        store.submit_job(OWNERS[0], "p", {})
+    unit = claimer(Broker(), cap=8, batch=100)
+
+    assert unit.drain(store, lambda: False) == 8
+    store.calls.clear()
+    assert unit.drain(store, lambda: False) == 0, "the cap holds"
+
+    assert store.calls == ["count"]
+
+
 def test_a_failed_forward_puts_the_batch_back_without_counting_the_attempt() -> None:
     store = InMemoryJobStore()
     job_id = store.submit_job(OWNERS[0], "p", {})
@@ -89,3 +137,184 @@ def test_the_rescuer_counts_requeued_and_failed_leases(max_attempts: int, outcom
 
     assert rescued.status == outcome
     assert (stats.rescued, stats.gave_up) == ((1, 0) if outcome == "pending" else (0, 1))
+
+
+class RecordedMetrics:
+    """The listener's Prometheus counters, by the same names and labels, in a registry of their own."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.claims = Counter("imagen_listener_claims", "", registry=self.registry)
+        self.forward_failures = Counter("imagen_listener_forward_failures", "", registry=self.registry)
+        self.rescues = Counter("imagen_listener_rescues", "", ["outcome"], registry=self.registry)
+        self.swept = Counter("imagen_listener_swept_images", "", registry=self.registry)
+        self.pickup = Histogram("imagen_listener_pickup_seconds", "", registry=self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_the_rescuer_counts_each_rescue_in_its_metric_by_outcome() -> None:
+    store = InMemoryJobStore()
+    for _ in range(3):
+        store.submit_job(OWNERS[0], "p", {})
+    claims = store.claim_jobs(3)
+    for claim in claims:
+        store.begin_stage(claim.job_id, 1, "generating")
+        store.jobs[claim.job_id]["heartbeat_at"] -= timedelta(seconds=601)
+    store.jobs[claims[0].job_id]["attempt"] = 3  # at the maximum: this one gives up
+    metrics = RecordedMetrics()
+    settings = load_settings(lease_seconds=600, max_attempts=3)
+
+    stats = ListenerStats()
+
+    Rescuer(settings, stats, metrics).rescue(store)  # type: ignore[arg-type]
+
+    assert metrics.value("imagen_listener_rescues_total", outcome="requeued") == 2
+    assert metrics.value("imagen_listener_rescues_total", outcome="failed") == 1
+    assert (stats.rescued, stats.gave_up) == (2, 1)
+
+
+def test_the_claimer_counts_claims_pickup_and_failed_forwards_in_its_metrics() -> None:
+    store = InMemoryJobStore()
+    for _ in range(2):
+        store.submit_job(OWNERS[0], "p", {})
+    metrics = RecordedMetrics()
+    ok = Claimer(Broker(), InFlightGate(256, 100), ListenerStats(), metrics)  # type: ignore[arg-type]
+    assert ok.drain(store, lambda: False) == 2
+    store.submit_job(OWNERS[1], "p", {})
+    down = Claimer(Broker(down=True), InFlightGate(256, 100), ListenerStats(), metrics)  # type: ignore[arg-type]
+    assert down.drain(store, lambda: False) == 1
+
+    assert metrics.value("imagen_listener_claims_total") == 2
+    assert metrics.value("imagen_listener_pickup_seconds_count") == 2
+    assert metrics.value("imagen_listener_forward_failures_total") == 1
+
+
+def transitions(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "imagen.jobs" and getattr(r, "event", None) == event]
+
+
+def test_each_claim_is_logged_with_its_job_attempt_and_pickup_and_counted_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = InMemoryJobStore()
+    jobs = [store.submit_job(OWNERS[0], "p", {}) for _ in range(3)]
+    metrics = RecordedMetrics()
+    unit = Claimer(Broker(), InFlightGate(256, 2), ListenerStats(), metrics)  # type: ignore[arg-type]
+    caplog.set_level(logging.INFO, logger="imagen.jobs")
+
+    assert unit.drain(store, lambda: False) == 3  # two batches: 2, then 1
+
+    logged = transitions(caplog, "claimed")
+    assert [(r.job_id, r.attempt, r.stage) for r in logged] == [(str(j), 1, "queued") for j in jobs]
+    assert all(0 <= r.pickup_ms < 60_000 for r in logged)
+    assert unit.stats.claims == 3
+    assert 0 <= metrics.value("imagen_listener_pickup_seconds_sum") < 60
+
+
+def test_a_failed_forward_is_logged_with_the_brokers_error_and_counted_per_job(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = InMemoryJobStore()
+    for _ in range(3):
+        store.submit_job(OWNERS[0], "p", {})
+    metrics = RecordedMetrics()
+    unit = Claimer(Broker(down=True), InFlightGate(256, 2), ListenerStats(), metrics)  # type: ignore[arg-type]
+    caplog.set_level(logging.WARNING, logger="imagen.listener")
+
+    assert unit.drain(store, lambda: False) == 2  # the first batch fails: the drain stops there
+    assert unit.drain(store, lambda: False) == 2
+
+    assert unit.stats.forward_failures == 4 and metrics.value("imagen_listener_forward_failures_total") == 4
+    warnings = [r.getMessage() for r in caplog.records if r.name == "imagen.listener"]
+    assert warnings == ["forwarding to Dramatiq failed (redis is down): putting 2 job(s) back"] * 2
+    assert store.count_running() == 0
+
+
+def test_each_rescue_is_logged_with_its_job_attempt_and_outcome_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = InMemoryJobStore()
+    stats = ListenerStats()
+    settings = load_settings(lease_seconds=600, max_attempts=2)
+    rescuer = Rescuer(settings, stats, None)
+    caplog.set_level(logging.INFO, logger="imagen.jobs")
+    job_id = store.submit_job(OWNERS[0], "p", {})
+    outcomes = []
+    for attempt in (1, 2):  # rescued twice: requeued, then given up at the maximum
+        store.claim_jobs(1)
+        store.begin_stage(job_id, attempt, "generating")
+        store.jobs[job_id]["heartbeat_at"] -= timedelta(seconds=601)
+        outcomes += [r.status for r in rescuer.rescue(store)]
+
+    assert outcomes == ["pending", "failed"]
+    logged = transitions(caplog, "rescued")
+    assert [(r.job_id, r.attempt, r.stage, r.outcome) for r in logged] == [
+        (str(job_id), 1, None, "requeued"),
+        (str(job_id), 2, None, "failed"),
+    ]
+    assert (stats.rescued, stats.gave_up) == (1, 1)
+
+
+def test_a_drain_counts_once_per_claim_and_returns_its_total_at_the_cap_and_on_an_empty_backlog() -> None:
+    store = InMemoryJobStore()
+    for _ in range(20):
+        store.submit_job(OWNERS[0], "p", {})
+    counts = [0]
+    count_running = store.count_running
+
+    def counting() -> int:
+        counts[0] += 1
+        return count_running()
+
+    store.count_running = counting  # type: ignore[method-assign]
+    clock = [100.0]
+    unit = Claimer(Broker(), InFlightGate(16, 100), ListenerStats(), None, clock=lambda: clock[0])
+
+    assert unit.drain(store, lambda: False) == 16
+    assert counts[0] == 1, "a claim that fills the cap stops without counting again"
+    clock[0] += 1.0
+    assert unit.drain(store, lambda: False) == 0, "at the cap: nothing, and a number"
+    store.jobs[next(iter(store.jobs))]["status"] = "done"  # one finishes: too few for a refill
+    clock[0] += 1.0
+    assert unit.drain(store, lambda: False) == 0
+    assert unit.gate.saturated and unit.gate.wait > 0
+    empty = Claimer(Broker(), InFlightGate(16, 100), ListenerStats(), None)
+    assert empty.drain(InMemoryJobStore(), lambda: False) == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [(ConnectionError(), "ConnectionError"), (ConnectionError("refused\nat line 2"), "refused")],
+)
+def test_a_failed_forward_shows_the_first_line_of_the_error_or_its_type(
+    caplog: pytest.LogCaptureFixture, error: Exception, shown: str
+) -> None:
+    class Failing(Broker):
+        def enqueue_many(self, messages: list[Any]) -> list[Any]:
+            raise error
+
+    store = InMemoryJobStore()
+    store.submit_job(OWNERS[0], "p", {})
+    caplog.set_level(logging.WARNING, logger="imagen.listener")
+
+    Claimer(Failing(), InFlightGate(16, 100), ListenerStats(), None).drain(store, lambda: False)
+
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "imagen.listener"]
+    assert message == f"forwarding to Dramatiq failed ({shown}): putting 1 job(s) back"
+
+
+def test_the_gate_at_exactly_the_cap_waits_and_one_slot_below_it_claims_one() -> None:
+    gate = InFlightGate(max_in_flight=20, claim_batch=100)
+    assert (gate.refill, gate.wait, gate.saturated) == (2, SATURATED_POLL, False)
+
+    assert gate.want(19, 0.0) == 1
+    assert gate.filled(1, 0.0) is True and gate.saturated
+    assert gate.want(20, 0.1) == 0 and gate.saturated
+
+    fresh = InFlightGate(max_in_flight=256, claim_batch=100)
+    assert fresh.want(0, 0.0) == 100
+    assert fresh.filled(100, 0.0) is False and not fresh.saturated

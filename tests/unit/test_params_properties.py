@@ -10,6 +10,7 @@ stage would take for a transient failure and retry.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -18,7 +19,15 @@ from hypothesis import strategies as st
 
 from imagen.config import Settings
 from imagen.errors import InvalidRequest
-from imagen.params import KNOWN, GenerateSpec, spec_from_params
+from imagen.params import (
+    KNOWN,
+    MAX_DELAY_MS,
+    MAX_NEGATIVE,
+    MAX_SEED,
+    QUALITIES,
+    GenerateSpec,
+    spec_from_params,
+)
 from imagen.pipeline import resolve_spec
 from imagen.presets import load_presets
 
@@ -85,18 +94,59 @@ def test_params_give_a_spec_or_invalid_request(prompt: Any, params: Any) -> None
         assert outcome.prompt.strip()
 
 
-@settings(max_examples=200, deadline=None)
-@given(params=params_objects)
-def test_a_valid_spec_keeps_only_known_keys_in_bounds(params: dict[str, Any]) -> None:
-    outcome = _outcome("a cat", params)
-    if isinstance(outcome, InvalidRequest):
-        return
-    assert set(params) <= set(KNOWN)
-    if outcome.size is not None:
-        assert all(16 <= side <= 4096 for side in outcome.size)
-    if outcome.seed is not None:
-        assert 0 <= outcome.seed <= 2**31 - 1
-    assert set(outcome.options) <= {"delay_ms", "fail"}
+def _near(low: int, high: int) -> st.SearchStrategy[int]:
+    """Integers in [low, high], often at a bound or one past it."""
+    edges = [low - 1, low, low + 1, high - 1, high, high + 1]
+    return st.sampled_from(edges) | st.integers(min_value=low, max_value=high)
+
+
+sides = _near(16, 4096)
+# Mostly valid params (a few a step past a bound): so the bounds below are checked on hundreds of
+# specs, not the handful that arbitrary JSON happens to make valid.
+plausible_params = st.fixed_dictionaries(
+    {},
+    optional={
+        "backend": st.sampled_from(["mock", " mock ", "MOCK"]),
+        "size": st.builds(lambda w, h: f"{w}x{h}", sides, sides),
+        "seed": _near(0, MAX_SEED)
+        | st.floats(min_value=0, max_value=MAX_SEED).map(float.__floor__).map(float),
+        "delay_ms": _near(0, MAX_DELAY_MS),
+        "fail": st.sampled_from(["transient", "permanent"]),
+        "quality": st.sampled_from(QUALITIES),
+        "model": st.sampled_from(["mock-1", "any-model"]),
+        "negative_prompt": st.sampled_from(["blurry", "x" * MAX_NEGATIVE]),
+    },
+)
+
+
+def test_a_valid_spec_keeps_only_known_keys_in_bounds() -> None:
+    outcomes: Counter[str] = Counter()
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(params=plausible_params)
+    def check(params: dict[str, Any]) -> None:
+        outcome = _outcome("a cat", params)
+        if isinstance(outcome, InvalidRequest):
+            outcomes["invalid"] += 1
+            return
+        outcomes["valid"] += 1
+        assert set(params) <= set(KNOWN)
+        if outcome.size is not None:
+            assert all(16 <= side <= 4096 for side in outcome.size)
+            outcomes["at a size bound"] += any(side in (16, 4096) for side in outcome.size)
+        if outcome.seed is not None:
+            assert 0 <= outcome.seed <= MAX_SEED
+            outcomes["at a seed bound"] += outcome.seed in (0, MAX_SEED)
+        assert set(outcome.options) <= {"delay_ms", "fail"}
+        if "delay_ms" in outcome.options:
+            assert 0 <= outcome.options["delay_ms"] <= MAX_DELAY_MS
+
+    check()
+
+    # The property held on many valid specs, some at each bound, and the strategy still made
+    # invalid ones (a step past a bound): a strategy that drifts to all-invalid fails here.
+    assert outcomes["valid"] >= 100 and outcomes["invalid"] >= 10, outcomes
+    assert outcomes["at a size bound"] >= 5 and outcomes["at a seed bound"] >= 5, outcomes
 
 
 @pytest.mark.parametrize("params", [{"seed": 10**5000}, {"delay_ms": -(10**5000)}, {"fail": [10**5000]}])

@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import click
 import psycopg
 
 from imagen.devtools.bench.procs import clean_env, processes, wait_for
 from imagen.devtools.bench.provider import capped_provider
+from imagen.devtools.bench.sql import QUERIES
 from imagen.devtools.runner import listeners_listening, pipeline_env
-from imagen.devtools.servers import PostgresServer, RedisServer
+from imagen.devtools.servers import migrated_servers
 
 
 @dataclass(frozen=True)
@@ -61,17 +59,8 @@ class CappedResult:
 
 
 def run_capped(cap: int, latency_ms: int, jobs: int, workers: int, threads: int) -> CappedResult:
-    from imagen.db import migrate
-
     with contextlib.ExitStack() as stack:
-        root = Path(tempfile.mkdtemp(prefix="imagen-bench-capped-"))
-        stack.callback(shutil.rmtree, root, ignore_errors=True)
-        pg, rd = PostgresServer(), RedisServer()
-        stack.callback(pg.cleanup)
-        stack.callback(rd.cleanup)
-        pg.start()
-        rd.start()
-        migrate(pg.url)
+        root, pg, rd = migrated_servers(stack, "imagen-bench-capped-")
         provider = stack.enter_context(capped_provider(capacity=cap, latency_s=latency_ms / 1000))
         env = clean_env(
             pipeline_env(pg.url, rd.url, root / "files"),
@@ -89,22 +78,11 @@ def run_capped(cap: int, latency_ms: int, jobs: int, workers: int, threads: int)
         wait_for(lambda: listeners_listening(pg.url) > 0, 30, "the listener's LISTEN")
         params = json.dumps({"backend": "openai", "size": "1024x1024"})
         with psycopg.connect(pg.url, autocommit=True) as conn:
-            ids = [
-                row[0]
-                for row in conn.execute(
-                    "INSERT INTO imagen.jobs (owner_user_id, prompt, params)"
-                    " SELECT gen_random_uuid(), 'capped ' || i, %s::jsonb FROM generate_series(1, %s) i"
-                    " RETURNING id",
-                    (params, jobs),
-                ).fetchall()
-            ]
+            insert = {"owner": None, "prompt": "capped", "params": params, "n": jobs}
+            ids = [row[0] for row in conn.execute(QUERIES["jobs_insert"], insert).fetchall()]
             deadline = time.monotonic() + jobs * latency_ms / 1000 / cap * 3 + 60
             while True:
-                row = conn.execute(
-                    "SELECT count(*) FILTER (WHERE status = 'done'), count(*) FILTER (WHERE status = 'failed')"
-                    " FROM imagen.jobs WHERE id = ANY(%s)",
-                    (ids,),
-                ).fetchone()
+                row = conn.execute(QUERIES["jobs_ended"], {"ids": ids}).fetchone()
                 assert row is not None
                 if row[0] + row[1] == jobs or time.monotonic() > deadline:
                     break

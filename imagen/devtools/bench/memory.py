@@ -13,21 +13,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from imagen.devtools.bench.procs import MemoryWatch, child_pids, rss_mb
+from imagen.devtools.bench.sql import QUERIES
 from imagen.devtools.runner import DRAMATIQ_READY, PipelineProcesses, listeners_listening, pipeline_env
-from imagen.devtools.servers import PostgresServer, RedisServer
+from imagen.devtools.servers import migrated_servers
 
 
 @dataclass
@@ -51,27 +49,16 @@ def _wait(condition: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _finished(conn: psycopg.Connection[Any], ids: list[uuid.UUID]) -> int:
-    row = conn.execute(
-        "SELECT count(*) FROM imagen.jobs WHERE id = ANY(%s) AND status IN ('done', 'failed', 'cancelled')",
-        (ids,),
-    ).fetchone()
-    return int(row[0]) if row else 0
+def _ended(conn: psycopg.Connection[Any], ids: list[uuid.UUID]) -> tuple[int, int]:
+    """(done, ended in any way) among the jobs."""
+    row = conn.execute(QUERIES["jobs_ended"], {"ids": ids}).fetchone()
+    return (int(row[0]), int(row[2])) if row else (0, 0)
 
 
 def measure(jobs: int = 50, threads: int = 8, size: str = "3840x2160", idle: float = 10.0) -> MemoryFigures:
     """Run the measurement on fresh servers; every process and server is stopped however it ends."""
-    from imagen.db import migrate
-
     with contextlib.ExitStack() as stack:
-        root = Path(tempfile.mkdtemp(prefix="imagen-memory-"))
-        stack.callback(shutil.rmtree, root, ignore_errors=True)
-        pg, rs = PostgresServer(), RedisServer()
-        stack.callback(pg.cleanup)
-        stack.callback(rs.cleanup)
-        pg.start()
-        rs.start()
-        migrate(pg.url)
+        root, pg, rs = migrated_servers(stack, "imagen-memory-")
         env = pipeline_env(pg.url, rs.url, root, IMAGEN_MAX_PIXELS=str(_pixels(size)))
         procs = PipelineProcesses(env, root / "logs")
         stack.callback(procs.stop)
@@ -83,21 +70,18 @@ def measure(jobs: int = 50, threads: int = 8, size: str = "3840x2160", idle: flo
         owner = uuid.uuid4()
         with psycopg.connect(pg.url, autocommit=True) as conn:
             warm = _insert(conn, owner, 1, "64x64")
-            _wait(lambda: _finished(conn, warm) == 1, 60, "the warm-up job")
+            _wait(lambda: _ended(conn, warm)[1] == 1, 60, "the warm-up job")
             time.sleep(1.0)
             rest = rss_mb(worker) or 0.0
             with MemoryWatch({"worker": worker}, interval=0.05) as watch:
                 started = time.monotonic()
                 ids = _insert(conn, owner, jobs, size)
-                _wait(lambda: _finished(conn, ids) == jobs, 600, f"{jobs} jobs of {size}")
+                _wait(lambda: _ended(conn, ids)[1] == jobs, 600, f"{jobs} jobs of {size}")
                 took = time.monotonic() - started
             after = rss_mb(worker) or 0.0
             time.sleep(idle)
             after_idle = rss_mb(worker) or 0.0
-            done = int(
-                (conn.execute("SELECT count(*) FROM imagen.jobs WHERE id = ANY(%s) AND status = 'done'", (ids,))
-                 .fetchone() or (0,))[0]
-            )  # fmt: skip
+            done = _ended(conn, ids)[0]
         return MemoryFigures(
             jobs=jobs, threads=threads, size=size, rest_mb=round(rest, 1),
             peak_mb=round(watch.peaks.get("worker", 0.0), 1), after_mb=round(after, 1),
@@ -111,11 +95,8 @@ def _pixels(size: str) -> int:
 
 
 def _insert(conn: psycopg.Connection[Any], owner: uuid.UUID, n: int, size: str) -> list[uuid.UUID]:
-    rows = conn.execute(
-        "INSERT INTO imagen.jobs (owner_user_id, prompt, params) SELECT %s, 'memory ' || i, %s"
-        " FROM generate_series(1, %s) i RETURNING id",
-        (owner, Jsonb({"backend": "mock", "size": size}), n),
-    ).fetchall()
+    params = {"owner": owner, "prompt": "memory", "params": Jsonb({"backend": "mock", "size": size}), "n": n}
+    rows = conn.execute(QUERIES["jobs_insert"], params).fetchall()
     return [uuid.UUID(str(r[0])) for r in rows]
 
 

@@ -26,6 +26,7 @@ from imagen.devtools.bench.config import JOB_PARAMS, BenchConfig, BenchError, Ec
 from imagen.devtools.bench.procs import clean_env, processes, spawn, wait_for
 from imagen.devtools.bench.report import Report, Summary, format_value, format_versus, rate
 from imagen.devtools.bench.run import JOB_INSERT, JOB_POLL, BenchRun, execute, stamped
+from imagen.devtools.bench.sql import QUERIES
 from imagen.devtools.runner import Proc
 
 PEER_MODULES = ("pgqueuer", "asyncpg", "procrastinate")
@@ -302,9 +303,7 @@ class _PeersRun(BenchRun):
             conn, poller, JOB_INSERT, (owner, Jsonb(JOB_PARAMS)), JOB_POLL, until_done=True
         )
         assert probe.done_clock is not None
-        row = conn.execute(
-            "SELECT (stage_times->>'generating')::timestamptz FROM imagen.jobs WHERE id = %s", (probe.row_id,)
-        ).fetchone()
+        row = conn.execute(QUERIES["probe_generating"], (probe.row_id,)).fetchone()
         assert row is not None
         return {"imagen_start": row[0].timestamp() - probe.sent_wall, "imagen_done": probe.done_clock}
 

@@ -43,18 +43,18 @@ from imagen.devtools.bench.procs import (
     wait_for,
 )
 from imagen.devtools.bench.report import LATENCY_LABELS, Report, Summary
+from imagen.devtools.bench.sql import QUERIES
 from imagen.devtools.bench.throughput import Backlogs
 from imagen.devtools.runner import DRAMATIQ_READY, Proc, listeners_listening, pipeline_env
 from imagen.devtools.servers import PostgresServer, RedisServer
-from imagen.store.queries import QUERIES
 
 POLL_CLAIM = 0.0002  # seconds between polls while waiting for a claim
 POLL_DONE = 0.001
 RAW_INSERT = "INSERT INTO bench.raw_jobs DEFAULT VALUES RETURNING id"
 RAW_POLL = "SELECT status, claimed_at, NULL::timestamptz, NULL::text FROM bench.raw_jobs WHERE id = %s"
-# One job through the whole pipeline, inserted and polled (imagen/store/operator.sql).
-JOB_INSERT = QUERIES["bench_insert_job"]
-JOB_POLL = QUERIES["bench_poll_job"]
+# One job through the whole pipeline, inserted and polled (bench.sql).
+JOB_INSERT = QUERIES["probe_insert"]
+JOB_POLL = QUERIES["probe_poll"]
 
 
 @dataclass

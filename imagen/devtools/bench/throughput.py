@@ -21,17 +21,11 @@ from imagen.devtools.bench.baselines import DONE_KEY
 from imagen.devtools.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
 from imagen.devtools.bench.procs import MemoryWatch, proc_text, process_tree, rss_mb, wait_for
 from imagen.devtools.bench.report import Memory, Report, Throughput
+from imagen.devtools.bench.sql import QUERIES
 from imagen.devtools.runner import Proc
 
-# Is any of the backlog's jobs still pending, or running? Each probe walks its partial index from
-# the newest end: the entries of jobs already claimed (pending) or finished (running) are dead and
-# sit at the old end until a vacuum, and skipping thousands of them cost ~1.7 ms a probe.
-BUSY = (
-    "SELECT (SELECT 1 FROM imagen.jobs WHERE status = 'pending' AND owner_user_id = ANY(%(owners)s)"
-    " ORDER BY owner_user_id DESC, created_at DESC LIMIT 1) IS NOT NULL"
-    " OR (SELECT 1 FROM imagen.jobs WHERE status = 'running' AND owner_user_id = ANY(%(owners)s)"
-    " ORDER BY claimed_at DESC LIMIT 1) IS NOT NULL"
-)
+# Is any of the backlog's jobs still pending, or running? (bench.sql says why it is two probes.)
+BUSY = QUERIES["backlog_busy"]
 
 
 class Backlogs:
@@ -112,11 +106,7 @@ class Backlogs:
             capped = self._drain(lambda: self._drained(conn, owners), workers, started, f"pipeline -p {n}")
             done, failed, last = self._progress(conn, owners)
             if capped:
-                conn.execute(
-                    "UPDATE imagen.jobs SET status = 'cancelled'"
-                    " WHERE owner_user_id = ANY(%s) AND status IN ('pending', 'running')",
-                    (owners,),
-                )
+                conn.execute(QUERIES["backlog_cancel"], {"owners": owners})
         self._load_memory(watch.peaks)
         if failed:
             self.report.notes.append(f"-p {n}: {failed} of {jobs} backlog jobs did not end done")
@@ -140,11 +130,7 @@ class Backlogs:
         return False
 
     def _insert_jobs(self, conn: psycopg.Connection[Any], owners: list[uuid.UUID], n: int) -> None:
-        conn.execute(
-            "INSERT INTO imagen.jobs (owner_user_id, prompt, params)"
-            " SELECT (%s::uuid[])[1 + i %% %s], 'bench ' || i, %s FROM generate_series(1, %s) i",
-            (owners, len(owners), Jsonb(JOB_PARAMS), n),
-        )
+        conn.execute(QUERIES["backlog_insert"], (owners, len(owners), Jsonb(JOB_PARAMS), n))
 
     def _drained(self, conn: psycopg.Connection[Any], owners: list[uuid.UUID]) -> bool:
         """Whether none of the owners' jobs is left pending or running.
@@ -158,12 +144,7 @@ class Backlogs:
         return bool(row and not row[0])
 
     def _progress(self, conn: psycopg.Connection[Any], owners: list[uuid.UUID]) -> tuple[int, int, Any]:
-        row = conn.execute(
-            "SELECT count(*) FILTER (WHERE status = 'done'),"
-            " count(*) FILTER (WHERE status IN ('failed', 'cancelled')), max(finished_at)"
-            " FROM imagen.jobs WHERE owner_user_id = ANY(%s)",
-            (owners,),
-        ).fetchone()
+        row = conn.execute(QUERIES["backlog_progress"], {"owners": owners}).fetchone()
         assert row is not None
         return int(row[0]), int(row[1]), row[2]
 
