@@ -32,6 +32,7 @@ from imagen.db import preflight
 from imagen.errors import ConfigError
 from imagen.job_policy import JobPolicy
 from imagen.logs import configure_logging
+from imagen.presets import load_presets
 from imagen.stages import (
     SYNC_TIME_LIMIT_S,
     StageContext,
@@ -74,8 +75,10 @@ def _configure() -> tuple[Settings, dramatiq.Broker]:
         # A database that can never work (unknown, wrong password, not migrated) stops the worker with
         # exit 78, which the systemd unit does not restart; one that is down is the stages' to retry.
         unreachable = preflight(settings.require_database_url())
-        # A bad IMAGEN_JOB_BACKENDS or IMAGEN_JOB_OPENAI_QUALITIES stops the worker, not each job.
+        # A bad IMAGEN_JOB_BACKENDS, IMAGEN_JOB_OPENAI_QUALITIES or IMAGEN_PRESETS_FILE stops the
+        # worker, instead of failing each job.
         JobPolicy.from_settings(settings)
+        load_presets(settings.presets_file)
     except ConfigError as exc:
         print(f"imagen.actors: {exc}", file=sys.stderr)
         raise SystemExit(78) from None

@@ -34,7 +34,7 @@ from imagen.backends.base import Backend, ImageRequest, ImageResult
 from imagen.config import Settings
 from imagen.errors import ImagenError, PermanentError, RateLimited
 from imagen.logs import transition
-from imagen.quotas import QuotaBook, QuotaReached
+from imagen.quotas import QuotaBook, QuotaReached, QuotaReads
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,12 @@ def _make_metrics() -> Metrics:
     )
 
 
-def check_quota(book: QuotaBook, conn: Any, owner: UUID, images: int, *, job_id: str, attempt: int) -> None:
+def check_quota(
+    book: QuotaBook, store: QuotaReads, owner: UUID, images: int, *, job_id: str, attempt: int
+) -> None:
     """The owner quota check before a provider call; logs and counts a refusal, then raises it."""
     try:
-        book.check(conn, owner, images)
+        book.check(store, owner, images)
     except QuotaReached as exc:
         metrics().quota_refusals.labels(str(owner), exc.kind).inc()
         transition("quota_refused", job_id, attempt, "generating", owner_user_id=owner, kind=exc.kind)

@@ -56,6 +56,10 @@ class UnknownName(InvalidRequest, ConfigError):
     """An unknown backend or preset: a job with it fails, and the CLI exits 78 (configuration)."""
 
 
+class BadPresetsFile(InvalidRequest, ConfigError):
+    """IMAGEN_PRESETS_FILE is missing, unreadable or malformed: the CLI exits 78, workers refuse to start."""
+
+
 class ContentBlocked(PermanentError):
     """The provider's safety system refused the prompt or the output."""
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 from uuid import UUID
 
 import redis
 
 from imagen.errors import TransientError
+from imagen.store.rows import ImageMeta
 
 PREFIX = "imagen:handoff"
 
@@ -25,7 +25,7 @@ class HandedOff:
     """One generated image waiting for the sync stage."""
 
     data: bytes
-    meta: dict[str, Any]
+    meta: ImageMeta
 
 
 def handoff_key(job_id: UUID | str, attempt: int) -> str:
@@ -39,11 +39,11 @@ class Handoff:
         self.client = client
         self.ttl = ttl_seconds
 
-    def put(self, job_id: UUID | str, attempt: int, data: bytes, meta: dict[str, Any]) -> None:
+    def put(self, job_id: UUID | str, attempt: int, data: bytes, meta: ImageMeta) -> None:
         key = handoff_key(job_id, attempt)
         try:
             pipe = self.client.pipeline(transaction=True)
-            pipe.hset(key, mapping={"data": data, "meta": json.dumps(meta, default=str)})
+            pipe.hset(key, mapping={"data": data, "meta": json.dumps(meta.to_json(), default=str)})
             pipe.expire(key, self.ttl)
             pipe.execute()
         except redis.RedisError as exc:
@@ -57,7 +57,10 @@ class Handoff:
         data, meta = values
         if data is None or meta is None:
             return None
-        return HandedOff(data=data if isinstance(data, bytes) else data.encode(), meta=json.loads(meta))
+        return HandedOff(
+            data=data if isinstance(data, bytes) else data.encode(),
+            meta=ImageMeta.from_json(json.loads(meta)),
+        )
 
     def drop(self, job_id: UUID | str, attempt: int) -> None:
         try:

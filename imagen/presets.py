@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from imagen.backends.sizes import parse_aspect, parse_size
-from imagen.errors import InvalidRequest, UnknownName
+from imagen.errors import BadPresetsFile, InvalidRequest, UnknownName
 
 PARAM_KEYS = ("aspect_ratio", "backend", "model", "seed", "size")
 _TEXT_KEYS = ("description", "prefix", "suffix", "negative_prompt")
@@ -57,13 +57,17 @@ def load_presets(user_file: Path | None = None) -> dict[str, Preset]:
     """The built-in presets, then those in `user_file` replacing or adding by name.
 
     A user preset with a built-in's name replaces it whole (no key-by-key merge),
-    so what the file says is exactly what runs. Raises `InvalidRequest` naming
-    the file when it is missing, unreadable or malformed.
+    so what the file says is exactly what runs. Raises `BadPresetsFile` (an
+    InvalidRequest, and a configuration error: exit 78) naming the file when it
+    is missing, unreadable or malformed.
     """
     text = resources.files("imagen").joinpath("data", "presets.toml").read_text(encoding="utf-8")
     presets = _parse(text, _BUILTIN_SOURCE)
     if user_file is not None:
-        presets.update(_parse(_read_user_file(user_file), f"presets file {user_file}"))
+        try:
+            presets.update(_parse(_read_user_file(user_file), f"presets file {user_file}"))
+        except InvalidRequest as exc:
+            raise BadPresetsFile(exc.message) from None
     return presets
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from imagen.errors import PermanentError
@@ -29,15 +29,13 @@ if TYPE_CHECKING:
 # How long a worker trusts the overrides it read: an operator's change takes effect within this.
 OVERRIDE_TTL_S = 30.0
 
-OVERRIDE = "SELECT daily_images, daily_cost_usd FROM imagen.owner_quotas WHERE owner_user_id = %(owner)s"
 
-# Midnight UTC of the server's today: the same day boundary for every worker host.
-USED_TODAY = """
-SELECT coalesce(sum(images) FILTER (WHERE ok), 0), coalesce(sum(cost_usd), 0)
-FROM imagen.usage
-WHERE owner_user_id = %(owner)s
-  AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-"""
+class QuotaReads(Protocol):
+    """The job store's two reads a quota check makes (imagen.store)."""
+
+    def owner_quota(self, owner_user_id: UUID) -> tuple[int | None, float | None] | None: ...
+
+    def used_today(self, owner_user_id: UUID) -> tuple[int, float]: ...
 
 
 class QuotaReached(PermanentError):
@@ -95,13 +93,13 @@ class QuotaBook:
         self._overrides: dict[UUID, tuple[float, Any, Any]] = {}
         self._lock = threading.Lock()
 
-    def quota_for(self, conn: Any, owner: UUID) -> Quota:
+    def quota_for(self, store: QuotaReads, owner: UUID) -> Quota:
         """The owner's limits: its override row where a column is set, else the default."""
         now = time.monotonic()
         with self._lock:
             cached = self._overrides.get(owner)
         if cached is None or now - cached[0] > self.ttl_s:
-            row = conn.execute(OVERRIDE, {"owner": owner}).fetchone()
+            row = store.owner_quota(owner)
             cached = (now, *(row or (None, None)))
             with self._lock:
                 if len(self._overrides) > 10_000:
@@ -109,13 +107,12 @@ class QuotaBook:
                 self._overrides[owner] = cached
         return _merge(self.default, cached[1], cached[2])
 
-    def check(self, conn: Any, owner: UUID, images: int) -> None:
+    def check(self, store: QuotaReads, owner: UUID, images: int) -> None:
         """Raise QuotaReached when a call for `images` more images would pass the owner's quota today."""
-        quota = self.quota_for(conn, owner)
+        quota = self.quota_for(store, owner)
         if not quota.is_limited:
             return
-        row = conn.execute(USED_TODAY, {"owner": owner}).fetchone()
-        used_images, used_cost = int(row[0]), float(row[1])
+        used_images, used_cost = store.used_today(owner)
         resets = "resets at 00:00 UTC"
         if quota.daily_images is not None and used_images + images > quota.daily_images:
             if used_images >= quota.daily_images:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID, uuid4
 
 from imagen.backends.base import Usage
-from imagen.store.queries import QUERIES
 
 if TYPE_CHECKING:
+    from imagen.store.base import JobStore
     from imagen.usage_spool import UsageSpool
 
 log = logging.getLogger(__name__)
@@ -130,40 +128,28 @@ class JsonlSink:
             log.warning("usage: could not append to %s: %s", self.path, exc)
 
 
-# One column per UsageRecord field; the chained end writes the same row (record_usage_and_complete).
-INSERT_USAGE = QUERIES["insert_usage"]
-
-
 class DatabaseSink:
-    """Inserts rows into imagen.usage through a connection factory (one short transaction each).
+    """Writes rows into imagen.usage through the job store (one short statement each).
 
     A record the database did not take (connection lost, server down) goes to `spool`, which
     keeps it on disk until a replay writes it; without a spool it is logged and lost.
     """
 
-    INSERT = INSERT_USAGE
-
-    def __init__(
-        self, connect: Callable[[], AbstractContextManager[Any]], *, spool: UsageSpool | None = None
-    ) -> None:
-        # `connect` is a pool's `connection` method or a function opening one connection:
-        # the actors share their pool, the CLI opens a short-lived connection.
-        self.connect = connect
+    def __init__(self, store: JobStore, *, spool: UsageSpool | None = None) -> None:
+        # The actors share their pooled store; the CLI's opens a short-lived connection per record.
+        self.store = store
         self.spool = spool
 
     @classmethod
     def from_url(cls, conninfo: str, *, spool: UsageSpool | None = None) -> DatabaseSink:
-        import psycopg
+        from imagen.store.postgres import PostgresJobStore
 
-        return cls(lambda: psycopg.connect(conninfo, autocommit=True), spool=spool)
+        return cls(PostgresJobStore.from_url(conninfo), spool=spool)
 
     def record(self, record: UsageRecord) -> None:
-        import psycopg
-
         try:
-            with self.connect() as conn:
-                conn.execute(self.INSERT, usage_params(record))
-        except psycopg.Error as exc:
+            self.store.record_usage(record)
+        except self.store.errors as exc:
             if self.spool is not None and self.spool.put(record):
                 log.warning(
                     "usage: could not insert into imagen.usage (%s); spooled call %s", exc, record.call_id
@@ -172,16 +158,6 @@ class DatabaseSink:
                 log.error(
                     "usage: could not insert into imagen.usage: %s; call %s not recorded", exc, record.call_id
                 )
-
-
-def usage_params(record: UsageRecord, prefix: str = "") -> dict[str, Any]:
-    """The parameters of INSERT_USAGE for one record (`prefix` + field: `u_` in record_usage_and_complete)."""
-    from psycopg.types.json import Jsonb
-
-    # Not asdict(): it deep-copies `raw` on every record only for Jsonb to wrap it.
-    params = {prefix + f.name: getattr(record, f.name) for f in fields(record)}
-    params[prefix + "raw"] = Jsonb(record.raw)
-    return params
 
 
 class HeldSink:

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from imagen.usage import INSERT_USAGE, UsageRecord, usage_params
+from imagen.usage import UsageRecord
 from imagen.writer import replace_atomically
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class UsageSpool:
         import psycopg
 
         from imagen.jobs import execute_once
+        from imagen.store.postgres_stages import INSERT_USAGE, usage_params
 
         written = 0
         files = self.pending()
@@ -124,11 +125,10 @@ class SpoolReplayer:
     record it has not replayed when the process stops stays on disk for the next one.
     """
 
-    def __init__(
-        self, spool: UsageSpool, connect: Callable[[], AbstractContextManager[Any]], interval: float
-    ) -> None:
+    def __init__(self, spool: UsageSpool, replay: Callable[[UsageSpool], int], interval: float) -> None:
+        # `replay` writes the spool's records: the job store's `replay_usage`.
         self.spool = spool
-        self.connect = connect
+        self.replay = replay
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -144,7 +144,7 @@ class SpoolReplayer:
     def _run(self) -> None:
         while True:
             try:
-                self.spool.replay(self.connect)
+                self.replay(self.spool)
             except Exception:  # a bug here must not end the thread: the records stay on disk
                 log.exception("usage: replaying the spool failed")
             if self._stop.wait(self.interval):

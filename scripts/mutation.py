@@ -16,6 +16,7 @@ import argparse
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -91,6 +92,8 @@ def main() -> int:
     parser.add_argument("mutants", nargs="*", help="only these mutants (names as `mutmut results` prints)")
     args = parser.parse_args()
     if not args.report_only:
+        # A stop (Ctrl-C, SIGTERM from a timeout) still runs the `finally` that stops the server.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         server, url, template = start_database()
         env = {**os.environ, "IMAGEN_TEST_DATABASE_URL": url, "IMAGEN_TEST_TEMPLATE_DB": template}
         started = time.monotonic()

@@ -130,8 +130,8 @@ def generate(
     presets for --preset. A transient provider error
     is tried up to 3 times in all, with backoff; usage is appended to
     IMAGEN_USAGE_LOG (default OUT/usage.jsonl), and with --sync also to
-    imagen.usage. --sync checks the database and storage settings before
-    generating.
+    imagen.usage. --sync checks the storage settings and that the database
+    answers and is migrated before generating.
     """
     from imagen.backends import canonical_name
     from imagen.backends.sizes import parse_aspect, parse_size
@@ -164,10 +164,14 @@ def generate(
             " (or --ownerless for an image no user owns)"
         )
     if sync:
-        # Refuse before paying for a generation that could not be synced.
+        # Refuse before paying for a generation that could not be synced: the storage settings,
+        # and a database that answers and is migrated (78 or 75 in one line, as other commands).
+        from imagen.db import preflight
         from imagen.storage import open_storage
 
-        settings.require_database_url()
+        problem = preflight(settings.require_database_url())
+        if problem is not None:
+            raise problem
         open_storage(settings)
     interactive = sys.stderr.isatty() and not as_json
     sink = _usage_sink(settings, out_dir, sync)

@@ -287,7 +287,7 @@ def prune(older_than: timedelta, prune_statuses: tuple[str, ...], dry_run: bool,
     becomes null); storage objects are untouched. The output says how many
     images were detached.
     """
-    what = f"{'/'.join(prune_statuses)} job(s) older than {view.duration(older_than.total_seconds())}"
+    what = f"{'/'.join(prune_statuses)} job(s) older than {view.span(older_than.total_seconds())}"
     with _store() as store:
         if dry_run or not yes:
             found = jobs_admin.prune(store, older_than, prune_statuses, dry_run=True)

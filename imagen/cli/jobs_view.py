@@ -40,6 +40,14 @@ def when(moment: datetime | None) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
+def span(seconds: float) -> str:
+    """A duration the operator gave, in the form they give it (30d, 12h, 45s), not as a timing."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"

@@ -41,10 +41,12 @@ def web(host: str, port: int, read_only: bool, refresh: float) -> None:
     token = settings.web_token.get_secret_value() if settings.web_token else None
     options = WebOptions(host=host, port=port, read_only=read_only, refresh_seconds=refresh)
     app = create_app(settings, options, token=token)
-    from imagen.db import connect
+    from imagen.db import check_schema, connect
 
-    with connect(settings.require_database_url(), connect_timeout=10):
-        pass  # a wrong URL or a server that is down fails here, in one line, not on the first page
+    # A wrong URL, a server that is down or a schema never migrated fails here, in one line
+    # (75 or 78), not on the first page.
+    with connect(settings.require_database_url(), connect_timeout=10) as conn:
+        check_schema(conn)
     shown = f"[{host}]" if ":" in host else host
     notes = [n for n, on in (("read-only", read_only), ("token required", token is not None)) if on]
     click.echo(f"imagen web: http://{shown}:{port}/" + (f" ({', '.join(notes)})" if notes else ""))

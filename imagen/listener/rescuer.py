@@ -3,7 +3,7 @@ attempts; then the sweep removes the image of jobs that ended failed or cancelle
 
 It works row by row (FOR UPDATE SKIP LOCKED in the store) and must never reset
 running rows wholesale: other hosts' in-flight work lives in Redis. The sweep
-is the one place the listener touches storage (`imagen.image_sweep`).
+is the one place the listener touches storage (the store's `sweep_ended`).
 """
 
 from __future__ import annotations

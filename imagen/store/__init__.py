@@ -17,11 +17,11 @@ if TYPE_CHECKING:
     from imagen.store.base import JobId, JobStore
     from imagen.store.memory import InMemoryJobStore
     from imagen.store.postgres import PostgresJobStore
-    from imagen.store.rows import Claim, Discarded, ImageRow, Rescued, RunningJob
+    from imagen.store.rows import Claim, Discarded, ImageMeta, ImageRow, Rescued, RunningJob
 
 _WHERE = {
     "JobId": "base", "JobStore": "base", "InMemoryJobStore": "memory", "PostgresJobStore": "postgres",
-    "Claim": "rows", "Discarded": "rows", "ImageRow": "rows", "Rescued": "rows", "RunningJob": "rows",
+    "Claim": "rows", "Discarded": "rows", "ImageMeta": "rows", "ImageRow": "rows", "Rescued": "rows", "RunningJob": "rows",
 }  # fmt: skip
 
 
@@ -34,6 +34,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Claim",
     "Discarded",
+    "ImageMeta",
     "ImageRow",
     "InMemoryJobStore",
     "JobId",

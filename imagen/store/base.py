@@ -19,18 +19,25 @@ Two implementations keep the same rules: `PostgresJobStore` (the real one) and
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from imagen.storage import Storage
 from imagen.store.rows import Claim, Discarded, ImageRow, Rescued, RunningJob
 from imagen.usage import UsageRecord
 
+if TYPE_CHECKING:
+    from imagen.usage_spool import UsageSpool
+
 JobId = UUID | str
 
 
 class JobStore(Protocol):
     """The database seam of the listener, the stages and the operator commands."""
+
+    # What a call raises when the database is away or refuses a statement (the stages note it and
+    # retry; the heartbeat thread and the usage sink log it and go on). Empty for the in-memory store.
+    errors: tuple[type[BaseException], ...]
 
     def submit_job(self, owner_user_id: UUID, prompt: str, params: Any) -> UUID:
         """Insert a pending job (as the service, not as its owner) and return its id."""
@@ -114,3 +121,32 @@ class JobStore(Protocol):
         A job whose storage call fails stays unswept and is tried again at the next sweep.
         """
         ...
+
+    # ---- section: stages (beyond the fenced job writes above) ----
+
+    def insert_image(self, image: ImageRow, owner_user_id: UUID | None) -> UUID:
+        """An images row without a job (`imagen generate --sync`); a second insert for the same job
+        returns the first row's id."""
+        ...
+
+    def replay_usage(self, spool: UsageSpool) -> int:
+        """Write the spooled usage records (each once per call id); how many were written."""
+        ...
+
+    def still_running(self, keys: list[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which (job_id, attempt) pairs still hold their job: a read, no lock."""
+        ...
+
+    def owner_quota(self, owner_user_id: UUID) -> tuple[int | None, float | None] | None:
+        """The owner's override row (daily images, daily cost), None without one."""
+        ...
+
+    def used_today(self, owner_user_id: UUID) -> tuple[int, float]:
+        """Images of successful calls and the cost of every call of the owner since midnight UTC."""
+        ...
+
+    def recover(self, exc: BaseException) -> None:
+        """A call failed with `exc`: prepare the next one (a pool tests its idle connections)."""
+        ...
+
+    def close(self) -> None: ...

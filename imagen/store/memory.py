@@ -1,73 +1,28 @@
 """The job store in memory, keeping PostgresJobStore's rules, for unit tests without a server.
 
-One lock stands for PostgreSQL's row locks: every method is one atomic step, as
-each of the real store's calls is one committed statement. Its clock only moves
-forward, so two calls never share a timestamp. It must never be used to run
-jobs: nothing here survives the process.
+The rows, the clock and the images, usage and quota rules are
+`InMemoryStageStore`'s (memory_stages.py); the claims, the lease and the
+operator's writes are here. It must never be used to run jobs: nothing here
+survives the process.
 """
 
 from __future__ import annotations
 
-import json
-import threading
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-from imagen.errors import ImagenError
-from imagen.storage import EXTENSIONS, Storage, job_object_path
 from imagen.store.base import JobId
 from imagen.store.memory_operator import InMemoryOperatorStore
-from imagen.store.rows import Claim, Discarded, ImageRow, Rescued, RunningJob
-from imagen.usage import UsageRecord
-
-ENDED = ("done", "failed", "cancelled")
+from imagen.store.memory_stages import InMemoryStageStore
+from imagen.store.rows import Claim, Rescued, RunningJob
 
 
-class InMemoryJobStore(InMemoryOperatorStore):
-    """`JobStore` on dicts: `jobs` and `images` by id, `usage` by call id, `quotas` by owner.
+class InMemoryJobStore(InMemoryStageStore, InMemoryOperatorStore):
+    """`JobStore` on dicts: claims, the lease and the operator's writes over `InMemoryStageStore`'s rows.
 
     The operator's reads are `InMemoryOperatorStore`'s (memory_operator.py).
     """
-
-    def __init__(self) -> None:
-        self.jobs: dict[UUID, dict[str, Any]] = {}
-        self.images: dict[UUID, dict[str, Any]] = {}
-        self.usage: dict[UUID, UsageRecord] = {}
-        self._lock = threading.RLock()
-        self._last = datetime.now(UTC)
-
-        self.quotas: dict[UUID, tuple[int | None, float | None]] = {}
-
-    def now(self) -> datetime:
-        """The store's clock: wall time, but strictly later than any time it gave before."""
-        with self._lock:
-            self._last = max(datetime.now(UTC), self._last + timedelta(microseconds=1))
-            return self._last
-
-    def _set(self, row: dict[str, Any], **values: Any) -> None:
-        """Update a row as the jobs_before_update trigger does (sql/002_jobs.sql): a cancel clears the stage."""
-        row.update(values)
-        row["updated_at"] = self.now()
-        if values.get("status") in ENDED:
-            row["finished_at"] = row["updated_at"]
-        if values.get("status") == "cancelled":
-            row["stage"] = None
-
-    def _held(self, job_id: JobId, attempt: int) -> dict[str, Any] | None:
-        """The job's row if `attempt` still holds it (the fence every stage write takes)."""
-        row = self.jobs.get(UUID(str(job_id)))
-        if row is None or row["status"] != "running" or row["attempt"] != attempt:
-            return None
-        return row
-
-    @staticmethod
-    def _running(row: dict[str, Any]) -> RunningJob:
-        return RunningJob(
-            job_id=row["id"], owner_user_id=row["owner_user_id"], prompt=row["prompt"],
-            params_json=json.dumps(row["params"]), attempt=row["attempt"], created_at=row["created_at"],
-            claimed_at=row["claimed_at"],
-        )  # fmt: skip
 
     def submit_job(self, owner_user_id: UUID, prompt: str, params: Any) -> UUID:
         with self._lock:
@@ -152,25 +107,10 @@ class InMemoryJobStore(InMemoryOperatorStore):
                 rescued.append(Rescued(row["id"], row["status"], row["attempt"]))
             return rescued
 
-    def _begin(self, job_id: JobId, attempt: int, stage: str) -> dict[str, Any] | None:
-        row = self._held(job_id, attempt)
-        if row is not None:
-            now = self.now()
-            self._set(row, stage=stage, heartbeat_at=now, stage_times={**row["stage_times"], stage: now})
-        return row
-
     def begin_stage(self, job_id: JobId, attempt: int, stage: str) -> RunningJob | None:
         with self._lock:
             row = self._begin(job_id, attempt, stage)
             return None if row is None else self._running(row)
-
-    def begin_sync(self, job_id: JobId, attempt: int) -> tuple[RunningJob | None, UUID | None]:
-        with self._lock:
-            row = self._begin(job_id, attempt, "syncing")
-            if row is None:
-                return None, None
-            image = self._image_of(row)
-            return self._running(row), (image["id"] if image else None)
 
     def heartbeat_many(self, keys: list[tuple[str, int]]) -> int:
         with self._lock:
@@ -203,77 +143,6 @@ class InMemoryJobStore(InMemoryOperatorStore):
                 )  # fmt: skip
             return row is not None
 
-    def _image_of(self, job: dict[str, Any]) -> dict[str, Any] | None:
-        return next(
-            (
-                i
-                for i in self.images.values()
-                if i["job_id"] == job["id"] and i["owner_user_id"] == job["owner_user_id"]
-            ),
-            None,
-        )
-
-    def _upsert_image(self, job: dict[str, Any], image: ImageRow) -> UUID | None:
-        """The job's images row: the one already there, or this one (owned by the job's owner)."""
-        existing = next((i for i in self.images.values() if i["job_id"] == job["id"]), None)
-        if existing is not None:
-            return existing["id"] if existing["owner_user_id"] == job["owner_user_id"] else None
-        row = {
-            **image.values(),
-            "id": uuid4(),
-            "owner_user_id": job["owner_user_id"],
-            "created_at": self.now(),
-        }
-        self.images[row["id"]] = row
-        return UUID(str(row["id"]))
-
-    def record_job_image(
-        self,
-        attempt: int,
-        image: ImageRow,
-        *,
-        complete_after: float | None = None,
-        usage: UsageRecord | None = None,
-    ) -> UUID | None:
-        with self._lock:
-            if complete_after is not None and usage is not None:
-                self.usage.setdefault(usage.call_id, usage)
-            row = self._held(image.job_id, attempt)
-            if row is None:
-                return None
-            if complete_after is None:
-                now = self.now()
-                self._set(
-                    row,
-                    stage="finalizing",
-                    heartbeat_at=now,
-                    stage_times={**row["stage_times"], "finalizing": now},
-                )
-                return self._upsert_image(row, image)
-            image_id = self._upsert_image(row, image)
-            if image_id is None:
-                return None
-            now = self.now()
-            times = {
-                **row["stage_times"],
-                "syncing": now - timedelta(seconds=max(0.0, complete_after)),
-                "done": now,
-            }
-            self._set(
-                row,
-                status="done",
-                image_id=image_id,
-                stage=None,
-                error=None,
-                last_error=None,
-                stage_times=times,
-            )
-            return image_id
-
-    def record_usage(self, record: UsageRecord) -> None:
-        with self._lock:
-            self.usage.setdefault(record.call_id, record)
-
     def job_state(self, job_id: JobId) -> tuple[str, int] | None:
         with self._lock:
             row = self.jobs.get(UUID(str(job_id)))
@@ -303,49 +172,6 @@ class InMemoryJobStore(InMemoryOperatorStore):
             )  # fmt: skip
             row["finished_at"] = None
             return True
-
-    def discard_ended(self, job_id: JobId, storage: Storage) -> Discarded | None:
-        with self._lock:
-            row = self.jobs.get(UUID(str(job_id)))
-            if row is None or row["status"] not in ("failed", "cancelled"):
-                return None
-            owner = row["owner_user_id"]
-            deleted = [
-                i for i in self.images.values() if i["job_id"] == row["id"] and i["owner_user_id"] == owner
-            ]
-            paths = {i["path"] for i in deleted} | {job_object_path(owner, row["id"], m) for m in EXTENSIONS}
-            for image in deleted:
-                del self.images[image["id"]]
-            paths -= {i["path"] for i in self.images.values() if i["bucket"] == storage.bucket}
-            # As in PostgreSQL, a storage error leaves the row where it was (the transaction rolls back).
-            try:
-                objects = [path for path in sorted(paths) if storage.delete(path)]
-            except BaseException:
-                self.images.update({i["id"]: i for i in deleted})
-                raise
-            self._set(row, image_swept_at=self.now())  # an UPDATE: updated_at moves too
-            return Discarded(row["id"], row["status"], row["attempt"], bool(deleted), objects)
-
-    def sweep_ended(self, storage: Storage, *, limit: int = 100) -> list[Discarded]:
-        with self._lock:
-            unswept = sorted(
-                (
-                    r
-                    for r in self.jobs.values()
-                    if r["status"] in ("failed", "cancelled")
-                    and (r["image_swept_at"] is None or r["image_swept_at"] < r["finished_at"])
-                ),
-                key=lambda r: r["finished_at"],
-            )[:limit]
-        found = []
-        for row in unswept:
-            try:
-                done = self.discard_ended(row["id"], storage)
-            except ImagenError:
-                continue  # stays unswept: the next sweep tries again
-            if done is not None and done.removed_anything:
-                found.append(done)
-        return found
 
 
 def _claim(row: dict[str, Any], claimed_at: datetime) -> Claim:

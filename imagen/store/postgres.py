@@ -12,24 +12,43 @@ from contextlib import AbstractContextManager
 from typing import Any
 from uuid import UUID
 
-from imagen import image_sweep, job_images, jobs
-from imagen.storage import Storage
+from imagen import jobs
 from imagen.store.base import JobId
 from imagen.store.postgres_operator import PostgresOperatorStore
-from imagen.store.rows import Claim, Discarded, ImageRow, Rescued, RunningJob
-from imagen.usage import INSERT_USAGE, UsageRecord, usage_params
+from imagen.store.postgres_stages import PostgresStageStore
+from imagen.store.rows import Claim, Rescued, RunningJob
 
 Connect = Callable[[], AbstractContextManager[Any]]
 
 
-class PostgresJobStore(PostgresOperatorStore):
+class PostgresJobStore(PostgresStageStore, PostgresOperatorStore):
     """`JobStore` over a connection factory: a pool's `connection` method, or one that opens one.
 
-    The operator's reads are `PostgresOperatorStore`'s (postgres_operator.py, operator.sql).
+    The images, usage, quota and sweep statements the stages use are `PostgresStageStore`'s
+    (postgres_stages.py); the operator's reads are `PostgresOperatorStore`'s (postgres_operator.py,
+    operator.sql).
     """
 
     def __init__(self, connect: Connect) -> None:
         self.connect = connect
+
+    @classmethod
+    def pooled(cls, conninfo: str, *, application_name: str, max_size: int = 16) -> PostgresJobStore:
+        """A store on its own connection pool (the workers'), opened now: create it after the fork."""
+        from psycopg_pool import ConnectionPool
+
+        pool: ConnectionPool[Any] = ConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=max_size,
+            kwargs={"autocommit": True, "application_name": application_name},
+            open=True,
+            # No per-checkout health check: it would add a round trip to every statement. A connection
+            # that died with the server fails its next use, the stage is retried, `recover` tests the rest.
+        )
+        store = cls(pool.connection)
+        store.pool = pool
+        return store
 
     @classmethod
     def from_url(cls, conninfo: str, *, application_name: str = "imagen") -> PostgresJobStore:
@@ -68,10 +87,6 @@ class PostgresJobStore(PostgresOperatorStore):
         with self.connect() as conn:
             return jobs.begin_stage(conn, job_id, attempt, stage)
 
-    def begin_sync(self, job_id: JobId, attempt: int) -> tuple[RunningJob | None, UUID | None]:
-        with self.connect() as conn:
-            return job_images.begin_sync(conn, job_id, attempt)
-
     def heartbeat_many(self, keys: list[tuple[str, int]]) -> int:
         with self.connect() as conn:
             return jobs.heartbeat_many(conn, keys)
@@ -88,23 +103,6 @@ class PostgresJobStore(PostgresOperatorStore):
         with self.connect() as conn:
             return jobs.complete_job(conn, job_id, attempt, image_id)
 
-    def record_job_image(
-        self,
-        attempt: int,
-        image: ImageRow,
-        *,
-        complete_after: float | None = None,
-        usage: UsageRecord | None = None,
-    ) -> UUID | None:
-        with self.connect() as conn:
-            return job_images.record_job_image(
-                conn, attempt, image.values(), complete_after=complete_after, usage=usage
-            )
-
-    def record_usage(self, record: UsageRecord) -> None:
-        with self.connect() as conn:
-            conn.execute(INSERT_USAGE, usage_params(record))
-
     def job_state(self, job_id: JobId) -> tuple[str, int] | None:
         with self.connect() as conn:
             return jobs.job_state(conn, job_id)
@@ -120,11 +118,3 @@ class PostgresJobStore(PostgresOperatorStore):
     def retry_job(self, job_id: JobId) -> bool:
         with self.connect() as conn:
             return jobs.retry_job(conn, job_id)
-
-    def discard_ended(self, job_id: JobId, storage: Storage) -> Discarded | None:
-        with self.connect() as conn:
-            return image_sweep.discard_ended(conn, job_id, storage)
-
-    def sweep_ended(self, storage: Storage, *, limit: int = 100) -> list[Discarded]:
-        with self.connect() as conn:
-            return image_sweep.sweep_ended(conn, storage, limit=limit)

@@ -2,7 +2,7 @@
 -- (imagen/store/queries.py). The `--` lines right after a name say why the statement is written
 -- as it is. Parameters are psycopg's %(name)s; %% is a literal percent sign.
 
--- ---- a job's image row under its fence (imagen/job_images.py) ----
+-- ---- section: stages - a job's image row under its fence (imagen/store/postgres_stages.py) ----
 
 -- name: insert_image
 INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
@@ -68,7 +68,7 @@ FROM image
 WHERE j.id = image.job_id AND j.owner_user_id = image.owner_user_id
 RETURNING image.id;
 
--- ---- the discard of an ended job's image (imagen/image_sweep.py) ----
+-- ---- section: stages - the discard of an ended job's image (imagen/store/postgres_stages.py) ----
 
 -- name: lock_ended
 -- The job's row lock is what a retry (failed/cancelled -> pending) waits for.
@@ -95,7 +95,7 @@ ORDER BY finished_at
 LIMIT %(limit)s;
 
 
--- ---- usage rows (imagen/usage.py) ----
+-- ---- section: stages - usage rows (imagen/store/postgres_stages.py) ----
 
 -- name: insert_usage
 -- One column per UsageRecord field (tests/unit/test_queries.py checks they agree). A row whose call id
@@ -144,3 +144,16 @@ SET status = 'done', image_id = image.id, stage = NULL, error = NULL, last_error
 FROM image
 WHERE j.id = image.job_id AND j.owner_user_id = image.owner_user_id
 RETURNING image.id;
+
+
+-- ---- section: stages - owner quotas before a provider call (imagen/quotas.py) ----
+
+-- name: owner_quota
+SELECT daily_images, daily_cost_usd FROM imagen.owner_quotas WHERE owner_user_id = %(owner)s;
+
+-- name: used_today
+-- Midnight UTC of the server's today: the same day boundary for every worker host.
+SELECT coalesce(sum(images) FILTER (WHERE ok), 0), coalesce(sum(cost_usd), 0)
+FROM imagen.usage
+WHERE owner_user_id = %(owner)s
+  AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';

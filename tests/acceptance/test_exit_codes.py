@@ -56,8 +56,14 @@ def imagen(tmp_path: Path, *args: str, timeout: float = 60, **env: str) -> subpr
 
 @pytest.mark.parametrize(
     "args",
-    [("listen",), ("jobs", "ls"), ("jobs", "stats"), ("smoke", "--timeout", "1")],
-    ids=["listen", "jobs-ls", "jobs-stats", "smoke"],
+    [
+        ("listen",),
+        ("jobs", "ls"),
+        ("jobs", "stats"),
+        ("smoke", "--timeout", "1"),
+        ("web", "--port", str(free_port())),
+    ],
+    ids=["listen", "jobs-ls", "jobs-stats", "smoke", "web"],
 )
 def test_an_unmigrated_database_exits_78_with_the_migrate_hint(
     fresh_db_url: str, tmp_path: Path, args: tuple[str, ...]
@@ -66,6 +72,55 @@ def test_an_unmigrated_database_exits_78_with_the_migrate_hint(
 
     assert result.returncode == EXIT_CONFIG, explain(result)
     assert one_line(result).endswith(MIGRATE_HINT), explain(result)
+
+
+@pytest.mark.parametrize("database", ["unmigrated", "down"])
+def test_generate_sync_checks_the_database_before_generating(
+    fresh_db_url: str, tmp_path: Path, database: str
+) -> None:
+    """No image is made (with a real backend: paid for) when it could not be synced."""
+    url = fresh_db_url if database == "unmigrated" else down_url()
+    owner = "00000000-0000-4000-8000-000000000001"
+    result = imagen(tmp_path, "generate", "a cat", "--sync", "--owner", owner, "--out", "out",
+                    IMAGEN_DATABASE_URL=url, IMAGEN_STORAGE_DIR=str(tmp_path / "storage"),
+                    IMAGEN_USAGE_SPOOL_DIR=str(tmp_path / "spool"))  # fmt: skip
+
+    assert result.returncode == (EXIT_CONFIG if database == "unmigrated" else EXIT_TEMPFAIL), explain(result)
+    line = one_line(result)
+    assert line.endswith(MIGRATE_HINT if database == "unmigrated" else "(temporary failure; try again later)")
+    assert not list(tmp_path.glob("out/*.png")), "nothing was generated"
+
+
+@pytest.mark.parametrize(
+    "args", [("presets",), ("generate", "a cat", "--out", "out")], ids=["presets", "generate"]
+)
+@pytest.mark.parametrize("problem", ["missing", "malformed"])
+def test_a_bad_presets_file_is_configuration_exit_78(
+    tmp_path: Path, args: tuple[str, ...], problem: str
+) -> None:
+    presets = tmp_path / "presets.toml"
+    if problem == "malformed":
+        presets.write_text("[presets.a\nprefix = 'x'\n")
+    result = imagen(tmp_path, *args, IMAGEN_PRESETS_FILE=str(presets))
+
+    assert result.returncode == EXIT_CONFIG, explain(result)
+    assert one_line(result).startswith(f"imagen: presets file {presets}"), explain(result)
+
+
+def test_workers_with_a_bad_presets_file_exit_78_naming_it(
+    db_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Not every job failing with it: a restart cannot fix the file, so systemd does not restart."""
+    missing = tmp_path / "presets.toml"
+    env = clean_env(IMAGEN_DATABASE_URL=db_url, IMAGEN_REDIS_URL=redis_url, IMAGEN_WORKER_METRICS="0",
+                    IMAGEN_PRESETS_FILE=str(missing))  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "dramatiq", "imagen.actors", "-p", "1", "-t", "1"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert result.returncode == EXIT_CONFIG, explain(result)
+    assert f"imagen.actors: presets file {missing} does not exist" in result.stderr, explain(result)
 
 
 def test_workers_on_an_unmigrated_database_exit_78_with_the_migrate_hint(

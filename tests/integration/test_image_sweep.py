@@ -20,10 +20,10 @@ import pytest
 from imagen import jobs
 from imagen.broker import FINALIZE_ACTOR
 from imagen.config import Settings
-from imagen.image_sweep import UNSWEPT, sweep_ended
 from imagen.listener import Listener
 from imagen.stages import StageContext, run_finalize, run_generate, run_sync
 from imagen.storage import LocalStorage
+from imagen.store.postgres_stages import UNSWEPT, sweep_ended
 from tests.integration.conftest import RecordingBroker
 from tests.integration.rows import scalar
 from tests.waiting import wait_until

@@ -427,7 +427,11 @@ def test_prune_deletes_only_old_terminal_jobs_and_dry_run_deletes_nothing(
 
     everything = remaining()
     dry = ok(imagen_jobs("prune", "--older-than", "30d", "--dry-run")).strip()
-    assert dry.startswith("would delete 3 done/failed/cancelled job(s)"), dry
+    assert dry == "would delete 3 done/failed/cancelled job(s) older than 30d", dry
+    # The age reads as the operator wrote it, never as a timing ("0.0 ms", "45.00 s").
+    for given, shown in (("0s", "0s"), ("45s", "45s"), ("36h", "36h"), ("1.5h", "90m")):
+        dry = ok(imagen_jobs("prune", "--older-than", given, "--status", "done", "--dry-run")).strip()
+        assert dry.endswith(f"done job(s) older than {shown}"), dry
     assert remaining() == everything
 
     declined = imagen_jobs("prune", "--older-than", "30d", input="n\n")

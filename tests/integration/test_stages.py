@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import redis
 
-from imagen import job_images, jobs
+from imagen import jobs
 from imagen.broker import (
     FINALIZE_ACTOR,
     FINALIZE_QUEUE,
@@ -28,7 +28,6 @@ from imagen.broker import (
 from imagen.config import Settings
 from imagen.errors import TransientError, TransientStorageError
 from imagen.handoff import handoff_key
-from imagen.heartbeat import CANCEL_CHECK_S
 from imagen.listener import SATURATED_POLL, SATURATED_POLL_MAX, Listener
 from imagen.stages import (
     SYNC_TIME_LIMIT_S,
@@ -37,6 +36,7 @@ from imagen.stages import (
     run_generate,
     run_sync,
 )
+from imagen.stages.lease import CANCEL_CHECK_S
 from tests.integration.conftest import RecordingBroker
 from tests.integration.rows import query, scalar
 from tests.waiting import wait_until
@@ -433,18 +433,16 @@ def test_chained_job_whose_provider_fails_has_its_usage_row_before_its_state_cha
     ctx: Any, db_url: str, monkeypatch: pytest.MonkeyPatch, fail: str
 ) -> None:
     # Whoever sees the job failed (or its retry noted) must also see what the call cost.
-    import imagen.stages as stages_module
-
     usage = "SELECT count(*) FROM imagen.usage WHERE job_id = %s AND NOT ok"
     seen = []
     for name in ("fail_job", "note_transient"):
-        original = getattr(jobs, name)
+        original = getattr(ctx.store, name)
 
-        def checking(conn: Any, job_id: Any, *args: Any, _original: Any = original) -> Any:
+        def checking(job_id: Any, *args: Any, _original: Any = original) -> Any:
             seen.append(scalar(db_url, usage, job_id))
-            return _original(conn, job_id, *args)
+            return _original(job_id, *args)
 
-        monkeypatch.setattr(stages_module.jobs, name, checking)
+        monkeypatch.setattr(ctx.store, name, checking)
     ctx.chain_for_worker(None)
     claim = claim_one(db_url, params={"backend": "mock", "fail": fail})
     if fail == "transient":
@@ -461,9 +459,7 @@ def test_chained_job_whose_last_statement_fails_keeps_its_usage_row_and_its_imag
 ) -> None:
     # The usage row rides with the job's last statement; if that statement fails (here the
     # connection drops), the row is written on its own and the sync stage takes the image on.
-    import imagen.stages as stages_module
-
-    record = job_images.record_job_image
+    record = ctx.store.record_job_image
     calls = []
 
     def dropped_once(*args: Any, **kwargs: Any) -> Any:
@@ -472,7 +468,7 @@ def test_chained_job_whose_last_statement_fails_keeps_its_usage_row_and_its_imag
             raise psycopg.OperationalError("server closed the connection unexpectedly")
         return record(*args, **kwargs)
 
-    monkeypatch.setattr(stages_module.job_images, "record_job_image", dropped_once)
+    monkeypatch.setattr(ctx.store, "record_job_image", dropped_once)
     ctx.chain_for_worker(None)
     claim = claim_one(db_url)
     job_id = str(claim.job_id)

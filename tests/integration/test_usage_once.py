@@ -16,11 +16,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from imagen import job_images, jobs
+from imagen import jobs
 from imagen.backends.base import Usage
 from imagen.broker import FINALIZE_ACTOR, SYNC_ACTOR
 from imagen.config import Settings
 from imagen.stages import StageContext, run_finalize, run_generate, run_sync
+from imagen.store.postgres import PostgresJobStore
 from imagen.usage import DatabaseSink, UsageRecord
 from imagen.usage_spool import REJECTED, UsageSpool
 from tests.integration.conftest import RecordingBroker
@@ -73,15 +74,13 @@ def test_chained_end_committed_but_its_reply_lost_leaves_one_usage_row(
 ) -> None:
     # The statement that writes the images row, the usage row and `done` commits, then the
     # connection drops before its reply: the stage cannot tell, so it writes the row again.
-    import imagen.stages as stages_module
-
-    record = job_images.record_job_image
+    record = ctx.store.record_job_image
 
     def committed_then_dropped(*args: Any, **kwargs: Any) -> Any:
         record(*args, **kwargs)
         raise psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
 
-    monkeypatch.setattr(stages_module.job_images, "record_job_image", committed_then_dropped)
+    monkeypatch.setattr(ctx.store, "record_job_image", committed_then_dropped)
     ctx.chain_for_worker(None)
     claim = claim_one(db_url)
     run_generate(ctx, str(claim.job_id), claim.attempt)
@@ -96,7 +95,7 @@ def test_usage_the_database_did_not_take_is_spooled_and_written_once_when_it_is_
 ) -> None:
     # Split stages write the row right after the call; here the database is away for that write.
     claim = claim_one(db_url)
-    ctx.__dict__["usage_sink"] = DatabaseSink(database_away, spool=ctx.usage_spool)
+    ctx.__dict__["usage_sink"] = DatabaseSink(PostgresJobStore(database_away), spool=ctx.usage_spool)
     run_generate(ctx, str(claim.job_id), claim.attempt)
     assert ctx.broker.sent == [(SYNC_ACTOR, (str(claim.job_id), 1))], "the job goes on: an image is not lost"
     assert scalar(db_url, COUNT, claim.job_id) == 0
@@ -104,9 +103,9 @@ def test_usage_the_database_did_not_take_is_spooled_and_written_once_when_it_is_
     assert spooled.name == f"{calls(settings)[0]}.json"
     # Two workers of the host replay the same file: still one row.
     twin = spooled.read_bytes()
-    assert ctx.usage_spool.replay(ctx.pool.connection) == 1
+    assert ctx.store.replay_usage(ctx.usage_spool) == 1
     spooled.write_bytes(twin)
-    ctx.usage_spool.replay(ctx.pool.connection)
+    ctx.store.replay_usage(ctx.usage_spool)
     assert ctx.usage_spool.pending() == []
     assert scalar(db_url, COUNT, claim.job_id) == 1
     assert (
@@ -148,7 +147,7 @@ def test_a_record_written_twice_is_one_row_and_a_writer_naming_no_call_id_gets_o
         conn.execute("INSERT INTO imagen.usage (backend, model, ok) VALUES ('mock', 'm', true)")
         (call_id,) = conn.execute("SELECT call_id FROM imagen.usage").fetchone() or (None,)
         assert call_id is not None, "a writer that names no call id (an older worker) gets a fresh one"
-        sink = DatabaseSink(lambda: psycopg.connect(db_url, autocommit=True))
+        sink = DatabaseSink(PostgresJobStore(lambda: psycopg.connect(db_url, autocommit=True)))
         record = record_for()
         sink.record(record)
         sink.record(record)

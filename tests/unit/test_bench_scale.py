@@ -25,7 +25,7 @@ from imagen.devtools.bench.scale import (
 def step(name: str, rate: float, pickup: float, claim_ms: float = 1.0) -> Step:
     return Step(
         name, name, rows=10, pickup=Summary.of([pickup]), rate=Throughput(int(rate * 10), 10.0),
-        claims=ClaimCost(10, claim_ms, 0.1, claim_ms * 2, 32.0, 700.0), probe=Summary.of([claim_ms]),
+        claims=ClaimCost(10, claim_ms, claim_ms * 2, 32.0, 700.0), probe=Summary.of([claim_ms]),
     )  # fmt: skip
 
 

@@ -7,8 +7,9 @@ from dataclasses import fields
 
 import pytest
 
+from imagen.store.postgres_stages import usage_params
 from imagen.store.queries import QUERIES, parse_queries
-from imagen.usage import UsageRecord, usage_params
+from imagen.usage import UsageRecord
 
 
 def columns(statement: str) -> list[str]:

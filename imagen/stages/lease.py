@@ -19,12 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import psycopg
-
-from imagen import interrupts, jobs
+from imagen import interrupts
+from imagen.store.base import JobStore
 
 if TYPE_CHECKING:
-    from imagen.stages import StageContext
+    from imagen.stages.context import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +55,9 @@ class Heartbeater:
     millisecond, and starting threads would cost more.
     """
 
-    def __init__(self, ctx: StageContext) -> None:
-        self.ctx = ctx
-        self.interval = max(0.5, ctx.settings.lease_seconds / 4)
+    def __init__(self, store: JobStore, lease_seconds: float) -> None:
+        self.store = store
+        self.interval = max(0.5, lease_seconds / 4)
         self.check_interval = min(CANCEL_CHECK_S, self.interval)
         self.active: dict[tuple[str, int], Beat] = {}
         self.lock = threading.Lock()
@@ -98,8 +97,7 @@ class Heartbeater:
                     key for key, beat in beats if now - beat.started >= self.check_interval and not beat.gone
                 ]
                 if long:
-                    with self.ctx.pool.connection() as conn:
-                        held = jobs.still_running(conn, long)
+                    held = self.store.still_running(long)
                     for key, beat in beats:
                         if key in long and key not in held:
                             beat.gone = True
@@ -107,9 +105,8 @@ class Heartbeater:
                     last_beat = now
                     keys = [key for key, beat in beats if beat.deadline > now and not beat.gone]
                     if keys:
-                        with self.ctx.pool.connection() as conn:
-                            jobs.heartbeat_many(conn, keys)
-            except psycopg.Error as exc:
+                        self.store.heartbeat_many(keys)
+            except self.store.errors as exc:
                 log.warning("heartbeat for %d job(s) failed; will retry: %s", len(beats), exc)
 
 
