@@ -14,6 +14,9 @@ from dramatiq.brokers.redis import RedisBroker
 from imagen.broker import MAX_WAKE_TOKENS, WakingRedisBroker
 from tests.waiting import wait_until
 
+# Wake-up latency under 0.25 s: run alone, outside the parallel pool (pyproject: serial).
+pytestmark = pytest.mark.serial
+
 
 def blocked_pops(broker: RedisBroker) -> int:
     """Clients Redis holds in a blocking command (the waking consumer's BLPOP), from CLIENT LIST."""

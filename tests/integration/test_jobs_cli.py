@@ -495,6 +495,9 @@ def test_submit_refuses_missing_owner_bad_params_and_a_blank_prompt(db_url: str,
     assert scalar(db_url, "SELECT count(*) FROM imagen.jobs") == 0
 
 
+# Timed out (exit within 10 s of SIGINT) once in the parallel pool on Python 3.13 under heavy load;
+# passes alone. Run alone until that is understood.
+@pytest.mark.serial
 def test_watch_refreshes_until_interrupted_and_exits_cleanly(db_url: str, tmp_path: Path) -> None:
     seed(db_url, status="pending")
     out = tmp_path / "watch.out"

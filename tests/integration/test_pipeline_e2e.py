@@ -165,6 +165,7 @@ def test_cancelled_running_job_stops_at_next_stage_without_image(
     assert not list((tmp_path / "storage").rglob(f"{job_id}.png"))
 
 
+@pytest.mark.serial
 def test_listener_picks_up_insert_within_a_second_after_its_backend_is_terminated(
     db_url: str, pipeline: Any
 ) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from imagen import jobs
 from imagen.devtools.runner import listeners_listening
@@ -16,6 +17,9 @@ from tests.cli import clean_env, explain, run_imagen
 from tests.integration.rows import scalar
 from tests.integration.test_pipeline_e2e import row, submit, wait_terminal
 from tests.waiting import wait_until
+
+# Pickups under 1 s: run alone, outside the parallel pool (pyproject: serial).
+pytestmark = pytest.mark.serial
 
 SLOW_POLL = "60"
 WELL_UNDER_THE_POLL = 2.5  # seconds; the default poll is 5 s and this listener's is 60 s

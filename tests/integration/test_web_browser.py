@@ -140,6 +140,7 @@ def image_loaded(page: Any, selector: str) -> None:
     )
 
 
+@pytest.mark.serial
 def test_job_inserted_through_sql_appears_without_a_reload_and_reaches_done_with_its_thumbnail(
     db_url: str, pipeline: Any, web_server: Callable[..., WebServer], page: Any
 ) -> None:
