@@ -125,23 +125,6 @@ def begin_stage(conn: Conn, job_id: UUID | str, attempt: int, stage: str) -> Run
     )  # fmt: skip
 
 
-def load_params(params_json: str) -> Any:
-    """A job's params from their jsonb text.
-
-    PostgreSQL accepts jsonb that Python's json cannot load (nesting deeper than the
-    recursion limit, integers over 4300 digits); that is the owner's input, not a
-    transient failure, so it is an InvalidRequest.
-    """
-    import json
-
-    from imagen.errors import InvalidRequest
-
-    try:
-        return json.loads(params_json)
-    except (RecursionError, ValueError):
-        raise InvalidRequest("params cannot be read: nested too deeply or a number too long") from None
-
-
 def heartbeat_many(conn: Conn, keys: list[tuple[str, int]]) -> int:
     """Refresh the heartbeat of several (job_id, attempt) pairs in one statement; returns how many held."""
     ids = [k[0] for k in keys]

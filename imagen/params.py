@@ -7,6 +7,7 @@ can act on, and nothing in params ever reaches a file or object path.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -161,3 +162,16 @@ def spec_from_params(prompt: str, params: Any, policy: JobPolicy | None = None) 
         quality=quality,
         options=options,
     )
+
+
+def load_params(params_json: str) -> Any:
+    """A job's params from their jsonb text.
+
+    PostgreSQL accepts jsonb that Python's json cannot load (nesting deeper than the
+    recursion limit, integers over 4300 digits); that is the owner's input, not a
+    transient failure, so it is an InvalidRequest.
+    """
+    try:
+        return json.loads(params_json)
+    except (RecursionError, ValueError):
+        raise InvalidRequest("params cannot be read: nested too deeply or a number too long") from None

@@ -17,9 +17,8 @@ from imagen import interrupts
 from imagen.admission import Deferred, Wait, check_quota, deferral
 from imagen.broker import GENERATE_ACTOR, GENERATE_QUEUE, stage_message
 from imagen.errors import ImagenError
-from imagen.jobs import load_params
 from imagen.logs import transition
-from imagen.params import spec_from_params
+from imagen.params import load_params, spec_from_params
 from imagen.stages.chained import sync_chained
 from imagen.stages.context import SYNC_TIME_LIMIT_S, StageContext
 from imagen.stages.errors import drop, guarded, usage_first
