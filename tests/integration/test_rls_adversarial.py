@@ -814,3 +814,29 @@ def test_no_secret_reaches_logs_or_error_text(
         for where, text in texts.items():
             assert secret not in text, f"{name} appears in {where}"
             assert secret[8:20] not in text, f"part of {name} appears in {where}"
+
+
+def test_an_owner_cannot_choose_the_round_that_puts_a_job_ahead_of_other_owners(
+    town: Town, unchanged: None
+) -> None:
+    """fair_round decides whose job the claim takes next: no grant names it, and even under a
+    table-wide grant the insert trigger sets it, so a job asking for round -1000 waits its turn."""
+    with pytest.raises(errors.InsufficientPrivilege), as_user(town.conn, town.owner) as conn:
+        conn.execute(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt, fair_round) VALUES (%s, 'x', -1000)",
+            (town.owner,),
+        )
+    with town.conn.transaction():  # rolled back, grant and row
+        town.conn.execute("GRANT INSERT ON imagen.jobs TO authenticated")
+        with as_user(town.conn, town.owner) as conn:
+            row = postgrest_insert(
+                conn, {"owner_user_id": str(town.owner), "prompt": "x", "fair_round": -1000}
+            )
+        assert row is not None
+        got = town.conn.execute("SELECT fair_round FROM imagen.jobs WHERE id = %s", (row[0],)).fetchone()
+        lowest = town.conn.execute(
+            "SELECT min(fair_round) FROM imagen.jobs WHERE status = 'pending' AND id <> %s", (row[0],)
+        ).fetchone()
+        assert got is not None and lowest is not None
+        assert got[0] >= (lowest[0] or 0), (got, lowest)
+        raise psycopg.Rollback()
