@@ -113,7 +113,7 @@ class OperatorStore(Protocol):
     def prune_batch(self, statuses: Sequence[str], age_seconds: float, batch: int) -> tuple[int, int]:
         """Delete up to `batch` of count_prunable's jobs in one transaction: (deleted, images detached).
 
-        Their images rows stay, detached (job_id set to NULL by the foreign key); usage rows stay as they are.
+        Their images rows stay, detached (job_id set to NULL by the foreign key); usage rows too (their foreign key sets job_id to NULL as well).
         """
         ...
 
