@@ -30,6 +30,7 @@ from imagen.usage import UsageRecord
 
 _SUMMARY = [f.name for f in dataclasses.fields(JobSummary)]
 _IMAGE = ("id", "bucket", "path", "mime", "width", "height", "bytes", "backend", "model", "created_at")
+_IMAGE_ROW = ("id", "job_id", "owner_user_id", "bucket", "path", "mime", "width", "height", "bytes")
 _USAGE = (
     "backend", "model", "images", "input_tokens", "output_tokens", "cost_usd", "cost_basis", "latency_ms",
     "ok", "error", "created_at",
@@ -189,7 +190,7 @@ class InMemoryOperatorStore:
     def image_row(self, image_id: JobId) -> dict[str, Any] | None:
         with self._lock:
             found = self.images.get(UUID(str(image_id)))
-            return dict(found) if found else None
+            return {k: found[k] for k in _IMAGE_ROW} if found else None
 
     def _prunable(self, statuses: Sequence[str], age_seconds: float) -> Iterable[dict[str, Any]]:
         cutoff = self.now() - timedelta(seconds=age_seconds)

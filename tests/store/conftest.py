@@ -1,7 +1,7 @@
 """The conformance suite's two stores: every test in tests/store runs on both (River's driver tests).
 
 A `Harness` gives a test the store plus what only a test may do: age a lease,
-and read the images and usage rows the store wrote.
+move a job's times into the past, and read the images and usage rows the store wrote.
 """
 
 from __future__ import annotations
@@ -15,15 +15,26 @@ import pytest
 
 from imagen.store import InMemoryJobStore, JobStore, PostgresJobStore
 
+# The job's timestamps a test may move (updated_at is the trigger's, and moves on PostgreSQL anyway).
+TIMESTAMPS = ("created_at", "claimed_at", "heartbeat_at", "finished_at", "pending_at", "image_swept_at")
+
 
 class Harness(Protocol):
     store: JobStore
 
     def age_heartbeat(self, job_id: UUID, seconds: float) -> None: ...
 
+    def backdate(self, job_id: UUID, seconds: float, *columns: str) -> None:
+        """Move the job's `columns` (every timestamp it has set when none is named) `seconds` back."""
+        ...
+
     def images(self, job_id: UUID) -> list[dict[str, Any]]: ...
 
     def usage_call_ids(self) -> list[UUID]: ...
+
+    def usage_row(self, call_id: UUID) -> dict[str, Any]:
+        """The usage row of a call, by UsageRecord's field names."""
+        ...
 
     def set_quota(self, owner: UUID, daily_images: int | None, daily_cost_usd: float | None) -> None: ...
 
@@ -39,11 +50,24 @@ class MemoryHarness:
         row = self.memory.jobs[job_id]
         row["heartbeat_at"] -= timedelta(seconds=seconds)
 
+    def backdate(self, job_id: UUID, seconds: float, *columns: str) -> None:
+        from datetime import timedelta
+
+        row = self.memory.jobs[job_id]
+        for column in columns or TIMESTAMPS:
+            if row[column] is not None:
+                row[column] -= timedelta(seconds=seconds)
+
     def images(self, job_id: UUID) -> list[dict[str, Any]]:
         return [dict(i) for i in self.memory.images.values() if i["job_id"] == job_id]
 
     def usage_call_ids(self) -> list[UUID]:
         return sorted(self.memory.usage)
+
+    def usage_row(self, call_id: UUID) -> dict[str, Any]:
+        import dataclasses
+
+        return dataclasses.asdict(self.memory.usage[call_id])
 
     def set_quota(self, owner: UUID, daily_images: int | None, daily_cost_usd: float | None) -> None:
         self.memory.quotas[owner] = (daily_images, daily_cost_usd)
@@ -54,7 +78,7 @@ class PostgresHarness:
         self.url = url
         self.store: JobStore = PostgresJobStore.from_url(url)
 
-    def _rows(self, query: str, params: Any = None) -> list[dict[str, Any]]:
+    def _rows(self, query: Any, params: Any = None) -> list[dict[str, Any]]:
         from psycopg.rows import dict_row
 
         with psycopg.connect(self.url, autocommit=True, row_factory=dict_row) as conn:
@@ -67,11 +91,37 @@ class PostgresHarness:
             (seconds, job_id),
         )
 
+    def backdate(self, job_id: UUID, seconds: float, *columns: str) -> None:
+        from psycopg import sql
+
+        moved = [
+            sql.SQL("{0} = {0} - make_interval(secs => %(s)s)").format(sql.Identifier(c))
+            for c in columns or TIMESTAMPS
+        ]
+        statement = sql.SQL("UPDATE imagen.jobs SET {} WHERE id = %(id)s RETURNING id").format(
+            sql.SQL(", ").join(moved)
+        )
+        self._rows(statement, {"s": seconds, "id": job_id})
+
     def images(self, job_id: UUID) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM imagen.images WHERE job_id = %s", (job_id,))
 
     def usage_call_ids(self) -> list[UUID]:
         return sorted(r["call_id"] for r in self._rows("SELECT call_id FROM imagen.usage"))
+
+    def usage_row(self, call_id: UUID) -> dict[str, Any]:
+        import dataclasses
+
+        from psycopg import sql
+
+        from imagen.usage import UsageRecord
+
+        names = [f.name for f in dataclasses.fields(UsageRecord)]
+        query = sql.SQL("SELECT {} FROM imagen.usage WHERE call_id = %s").format(
+            sql.SQL(", ").join(map(sql.Identifier, names))
+        )
+        (row,) = self._rows(query, (call_id,))
+        return row
 
     def set_quota(self, owner: UUID, daily_images: int | None, daily_cost_usd: float | None) -> None:
         self._rows(

@@ -115,3 +115,11 @@ def test_a_claim_within_the_cap_takes_only_the_room_left_and_says_how_many_ran(s
     assert [c.job_id for c in more] == a[3:4] and running == 3, "the count before this claim"
     assert store.claim_within_cap(10, 4) == ([], None), "at the cap: nothing, and no count"
     assert store.count_running() == 4
+
+
+def test_a_claim_within_the_cap_takes_no_more_than_its_limit_when_there_is_more_room(store: JobStore) -> None:
+    a = submit(store, OWNER_A, 5)
+
+    claims, running = store.claim_within_cap(2, 100)
+
+    assert ([c.job_id for c in claims], running) == (a[:2], 0)

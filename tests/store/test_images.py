@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+from datetime import datetime
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -13,6 +17,7 @@ from imagen.usage import UsageRecord
 from tests.store.conftest import Harness
 
 OWNER = UUID("00000000-0000-4000-8000-0000000000dd")
+OTHER = UUID("00000000-0000-4000-8000-0000000000de")
 
 
 def claimed(store: JobStore) -> UUID:
@@ -202,3 +207,162 @@ def test_the_sweep_takes_the_oldest_ended_first_and_a_storage_error_leaves_only_
     storage.failing = ""
     assert [d.job_id for d in store.sweep_ended(storage)] == [first]
     assert harness.images(first) == [] and not storage.local_path(f"{OWNER}/{first}.png").exists()
+
+
+def test_a_usage_row_keeps_every_field_of_its_record_written_alone_or_with_the_chained_record(
+    store: JobStore, harness: Harness
+) -> None:
+    job_id = claimed(store)
+    alone = UsageRecord(
+        backend="mock", model="mock-1", images=2, ok=False, latency_ms=1234.5, cost_usd=0.125,
+        cost_basis="per image", input_tokens=10, output_tokens=20, image_output_tokens=30,
+        thought_tokens=40, error="503 from the provider", owner_user_id=OWNER, job_id=job_id,
+        raw={"usage": {"total": 70}},
+    )  # fmt: skip
+    chained = dataclasses.replace(alone, ok=True, error=None, raw={"id": "call-2"}, call_id=uuid4())
+
+    store.record_usage(alone)
+    store.record_job_image(1, image_row(job_id), complete_after=0.0, usage=chained)
+
+    for record in (alone, chained):
+        row = harness.usage_row(record.call_id)
+        numbers = ("latency_ms", "cost_usd")  # PostgreSQL's numerics come back as Decimal
+        assert {k: float(v) if k in numbers else v for k, v in row.items()} == dataclasses.asdict(record)
+
+
+def test_the_sync_stage_gets_the_jobs_own_fields_under_the_fence(store: JobStore) -> None:
+    job_id = store.submit_job(OWNER, "a lighthouse", {"backend": "mock", "n": 2})
+    store.claim_jobs(1)
+    row = store.get_job(job_id)
+    assert row is not None
+
+    generating = store.begin_stage(job_id, 1, "generating")
+    syncing, _ = store.begin_sync(job_id, 1)
+
+    for job in (generating, syncing):
+        assert job is not None
+        assert (job.job_id, job.owner_user_id, job.prompt, job.attempt) == (job_id, OWNER, "a lighthouse", 1)
+        assert json.loads(job.params_json) == {"backend": "mock", "n": 2}
+        assert (job.created_at, job.claimed_at) == (row["created_at"], row["claimed_at"])
+
+
+def test_a_sync_never_takes_the_image_of_another_job_of_the_same_owner(store: JobStore) -> None:
+    first, second = claimed(store), claimed(store)
+    assert store.record_job_image(1, image_row(first)) is not None
+
+    job, existing = store.begin_sync(second, 1)
+
+    assert job is not None and existing is None
+
+
+def test_an_images_row_of_another_owner_for_the_job_is_never_returned_or_linked(
+    store: JobStore, harness: Harness
+) -> None:
+    job_id = claimed(store)
+    store.insert_image(image_row(job_id), OTHER)  # a CLI run wrote a row naming this job, as another owner
+
+    assert store.begin_sync(job_id, 1)[1] is None
+    assert store.record_job_image(1, image_row(job_id)) is None
+    assert store.record_job_image(1, image_row(job_id), complete_after=0.0) is None
+    assert [r["owner_user_id"] for r in harness.images(job_id)] == [OTHER]
+    assert store.job_state(job_id) == ("running", 1)
+
+
+def test_an_image_without_a_job_is_never_written_under_a_fence(store: JobStore) -> None:
+    claimed(store)
+    orphan = dataclasses.replace(image_row(uuid4()), job_id=None)
+
+    assert store.record_job_image(1, orphan) is None
+
+
+@pytest.mark.parametrize(("upload", "stamped"), [(30.0, 30.0), (-5.0, 0.0)])
+def test_the_chained_record_stamps_syncing_the_upload_time_before_done(
+    store: JobStore, upload: float, stamped: float
+) -> None:
+    job_id = claimed(store)
+
+    assert store.record_job_image(1, image_row(job_id), complete_after=upload) is not None
+
+    job = store.get_job(job_id)
+    assert job is not None
+    times = {k: datetime.fromisoformat(v) if isinstance(v, str) else v for k, v in job["stage_times"].items()}
+    assert (times["done"] - times["syncing"]).total_seconds() == pytest.approx(stamped, abs=1.0)
+
+
+def test_discard_removes_the_object_at_every_path_the_jobs_image_can_have(
+    store: JobStore, storage: LocalStorage
+) -> None:
+    job_id = claimed(store)
+    paths = [f"{OWNER}/{job_id}.png", f"{OWNER}/{job_id}.webp"]  # two attempts, two image types
+    for path in paths:
+        storage.put(path, b"image", "image/png")
+    store.record_job_image(1, image_row(job_id))
+    store.cancel_job(job_id)
+
+    discarded = store.discard_ended(job_id, storage)
+
+    assert discarded is not None and (discarded.row, discarded.objects) == (True, paths)
+    assert not any(storage.local_path(p).exists() for p in paths)
+
+
+def test_discard_keeps_an_object_another_images_row_still_names(
+    store: JobStore, harness: Harness, storage: LocalStorage
+) -> None:
+    job_id = claimed(store)
+    png, webp = f"{OWNER}/{job_id}.png", f"{OWNER}/{job_id}.webp"
+    storage.put(png, b"image", "image/png")
+    storage.put(webp, b"image", "image/webp")
+    # A detached image at the job's path: a pruned job's, whose id came back (paths_in_use).
+    store.insert_image(dataclasses.replace(image_row(job_id), job_id=None), OWNER)
+    store.fail_job(job_id, 1, "generation failed: no")
+
+    discarded = store.discard_ended(job_id, storage)
+
+    assert discarded is not None and (discarded.row, discarded.objects) == (False, [webp])
+    assert storage.local_path(png).exists()
+
+
+def test_the_sweep_reports_only_the_jobs_it_removed_something_of(
+    store: JobStore, storage: LocalStorage
+) -> None:
+    nothing = claimed(store)
+    store.fail_job(nothing, 1, "generation failed: no")  # it never wrote an image or an object
+    something = claimed(store)
+    storage.put(f"{OWNER}/{something}.png", b"png", "image/png")
+    store.cancel_job(something)
+
+    swept = store.sweep_ended(storage)
+
+    assert [(d.job_id, d.status, d.attempt, d.row) for d in swept] == [(something, "cancelled", 1, False)]
+    assert store.sweep_ended(storage) == []
+
+
+def test_the_sweep_logs_what_it_removed_and_the_job_it_must_try_again(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from imagen.store import PostgresJobStore
+
+    store = PostgresJobStore.from_url(db_url)
+    storage = FailingStorage(tmp_path / "objects", "imagen")
+    cleaned, stuck = claimed(store), claimed(store)
+    for job_id in (cleaned, stuck):
+        storage.put(f"{OWNER}/{job_id}.png", b"png", "image/png")
+        store.record_job_image(1, image_row(job_id))
+        store.fail_job(job_id, 1, "sync failed: no")
+    storage.failing = f"{OWNER}/{stuck}.png"
+
+    with caplog.at_level(logging.INFO):
+        store.sweep_ended(storage)
+
+    (swept,) = [r for r in caplog.records if getattr(r, "event", None) == "swept"]
+    assert (swept.job_id, swept.attempt, swept.status, swept.images_row, swept.objects) == (  # type: ignore[attr-defined]
+        str(cleaned), 1, "failed", True, 1,
+    )  # fmt: skip
+    assert (
+        swept.getMessage() == f"job {cleaned} attempt=1 stage=- swept status=failed images_row=True objects=1"
+    )
+    (warning,) = [r for r in caplog.records if r.name == "imagen.store.postgres_stages"]
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage() == (
+        f"sweep: could not remove the image of job {stuck}: storage is down; will try again"
+    )

@@ -94,3 +94,32 @@ def test_rescue_takes_the_oldest_leases_first_up_to_its_limit(store: JobStore, h
 
     assert [r.job_id for r in rescued] == [second]
     assert store.job_state(first) == ("running", 1)
+
+
+def test_a_job_given_up_without_an_error_says_only_why_and_the_lease_as_set(
+    store: JobStore, harness: Harness
+) -> None:
+    job_id = claimed(store)
+    store.begin_stage(job_id, 1, "syncing")
+    harness.age_heartbeat(job_id, 10)
+
+    assert [r.status for r in store.rescue_expired(lease_seconds=2.5, max_attempts=1)] == ["failed"]
+
+    row = store.get_job(job_id)
+    assert row is not None and row["error"] == (
+        "gave up after 1 attempts: the job stopped making progress in stage syncing (no heartbeat for 2.5 s)"
+    )
+
+
+def test_the_next_attempt_starts_without_the_last_attempts_transient_error(
+    store: JobStore, harness: Harness
+) -> None:
+    job_id = claimed(store)
+    store.note_transient(job_id, 1, "generation: provider 503")
+    harness.age_heartbeat(job_id, LEASE + 1)
+    store.rescue_expired(lease_seconds=LEASE, max_attempts=3)
+
+    (claim,) = store.claim_jobs(1)
+
+    row = store.get_job(job_id)
+    assert row is not None and (claim.attempt, row["last_error"], row["error"]) == (2, None, None)

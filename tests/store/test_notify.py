@@ -1,10 +1,15 @@
-"""The listener's LISTEN connection proves it still listens (PostgreSQL only: LISTEN is the server's)."""
+"""The listener's connections: its LISTEN wakes it and proves it still listens, and its claims run on one
+connection of its own (PostgreSQL only: LISTEN and sessions are the server's)."""
 
 from __future__ import annotations
 
+from uuid import UUID
+
+import psycopg
 import pytest
 
-from imagen.store.notify import CONNECTION_LOST, PostgresNotifier
+from imagen.store import PostgresJobStore
+from imagen.store.notify import CONNECTION_LOST, PostgresNotifier, SessionJobStore
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +25,44 @@ def test_the_health_check_passes_while_the_listen_holds_and_raises_once_it_is_go
         # connection that no longer listens. The check must say so as a connection loss,
         # which the listener's loop answers by reconnecting (and listening again).
         notifier.conn.execute("UNLISTEN *")
-        with pytest.raises(CONNECTION_LOST, match="LISTEN registration missing"):
+        with pytest.raises(CONNECTION_LOST, match=r"^LISTEN registration missing$"):
             notifier.check()
     finally:
         notifier.close()
+
+
+OWNER = UUID("00000000-0000-4000-8000-0000000000ab")
+
+
+def test_a_wait_wakes_once_for_the_jobs_inserted_before_it_and_times_out_when_none_came(db_url: str) -> None:
+    notifier = PostgresNotifier(db_url)
+    try:
+        assert notifier.wait(0.05) is False
+        other = PostgresJobStore.from_url(db_url)
+        for prompt in ("a fox", "a hare", "an owl"):
+            other.submit_job(OWNER, prompt, {})  # one notification each, on commit
+
+        assert notifier.wait(10) is True
+        assert notifier.wait(0.05) is False, "one wake-up drains them all"
+    finally:
+        notifier.close()
+    assert notifier.conn.closed
+
+
+def test_the_listeners_store_runs_every_call_on_its_one_named_connection_and_commits_each(
+    db_url: str,
+) -> None:
+    store = SessionJobStore(db_url, "imagen-listener-claims")
+    try:
+        assert store.conn.info.parameter_status("application_name") == "imagen-listener-claims"
+        job_id = store.submit_job(OWNER, "a fox", {})
+        (claim,) = store.claim_jobs(1)
+        with store.connect() as conn:
+            assert conn is store.conn
+        with psycopg.connect(db_url) as other:  # committed: another session sees the claim
+            row = other.execute("SELECT status, attempt FROM imagen.jobs WHERE id = %s", (job_id,)).fetchone()
+        assert row == ("running", claim.attempt)
+    finally:
+        store.close()
+    assert store.conn.closed
+    store.close()  # a second close is quiet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from typing import cast
 from uuid import UUID, uuid4
@@ -206,9 +207,10 @@ def test_prune_takes_only_ended_jobs_in_batches_and_keeps_their_images_detached(
 
 def test_prune_says_how_many_images_it_detached(ops: OperatorStore, store: JobStore) -> None:
     done(store)
+    done(store)
     ended(store, "failed")
 
-    assert ops.prune_batch(["done", "failed"], 0, 100) == (2, 1)
+    assert ops.prune_batch(["done", "failed"], 0, 100) == (3, 2)
 
 
 def test_a_job_its_owner_could_not_insert_is_refused_and_nothing_is_written(
@@ -231,3 +233,119 @@ def test_a_job_finished_long_ago_is_outside_a_short_window(ops: OperatorStore, s
 
     assert ops.finished_window(timedelta(hours=1).total_seconds()).whole.cancelled == 1
     assert ops.count_prunable(["cancelled"], timedelta(hours=1).total_seconds()) == 0
+
+
+def test_a_list_line_carries_the_jobs_own_columns(ops: OperatorStore, store: JobStore) -> None:
+    job_id, image_id = done(store, "a lighthouse at dusk")
+    failed = ended(store, "failed")
+
+    lines = {j.id: j for j in ops.list_jobs()}
+
+    for job in (job_id, failed):
+        row = store.get_job(job)
+        assert row is not None
+        assert dataclasses.asdict(lines[job]) == {name: row[name] for name in SUMMARY}
+    assert (lines[job_id].status, lines[job_id].image_id, lines[job_id].attempt) == ("done", image_id, 1)
+    assert lines[failed].error == "generation failed: no" and lines[failed].owner_user_id == OWNER
+
+
+SUMMARY = (
+    "id", "owner_user_id", "status", "stage", "attempt", "prompt", "error", "image_id", "created_at",
+    "claimed_at", "finished_at",
+)  # fmt: skip
+
+
+def test_the_capped_counts_count_done_and_failed_jobs_too(ops: OperatorStore, store: JobStore) -> None:
+    done(store)
+    done(store)
+    ended(store, "failed")
+
+    assert ops.capped_counts(5) == {"pending": 0, "running": 0, "done": 2, "failed": 1, "cancelled": 0}
+    assert ops.capped_counts(1)["done"] == 1
+
+
+def test_show_reads_the_same_image_and_usage_columns_on_every_store(
+    ops: OperatorStore, store: JobStore
+) -> None:
+    job_id, image_id = done(store)
+    later, earlier = call(OWNER, 0.2, job=job_id), call(OWNER, None, ok=False, job=job_id)
+    store.record_usage(dataclasses.replace(later, created_at=earlier.created_at + timedelta(seconds=5)))
+    store.record_usage(earlier)
+    store.record_usage(call(OWNER, 0.3, job=store.submit_job(OWNER, "another job", {})))
+
+    image = ops.job_image(job_id, image_id)
+    usage = ops.job_usage(job_id)
+
+    assert image is not None and set(image) == {
+        "id", "bucket", "path", "mime", "width", "height", "bytes", "backend", "model", "created_at",
+    }  # fmt: skip
+    assert (image["mime"], image["width"], image["bytes"], image["model"]) == ("image/png", 8, 10, "mock-1")
+    # (PostgreSQL's cost is a numeric, a Decimal; the CLI and the dashboard read it through float().)
+    costs = [None if u["cost_usd"] is None else float(u["cost_usd"]) for u in usage]
+    assert [(u["model"], u["ok"]) for u in usage] == [("free-for-all", False), ("priced", True)]
+    assert costs == [None, 0.2]
+    assert set(usage[0]) == {
+        "backend", "model", "images", "input_tokens", "output_tokens", "cost_usd", "cost_basis", "latency_ms",
+        "ok", "error", "created_at",
+    }  # fmt: skip
+    row = ops.image_row(image_id)
+    assert row is not None and set(row) == {
+        "id", "job_id", "owner_user_id", "bucket", "path", "mime", "width", "height", "bytes",
+    }  # fmt: skip
+
+
+def test_a_jobs_image_is_found_by_the_id_it_links_or_not_at_all(ops: OperatorStore, store: JobStore) -> None:
+    _, image_id = done(store)
+    pending = store.submit_job(OWNER, "no image yet", {})
+
+    found = ops.job_image(pending, image_id)  # an id the job links is found by that id alone
+
+    assert found is not None and found["id"] == image_id
+    assert ops.job_image(pending, None) is None
+    assert ops.job_image(uuid4(), uuid4()) is None
+    assert ops.job_usage(pending) == []
+
+
+def test_prune_counts_a_jobs_age_from_when_it_finished(
+    ops: OperatorStore, store: JobStore, harness: Harness
+) -> None:
+    finished_long_ago = ended(store, "cancelled")
+    harness.backdate(finished_long_ago, 7200.0)
+    created_long_ago = store.submit_job(OWNER, "waited, then failed", {})
+    harness.backdate(created_long_ago, 7200.0)
+    (claim,) = store.claim_jobs(1)
+    store.fail_job(created_long_ago, claim.attempt, "generation failed: no")
+
+    assert ops.count_prunable(["cancelled", "failed"], 3600) == 1
+    assert ops.prune_batch(["cancelled", "failed"], 3600, 10) == (1, 0)
+    assert store.get_job(finished_long_ago) is None and store.get_job(created_long_ago) is not None
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "constraint"),
+    [
+        ("\t\n\r\f\v ", {}, "jobs_prompt_check"),
+        ("p" * 4001, {}, "jobs_prompt_check"),
+        ("a cat", ["not", "an", "object"], "jobs_params_check"),
+        # 16,385 bytes of params as jsonb prints them: é is two bytes, not a six-byte \u escape.
+        ("a cat", {"k": "é" * 8187 + "xx"}, "jobs_params_size_check"),
+    ],
+)
+def test_the_refusal_names_the_check_the_job_broke(
+    ops: OperatorStore, prompt: str, params: object, constraint: str
+) -> None:
+    with pytest.raises(JobRefused, match=rf'violates check constraint "{constraint}"'):
+        ops.submit_as_owner(OWNER, prompt, params)  # type: ignore[arg-type]
+    assert ops.list_jobs() == []
+
+
+def test_a_job_at_the_limits_is_accepted(ops: OperatorStore, store: JobStore) -> None:
+    longest = ops.submit_as_owner(OWNER, "p" * 4000, {})
+    largest = ops.submit_as_owner(OWNER, " a cat ", {"k": "é" * 8187})  # 16,383 bytes
+    # Only ASCII whitespace is blank to the check (btrim's list): a no-break space is a prompt.
+    spaced = ops.submit_as_owner(OWNER, "\u00a0", {})
+
+    assert store.job_state(longest) == store.job_state(largest) == store.job_state(spaced) == ("pending", 0)
+    job = store.get_job(largest)
+    assert job is not None and (job["prompt"], job["owner_user_id"]) == (" a cat ", OWNER)
+    assert job["params"] == {"k": "é" * 8187}

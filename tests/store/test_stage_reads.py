@@ -3,6 +3,7 @@ and the usage spool's replay, on both stores."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID, uuid4
@@ -83,3 +84,46 @@ def test_replaying_the_spool_writes_each_record_once_and_empties_it(
     store.replay_usage(spool)
     assert spool.pending() == []
     assert harness.usage_call_ids() == sorted([landed.call_id, waiting.call_id])
+
+
+def test_an_override_may_set_only_the_image_limit(store: JobStore, harness: Harness) -> None:
+    harness.set_quota(OWNER, 3, None)
+
+    assert store.owner_quota(OWNER) == (3, None)
+
+
+def test_used_today_starts_at_midnight_utc_and_counts_an_unpriced_call_as_free(store: JobStore) -> None:
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    at_midnight = dataclasses.replace(spent(OWNER, images=2, cost=0.5), created_at=midnight)
+    before = dataclasses.replace(
+        spent(OWNER, images=5, cost=5.0), created_at=midnight - timedelta(microseconds=1)
+    )
+    unpriced = dataclasses.replace(spent(OWNER, images=1, cost=0.0), cost_usd=None)
+    for record in (at_midnight, before, unpriced):
+        store.record_usage(record)
+
+    images, cost = store.used_today(OWNER)
+
+    assert (images, round(cost, 6)) == (3, 0.5)
+
+
+def test_an_images_row_records_what_made_it_and_when(store: JobStore, harness: Harness) -> None:
+    job_id = store.submit_job(OWNER, "a fox", {})
+    store.insert_image(ImageRow.of(job_id, "imagen", f"{OWNER}/{job_id}.png", 10, META), OWNER)
+
+    (row,) = harness.images(job_id)
+
+    assert (row["backend"], row["model"], row["prompt"], row["mime"], row["bytes"]) == (
+        "mock", "mock-1", "a fox", "image/png", 10,
+    )  # fmt: skip
+    assert row["created_at"] is not None
+
+
+def test_the_replay_says_how_many_records_it_wrote(store: JobStore, tmp_path: Path) -> None:
+    spool = UsageSpool(tmp_path / "spool")
+    assert store.replay_usage(spool) == 0
+    for cost in (0.1, 0.2, 0.3):
+        assert spool.put(spent(OWNER, images=1, cost=cost))
+
+    assert store.replay_usage(spool) == 3
+    assert store.replay_usage(spool) == 0
