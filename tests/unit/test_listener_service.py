@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import logging
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,12 +20,20 @@ from uuid import UUID
 
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from imagen.config import load_settings
 from imagen.errors import ConfigError, SchemaNotReady
 from imagen.listener.gate import SATURATED_POLL_MAX
 from imagen.listener.service import HEALTH_INTERVAL, Listener, run_listener
 from imagen.store import InMemoryJobStore
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 OWNER = UUID("00000000-0000-4000-8000-000000000001")
 REFUSED = 'connection failed: connection to server at "127.0.0.1", port 5432 failed: Connection refused'
@@ -488,3 +497,62 @@ def test_sigterm_or_sigint_stops_imagen_listen_cleanly(
     lines = listener_lines(caplog)
     assert f"listener: signal {int(signum)} received, finishing the forward in hand" in lines
     assert lines[-1] == "listener stopped"
+
+
+def test_a_listener_without_a_database_url_refuses_to_start(tmp_path: Path) -> None:
+    settings = load_settings(database_url="", storage_dir=tmp_path, listener_metrics_port=0)
+
+    with pytest.raises(ConfigError, match="IMAGEN_DATABASE_URL is not set"):
+        Listener(settings, broker=object())
+
+
+def test_drain_rescue_and_sweep_return_what_they_did(world: World, tmp_path: Path) -> None:
+    jobs = [world.insert(notify=False) for _ in range(2)]
+    listener = listener_in(world, tmp_path, max_attempts=1)
+    listener._connect()
+
+    assert listener.drain() == 2
+    world.store.begin_stage(UUID(jobs[0]), 1, "generating")
+    world.expire(jobs[0])
+    world.expire(jobs[1])
+    assert sorted((str(r.job_id), r.status) for r in listener.rescue()) == sorted(
+        [(jobs[0], "failed"), (jobs[1], "pending")]
+    )
+    assert [when for when, job_id, _ in world.sent if job_id == jobs[1]] == [0.0, 0.0], (
+        "claimed again at once"
+    )
+    assert listener.sweep() == 0, "a failed job without an image leaves nothing to sweep"
+
+
+def test_the_metrics_show_the_listeners_mode_reconnects_and_claims_while_it_runs(
+    world: World, tmp_path: Path
+) -> None:
+    registry = CollectorRegistry()
+    listener = listener_in(
+        world, tmp_path, metrics_port=free_port(), metrics_addr="127.0.0.1", registry=registry
+    )
+    seen: list[tuple[float, float, float]] = []
+
+    def look() -> None:
+        value = registry.get_sample_value
+        seen.append(
+            (
+                value("imagen_listener_mode", {"mode": "listening"}) or 0.0,
+                value("imagen_listener_reconnects_total") or 0.0,
+                value("imagen_listener_claims_total") or 0.0,
+            )
+        )
+
+    world.at(1.0, world.insert)
+    world.at(2.0, look)
+    world.at(3.0, world.lose_connection)
+    world.at(3.01, look)
+    world.at(4.0, look)
+    try:
+        run_until(world, listener, 5.0)
+    finally:
+        assert listener.metrics is not None
+        listener.metrics.close()
+
+    assert seen == [(1.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 1.0)]
+    assert registry.get_sample_value("imagen_listener_mode", {"mode": "stopping"}) == 1.0
