@@ -190,6 +190,8 @@ def test_the_listener_serves_its_metrics_on_the_configured_address_and_port(tmp_
     unit = listener(tmp_path, listener_metrics_port=port)
     try:
         assert "imagen_listener_claims_total 0.0" in scrape(port)
+        with pytest.raises(urllib.error.URLError):
+            scrape(port, "127.0.0.1")
     finally:
         assert unit.metrics is not None
         unit.metrics.close()

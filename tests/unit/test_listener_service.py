@@ -40,9 +40,18 @@ REFUSED = 'connection failed: connection to server at "127.0.0.1", port 5432 fai
 
 
 class Store(InMemoryJobStore):
-    """The in-memory store, counting how often the listener closes its session."""
+    """The in-memory store, recording when the listener rescues and how often it closes its session."""
 
     closed = 0
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self.clock = clock
+        self.rescues: list[float] = []
+
+    def rescue_expired(self, *, lease_seconds: float, max_attempts: int, limit: int = 1000) -> list[Any]:
+        self.rescues.append(round(self.clock(), 6))
+        return super().rescue_expired(lease_seconds=lease_seconds, max_attempts=max_attempts, limit=limit)
 
     def close(self) -> None:
         self.closed += 1
@@ -56,7 +65,7 @@ class World:
         self._events: list[tuple[float, int, Callable[[], object]]] = []
         self._scheduled = 0
         self._reads = 0
-        self.store = Store()
+        self.store = Store(lambda: self.now)
         self.db_up = True
         self.refusal = ""  # what the server answers a connection, when it refuses it for good
         self.schema_missing = False
@@ -67,6 +76,7 @@ class World:
         self.broker_down = False
         self.seen: list[str] = []  # the listener's on_event calls
         self.listener: Listener | None = None
+        self.on_forward: Callable[[], object] = lambda: None
 
     # time
     def clock(self) -> float:
@@ -124,6 +134,8 @@ class World:
     def pause(self, seconds: float) -> None:
         """The backoff's wait: a stop ends it at once, as the stop event's wait does."""
         self.pauses.append(seconds)
+        if len(self.pauses) > 1000:
+            raise AssertionError(f"still reconnecting at t={self.now}")
         assert self.listener is not None
         listener = self.listener
         self.advance(self.now + seconds, lambda: listener.stopping)
@@ -134,6 +146,7 @@ class World:
             raise ConnectionError("redis is down")
         assert {(m.queue_name, m.actor_name) for m in messages} == {("imagen-generate", "generate_stage")}
         self.sent += [(round(self.now, 6), m.args[0], m.args[1]) for m in messages]
+        self.on_forward()
         return messages
 
     def sent_at(self, job_id: str) -> list[tuple[float, int]]:
@@ -252,6 +265,7 @@ def test_a_job_whose_notification_was_lost_waits_for_the_next_safety_poll(
     run_until(world, listener, 12.0)
 
     assert [(when, job_id) for when, job_id, _ in world.sent] == [(5.0, jobs[0]), (10.0, jobs[1])]
+    assert world.store.rescues == [0.0, 5.0, 10.0], "one rescue at the start, then one per poll"
 
 
 def test_an_expired_lease_is_rescued_at_the_next_poll_not_on_a_notification_and_forwarded_again_at_once(
@@ -295,6 +309,7 @@ def test_the_listen_is_checked_every_ten_seconds_and_a_lost_one_reconnects(
         world.notifiers[-1].listening = False
         jobs.append(world.insert(notify=False))  # its notification never comes: nobody listens
 
+    world.at(9.0, lambda: jobs.append(world.insert(notify=False)))
     world.at(15.0, reset_by_a_pooler)
 
     run_until(world, listener, 31.0)
@@ -303,7 +318,8 @@ def test_the_listen_is_checked_every_ten_seconds_and_a_lost_one_reconnects(
     assert HEALTH_INTERVAL == 10.0
     assert first.checks == [10.0, 20.0] and first.closed
     assert second.checks == [30.05]
-    assert world.sent_at(jobs[0]) == [(16.0, 1)], "claimed at the poll, before the check found the loss"
+    assert world.sent_at(jobs[0]) == [(12.0, 1)], "the health check at 10 s claims nothing: the poll does"
+    assert world.sent_at(jobs[1]) == [(16.0, 1)], "claimed at the poll, before the check found the loss"
     assert listener.stats.reconnects == 1 and world.pauses == [0.05]
     assert listener_lines(caplog, logging.WARNING) == [
         "listener lost its database connection (LISTEN registration missing); reconnecting in 0.05s"
@@ -499,11 +515,68 @@ def test_sigterm_or_sigint_stops_imagen_listen_cleanly(
     assert lines[-1] == "listener stopped"
 
 
-def test_a_listener_without_a_database_url_refuses_to_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("given", ["neither", "notifier", "store"])
+def test_a_listener_without_a_database_url_refuses_to_start(world: World, tmp_path: Path, given: str) -> None:
+    """Unless both its sessions are given, the listener opens one on IMAGEN_DATABASE_URL."""
+    settings = load_settings(database_url="", storage_dir=tmp_path, listener_metrics_port=0)
+    openers: dict[str, Any] = {
+        "notifier": {"open_notifier": world.open_notifier},
+        "store": {"open_store": world.open_store},
+        "neither": {},
+    }
+
+    with pytest.raises(ConfigError, match="IMAGEN_DATABASE_URL is not set"):
+        Listener(settings, broker=world, **openers[given])
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_imagen_listen_without_a_database_url_stops_with_a_configuration_error(tmp_path: Path) -> None:
     settings = load_settings(database_url="", storage_dir=tmp_path, listener_metrics_port=0)
 
     with pytest.raises(ConfigError, match="IMAGEN_DATABASE_URL is not set"):
-        Listener(settings, broker=object())
+        run_listener(settings)
+
+
+def test_a_listener_given_no_broker_forwards_to_the_redis_imagen_redis_url_names(
+    world: World, tmp_path: Path
+) -> None:
+    settings = load_settings(
+        redis_url="redis://127.0.0.1:6399/3", storage_dir=tmp_path, listener_metrics_port=0
+    )
+
+    listener = Listener(settings, open_notifier=world.open_notifier, open_store=world.open_store)
+
+    pool = listener.claimer.broker.client.connection_pool.connection_kwargs  # built, not connected
+    assert (pool["host"], pool["port"], pool["db"]) == ("127.0.0.1", 6399, 3)
+
+
+def test_a_stop_during_a_drain_finishes_the_batch_in_hand_and_claims_no_more(
+    world: World, tmp_path: Path
+) -> None:
+    for _ in range(10):
+        world.insert(notify=False)
+    listener = listener_in(world, tmp_path, claim_batch=2)
+    world.on_forward = listener.stop
+
+    listener.run()
+
+    assert len(world.sent) == 2
+    assert world.store.count_running() == 2, "the other 8 stay pending for the next listener"
+
+
+def test_at_the_cap_the_claimer_is_paced_on_the_listeners_clock(world: World, tmp_path: Path) -> None:
+    for _ in range(100):
+        world.insert(notify=False)
+    listener = listener_in(world, tmp_path, max_in_flight=80)
+    listener._connect()
+    assert listener.drain() == 80
+    for job_id in list(world.store.jobs)[:10]:
+        world.finish(str(job_id))  # a refill's worth in 0.2 s of the listener's time
+    world.now += 0.2
+
+    assert listener.drain() == 10
+
+    assert listener.gate.wait == pytest.approx(0.2), "50 a second: the next 10 take 0.2 s"
 
 
 def test_drain_rescue_and_sweep_return_what_they_did(world: World, tmp_path: Path) -> None:
@@ -531,7 +604,7 @@ def test_the_metrics_show_the_listeners_mode_reconnects_and_claims_while_it_runs
     listener = listener_in(
         world, tmp_path, metrics_port=free_port(), metrics_addr="127.0.0.1", registry=registry
     )
-    seen: list[tuple[float, float, float]] = []
+    seen: list[tuple[float, ...]] = []
 
     def look() -> None:
         value = registry.get_sample_value
@@ -540,10 +613,12 @@ def test_the_metrics_show_the_listeners_mode_reconnects_and_claims_while_it_runs
                 value("imagen_listener_mode", {"mode": "listening"}) or 0.0,
                 value("imagen_listener_reconnects_total") or 0.0,
                 value("imagen_listener_claims_total") or 0.0,
+                value("imagen_listener_rescues_total", {"outcome": "requeued"}) or 0.0,
             )
         )
 
-    world.at(1.0, world.insert)
+    crashed = world.insert(notify=False)
+    world.at(1.0, lambda: world.expire(crashed))
     world.at(2.0, look)
     world.at(3.0, world.lose_connection)
     world.at(3.01, look)
@@ -554,5 +629,6 @@ def test_the_metrics_show_the_listeners_mode_reconnects_and_claims_while_it_runs
         assert listener.metrics is not None
         listener.metrics.close()
 
-    assert seen == [(1.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 1.0)]
+    assert world.sent_at(crashed) == [(0.0, 1), (3.05, 2)], "rescued by the catch-up after the reconnect"
+    assert seen == [(1.0, 0.0, 1.0, 0.0), (0.0, 1.0, 1.0, 0.0), (1.0, 1.0, 2.0, 1.0)]
     assert registry.get_sample_value("imagen_listener_mode", {"mode": "stopping"}) == 1.0
