@@ -74,7 +74,8 @@ class IdleStart:
 
     @property
     def rest(self) -> float:
-        """What follows the claim besides the hop: the listener's forward and the worker's fence."""
+        """What follows the claim besides the hop: its reply, the listener's forward, the worker's
+        dispatch and the fence's way to the server."""
         return self.forward - self.hop
 
     @property
@@ -102,8 +103,9 @@ def idle_start_sentence(start: IdleStart) -> str:
         f"what bounds the idle start (p50s, ms): ours starts {gap} than pgqueuer's no-op"
         f" ({_ms(start.ours)} against {_ms(start.peer)}); our claim comes {lag} pgqueuer's start"
         f" (INSERT -> claimed_at {_ms(start.claimed)}) and {_ms(start.forward)} follow it to the stage's"
-        f" start: the bare Dramatiq hop {_ms(start.hop)}, the listener's forward and the worker's fence"
-        f" {_ms(start.rest)} (the parts add to {_ms(start.parts)} against the gap's {_ms(start.gap)})"
+        f" start: the bare Dramatiq hop {_ms(start.hop)} and the rest {_ms(start.rest)} (the claim's reply,"
+        f" the listener's forward, the worker's dispatch and fence; the parts add to {_ms(start.parts)}"
+        f" against the gap's {_ms(start.gap)})"
     )
 
 
