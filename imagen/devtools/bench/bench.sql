@@ -12,9 +12,9 @@ INSERT INTO imagen.jobs (owner_user_id, prompt, params) VALUES (%s, 'bench', %s)
 -- Polled until the job is claimed, or done (positional: id).
 SELECT status, claimed_at, finished_at, error FROM imagen.jobs WHERE id = %s;
 
--- name: probe_generating
--- When the generation stage began, on the server's clock (positional: id).
-SELECT (stage_times->>'generating')::timestamptz FROM imagen.jobs WHERE id = %s;
+-- name: probe_start
+-- When the listener's claim and the generation stage began, on the server's clock (positional: id).
+SELECT claimed_at, (stage_times->>'generating')::timestamptz FROM imagen.jobs WHERE id = %s;
 
 -- ---- section: the throughput backlog (throughput.py) ----
 
