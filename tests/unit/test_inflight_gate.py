@@ -107,7 +107,9 @@ def test_a_drained_backlog_below_the_cap_leaves_the_gate_open() -> None:
     assert gate.want(30, 0.1) == 50
 
 
-def test_a_cap_filled_by_other_listeners_is_counted_again_soon_and_less_often_while_nothing_finishes() -> None:
+def test_a_cap_filled_by_other_listeners_is_counted_again_soon_and_less_often_while_nothing_finishes() -> (
+    None
+):
     gate = InFlightGate(max_in_flight=20, claim_batch=100)
 
     assert gate.want(20, 0.0) == 0, "the others' jobs fill the cap: nothing to claim"
