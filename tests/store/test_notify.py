@@ -3,13 +3,14 @@ connection of its own (PostgreSQL only: LISTEN and sessions are the server's).""
 
 from __future__ import annotations
 
+from pathlib import Path
 from uuid import UUID
 
 import psycopg
 import pytest
 
 from imagen.store import PostgresJobStore
-from imagen.store.notify import CONNECTION_LOST, PostgresNotifier, SessionJobStore
+from imagen.store.notify import CONNECTION_LOST, LISTEN_SQL, PostgresNotifier, SessionJobStore
 
 pytestmark = pytest.mark.integration
 
@@ -66,3 +67,24 @@ def test_the_listeners_store_runs_every_call_on_its_one_named_connection_and_com
         store.close()
     assert store.conn.closed
     store.close()  # a second close is quiet
+
+
+def test_the_listener_opens_its_listen_and_its_claims_under_the_session_names_operators_query(
+    db_url: str, tmp_path: Path
+) -> None:
+    from imagen.config import load_settings
+    from imagen.listener import Listener
+
+    settings = load_settings(database_url=db_url, storage_dir=tmp_path, listener_metrics_port=0)
+    listener = Listener(settings, broker=object())
+    listener._connect()
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT application_name, query FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name LIKE 'imagen-listener%'"
+            ).fetchall()
+        assert sorted(name for name, _ in rows) == ["imagen-listener", "imagen-listener-claims"]
+        assert [query for name, query in rows if name == "imagen-listener"] == [LISTEN_SQL]
+    finally:
+        listener._close()
