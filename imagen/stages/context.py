@@ -142,9 +142,11 @@ class StageContext:
         # A row the database did not take waits in the spool; `replay_usage` writes it later.
         return DatabaseSink(self.store, spool=self.usage_spool)
 
-    def replay_usage(self) -> None:
+    def replay_usage(self) -> SpoolReplayer:
         """Write the host's spooled usage records now (at worker boot) and every poll interval after."""
-        SpoolReplayer(self.usage_spool, self.store.replay_usage, self.settings.poll_interval).start()
+        replayer = SpoolReplayer(self.usage_spool, self.store.replay_usage, self.settings.poll_interval)
+        replayer.start()
+        return replayer
 
     @cached_property
     def presets(self) -> Any:

@@ -21,7 +21,14 @@ from imagen import interrupts
 from imagen.admission import Deferred
 from imagen.backends.base import GeneratedImage, ImageRequest, ImageResult, Usage
 from imagen.backends.mock import MODEL, MockBackend
-from imagen.broker import GENERATE_ACTOR, GENERATE_QUEUE, SYNC_ACTOR, stage_message
+from imagen.broker import (
+    FINALIZE_QUEUE,
+    GENERATE_ACTOR,
+    GENERATE_QUEUE,
+    SYNC_ACTOR,
+    SYNC_QUEUE,
+    stage_message,
+)
 from imagen.errors import RateLimited
 from imagen.pipeline import seed_for_job
 from imagen.stages import StageContext, run_generate
@@ -159,7 +166,17 @@ def test_the_log_follows_a_generation_from_its_start_to_its_hand_off(
     assert row["stage"] == "generating" and "generating" in row["stage_times"], (
         "imagen jobs show says where it is"
     )
-    assert ctx.broker.sent == [(SYNC_ACTOR, (job_id, 1))]
+    (message,) = ctx.broker.messages
+    assert (message.actor_name, message.queue_name, message.args) == (SYNC_ACTOR, SYNC_QUEUE, (job_id, 1))
+    assert ctx.broker.delays == [None], "the sync stage takes it at once"
+    meta = handed_meta(ctx, job_id)
+    assert (meta.backend, meta.model, meta.mime, meta.width, meta.height) == (
+        "mock",
+        MODEL,
+        "image/png",
+        16,
+        16,
+    )
 
 
 def test_a_generation_message_for_a_cancelled_job_is_dropped_with_the_reason_logged(
@@ -404,11 +421,15 @@ def test_a_call_is_stopped_at_the_stages_limit_counted_from_the_messages_start(
         clock.now += 10  # the message's first write waited on a busy database
         return begin_stage(*args)
 
+    waits: list[float] = []
+
     def call() -> None:
         clock.now = START + 97.9
         interrupts.sleep(0)  # not yet: 2 s before Dramatiq's limit is ours
+        waits.append(clock.now - START)
         clock.now = START + 98
         interrupts.sleep(0)
+        waits.append(clock.now - START)
 
     store.begin_stage = slow_begin  # type: ignore[method-assign]
     ctx.backends["mock"] = Provider(during=call)
@@ -417,6 +438,7 @@ def test_a_call_is_stopped_at_the_stages_limit_counted_from_the_messages_start(
     with pytest.raises(interrupts.CallAbandoned):
         run_generate(ctx, job_id, 1)
 
+    assert waits == [pytest.approx(97.9)], "the call went on until the limit, and no further"
     row = job(store, job_id)
     assert (row["status"], row["last_error"]) == (
         "running",
@@ -434,6 +456,8 @@ def test_a_job_cancelled_during_its_call_ends_the_call_at_the_next_check(
     job_id = claimed(store)
 
     def cancelled_meanwhile() -> None:
+        ticks.step(3)
+        interrupts.sleep(0)  # still the job's: the call goes on
         assert store.cancel_job(job_id)
         ticks.step()
         interrupts.sleep(0)
@@ -511,3 +535,65 @@ def test_a_worker_hands_memory_back_after_a_large_image(
     ctx.release_memory()
 
     assert trims == ([1] if trimmed else [])
+
+
+def test_an_unknown_param_is_refused_listing_only_the_params_this_server_allows(
+    store: InMemoryJobStore, tmp_path: Path, clock: Clock
+) -> None:
+    ctx = context(store, tmp_path, clock, job_test_options=False)
+    job_id = claimed(store, {**MOCK, "colour": "red"})
+
+    run_generate(ctx, job_id, 1)
+
+    row = job(store, job_id)
+    assert row["status"] == "failed"
+    assert row["error"].startswith("generation failed: unknown params key(s): colour; allowed: ")
+    allowed = row["error"].split("allowed: ")[1].split(", ")
+    assert "size" in allowed and "delay_ms" not in allowed and "fail" not in allowed, (
+        "no test option advertised"
+    )
+
+
+def test_a_chained_job_refused_by_the_provider_fails_with_its_usage_row_written(
+    store: InMemoryJobStore, tmp_path: Path, clock: Clock
+) -> None:
+    ctx = context(store, tmp_path, clock, chained=True)
+    job_id = claimed(store, {**MOCK, "fail": "permanent"})
+
+    run_generate(ctx, job_id, 1)
+
+    row = job(store, job_id)
+    assert (row["status"], row["error"]) == (
+        "failed",
+        "generation failed: mock backend: simulated permanent failure (prompt refused)",
+    )
+    ((_, usage),) = store.usage.items()
+    assert (usage.ok, usage.job_id) == (False, UUID(job_id)), "a refused call is billed: its row is kept"
+
+
+@pytest.mark.parametrize(
+    ("setting", "queues", "chains"),
+    [
+        (True, None, True),  # a worker on every queue
+        (True, {GENERATE_QUEUE, SYNC_QUEUE, FINALIZE_QUEUE}, True),
+        (True, {GENERATE_QUEUE, SYNC_QUEUE}, False),  # the finalize stage runs elsewhere
+        (True, {GENERATE_QUEUE}, False),
+        (False, None, False),  # IMAGEN_CHAIN_STAGES=false
+    ],
+)
+def test_stages_chain_only_when_allowed_and_the_worker_takes_every_stages_queue(
+    store: InMemoryJobStore,
+    tmp_path: Path,
+    clock: Clock,
+    setting: bool,
+    queues: set[str] | None,
+    chains: bool,
+) -> None:
+    ctx = context(store, tmp_path, clock, chain_stages=setting)
+    ctx.chain_for_worker(queues)
+    job_id = claimed(store)
+
+    run_generate(ctx, job_id, 1)
+
+    assert job(store, job_id)["status"] == ("done" if chains else "running")
+    assert ctx.broker.sent == ([] if chains else [(SYNC_ACTOR, (job_id, 1))])
