@@ -98,7 +98,8 @@ def bench(
     figures are the pipeline's, not the disk's (see docs/benchmarks.md).
 
     With --peers it runs our job next to pgqueuer's and procrastinate's instead, on
-    the same fresh servers, and prints each peer's figure with ours over it. With
+    the same fresh servers, and prints each peer's figure with ours over it, our
+    start split at the claim next to a bare Dramatiq hop, and what bounds it. With
     --scale it runs one pipeline through a growing table instead (docs/benchmarks.md).
     """
     from imagen.devtools.bench import bench_config, render_table, report_json, run_bench

@@ -50,13 +50,17 @@ log = logging.getLogger(__name__)
 # The statements are in imagen/store/queries.sql, with why each is written as it is.
 INSERT_USAGE = QUERIES["insert_usage"]
 UNSWEPT = QUERIES["unswept"]
+_USAGE_PARAMS = ["u_" + f.name for f in fields(UsageRecord)]
 
 
-def usage_params(record: UsageRecord, prefix: str = "") -> dict[str, Any]:
-    """The parameters of insert_usage for one record (`prefix` + field: `u_` in record_usage_and_complete)."""
+def usage_params(record: UsageRecord | None) -> dict[str, Any]:
+    """The `u_` parameters of the usage_insert fragment for one record; all NULL for none (the chained
+    end without a provider call's usage writes no usage row)."""
+    if record is None:
+        return dict.fromkeys(_USAGE_PARAMS)
     # Not asdict(): it deep-copies `raw` on every record only for Jsonb to wrap it.
-    params = {prefix + f.name: getattr(record, f.name) for f in fields(record)}
-    params[prefix + "raw"] = Jsonb(record.raw)
+    params = {"u_" + f.name: getattr(record, f.name) for f in fields(record)}
+    params["u_raw"] = Jsonb(record.raw)
     return params
 
 
@@ -144,10 +148,8 @@ class PostgresStageStore:
         query = QUERIES["record_job_image"]
         if complete_after is not None:
             params["sync_seconds"] = max(0.0, complete_after)
+            params.update(usage_params(usage))
             query = QUERIES["record_and_complete"]
-            if usage is not None:
-                params.update(usage_params(usage, "u_"))
-                query = QUERIES["record_usage_and_complete"]
         with self.connect() as conn:
             row = execute_once(conn, query, params).fetchone()
         return UUID(str(row[0])) if row else None

@@ -4,11 +4,23 @@
 
 -- ---- section: stages - a job's image row under its fence (imagen/store/postgres_stages.py) ----
 
--- name: insert_image
+-- fragment: image_insert
+-- The one INSERT of an images row: owner_user_id, job_id and one column per ImageRow field
+-- (tests/unit/test_image_row.py checks they agree). The row belongs to the `job` CTE of the
+-- statement it is in (id, owner_user_id): the locked job, or for an image without a job its owner
+-- and a NULL id. Each statement says what a second row for the same job does (ON CONFLICT).
 INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
                            backend, model, params)
-VALUES (%(owner_user_id)s, %(job_id)s, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
-        %(prompt)s, %(backend)s, %(model)s, %(params)s)
+SELECT job.owner_user_id, job.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
+       %(prompt)s, %(backend)s, %(model)s, %(params)s
+FROM job
+
+-- name: insert_image
+-- An image without a job (`imagen generate --sync`): its owner is the one the caller gives.
+WITH job AS (
+    SELECT %(owner_user_id)s::uuid AS owner_user_id, %(job_id)s::uuid AS id
+)
+{image_insert}
 ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
 RETURNING id;
 
@@ -22,40 +34,41 @@ RETURNING j.id, j.owner_user_id, j.prompt, j.params::text, j.attempt, j.created_
           (SELECT i.id FROM imagen.images i WHERE i.job_id = j.id AND i.owner_user_id = j.owner_user_id);
 
 -- name: record_job_image
--- Fence, row and stage in one statement: the UPDATE locks the job row, so the images row is
--- written only while this attempt still holds the job, and a cancel waits for the commit.
-WITH fence AS (
+-- Fence, row and stage in one statement: the UPDATE (the fence) locks the job row, so the images row
+-- is written only while this attempt still holds the job, and a cancel waits for the commit. An
+-- earlier run of this attempt's row is returned again, and only if it is the job owner's.
+WITH job AS (
     UPDATE imagen.jobs
     SET stage = 'finalizing', heartbeat_at = now(),
         stage_times = stage_times || jsonb_build_object('finalizing', now())
     WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
     RETURNING id, owner_user_id
 )
-INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
-                           backend, model, params)
-SELECT fence.owner_user_id, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s, %(bytes)s,
-       %(prompt)s, %(backend)s, %(model)s, %(params)s
-FROM fence
+{image_insert}
 ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
     WHERE imagen.images.owner_user_id = excluded.owner_user_id
 RETURNING id;
 
 -- name: record_and_complete
 -- The chained path's end (sync and finalize run in the generation message): fence, images row and
--- done in one statement. The fence locks the job row first, so a cancel waits for the commit, and
--- the job is linked to the row written here or to the one an earlier run of this attempt wrote.
--- 'syncing' is stamped on the server's clock, `sync_seconds` (the upload, timed by the worker) ago.
-WITH fence AS (
+-- done in one statement, with the provider call's usage row when there is one (u_call_id NULL: none).
+-- The usage row is written whether or not the fence holds (the call was made and paid either way):
+-- one commit for the job's end and its ledger row. The fence locks the job row first, so a cancel
+-- waits for the commit, and the job is linked to the row written here or to the one an earlier run
+-- of this attempt wrote. 'syncing' is stamped on the server's clock, `sync_seconds` (the upload,
+-- timed by the worker) ago.
+WITH usage AS (
+    {usage_insert}
+    WHERE %(u_call_id)s::uuid IS NOT NULL
+    ON CONFLICT (call_id) DO NOTHING
+),
+job AS (
     SELECT id, owner_user_id FROM imagen.jobs
     WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
     FOR UPDATE
 ),
 image AS (
-    INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
-                               backend, model, params)
-    SELECT fence.owner_user_id, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s,
-           %(bytes)s, %(prompt)s, %(backend)s, %(model)s, %(params)s
-    FROM fence
+    {image_insert}
     ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
         WHERE imagen.images.owner_user_id = excluded.owner_user_id
     RETURNING id, job_id, owner_user_id
@@ -97,53 +110,22 @@ LIMIT %(limit)s;
 
 -- ---- section: stages - usage rows (imagen/store/postgres_stages.py) ----
 
--- name: insert_usage
--- One column per UsageRecord field (tests/unit/test_queries.py checks they agree). A row whose call id
--- is already there is left alone: writing a record twice leaves one row.
+-- fragment: usage_insert
+-- The one INSERT of a usage row: one column per UsageRecord field (tests/unit/test_queries.py checks
+-- they agree), its parameters u_-prefixed because the chained end binds the image's own backend,
+-- model and job_id beside them. A SELECT, not VALUES, so a statement can add a WHERE.
 INSERT INTO imagen.usage (backend, model, images, ok, latency_ms, cost_usd,
                           cost_basis, input_tokens, output_tokens, image_output_tokens, thought_tokens, error,
                           owner_user_id, job_id, created_at, raw, call_id)
-VALUES (%(backend)s, %(model)s, %(images)s, %(ok)s, %(latency_ms)s,
-        %(cost_usd)s, %(cost_basis)s, %(input_tokens)s, %(output_tokens)s, %(image_output_tokens)s,
-        %(thought_tokens)s, %(error)s, %(owner_user_id)s, %(job_id)s, %(created_at)s,
-        %(raw)s, %(call_id)s)
-ON CONFLICT (call_id) DO NOTHING;
+SELECT %(u_backend)s, %(u_model)s, %(u_images)s, %(u_ok)s, %(u_latency_ms)s,
+       %(u_cost_usd)s, %(u_cost_basis)s, %(u_input_tokens)s, %(u_output_tokens)s, %(u_image_output_tokens)s,
+       %(u_thought_tokens)s, %(u_error)s, %(u_owner_user_id)s, %(u_job_id)s, %(u_created_at)s,
+       %(u_raw)s, %(u_call_id)s
 
--- name: record_usage_and_complete
--- record_and_complete with the provider call's usage row, written whether or not the fence holds
--- (the call was made and paid either way): one commit for the job's end and its ledger row.
-WITH usage AS (
-    INSERT INTO imagen.usage (backend, model, images, ok, latency_ms, cost_usd,
-                              cost_basis, input_tokens, output_tokens, image_output_tokens, thought_tokens, error,
-                              owner_user_id, job_id, created_at, raw, call_id)
-    VALUES (%(u_backend)s, %(u_model)s, %(u_images)s, %(u_ok)s, %(u_latency_ms)s,
-            %(u_cost_usd)s, %(u_cost_basis)s, %(u_input_tokens)s, %(u_output_tokens)s, %(u_image_output_tokens)s,
-            %(u_thought_tokens)s, %(u_error)s, %(u_owner_user_id)s, %(u_job_id)s, %(u_created_at)s,
-            %(u_raw)s, %(u_call_id)s)
-    ON CONFLICT (call_id) DO NOTHING
-),
-fence AS (
-    SELECT id, owner_user_id FROM imagen.jobs
-    WHERE id = %(job_id)s AND attempt = %(attempt)s AND status = 'running'
-    FOR UPDATE
-),
-image AS (
-    INSERT INTO imagen.images (owner_user_id, job_id, bucket, path, mime, width, height, bytes, prompt,
-                               backend, model, params)
-    SELECT fence.owner_user_id, fence.id, %(bucket)s, %(path)s, %(mime)s, %(width)s, %(height)s,
-           %(bytes)s, %(prompt)s, %(backend)s, %(model)s, %(params)s
-    FROM fence
-    ON CONFLICT (job_id) DO UPDATE SET job_id = imagen.images.job_id
-        WHERE imagen.images.owner_user_id = excluded.owner_user_id
-    RETURNING id, job_id, owner_user_id
-)
-UPDATE imagen.jobs j
-SET status = 'done', image_id = image.id, stage = NULL, error = NULL, last_error = NULL,
-    stage_times = j.stage_times || jsonb_build_object(
-        'syncing', now() - make_interval(secs => %(sync_seconds)s), 'done', now())
-FROM image
-WHERE j.id = image.job_id AND j.owner_user_id = image.owner_user_id
-RETURNING image.id;
+-- name: insert_usage
+-- A row whose call id is already there is left alone: writing a record twice leaves one row.
+{usage_insert}
+ON CONFLICT (call_id) DO NOTHING;
 
 
 -- ---- section: stages - owner quotas before a provider call (imagen/quotas.py) ----

@@ -95,6 +95,19 @@ def test_the_chained_record_writes_the_usage_row_even_when_the_job_moved_on(
     assert store.job_state(job_id) == ("cancelled", 1)
 
 
+def test_the_chained_record_without_a_usage_ends_the_job_done_and_writes_no_usage_row(
+    store: JobStore, harness: Harness
+) -> None:
+    job_id = claimed(store)
+
+    image_id = store.record_job_image(1, image_row(job_id), complete_after=0.1)
+
+    job = store.get_job(job_id)
+    assert job is not None and image_id is not None
+    assert (job["status"], job["image_id"]) == ("done", image_id)
+    assert harness.usage_call_ids() == []
+
+
 def test_a_usage_row_written_twice_with_one_call_id_is_one_row(store: JobStore, harness: Harness) -> None:
     job_id = claimed(store)
     call = usage(job_id)

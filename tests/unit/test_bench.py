@@ -300,6 +300,91 @@ def test_peers_table_puts_ours_over_each_peer() -> None:
     assert lines["procrastinate: no-op jobs from a backlog, 1 process (jobs/s)"] == "2.00x faster"
 
 
+def peers_report(**p50: float) -> Report:
+    """A peers report with each latency figure at the given p50, and our backlog rate."""
+    report = Report(bench_config(quick=True))
+    report.latency = {key: Summary.of([value]) for key, value in p50.items()}
+    report.throughput = {"pipeline_1w": [Throughput(600, 1.0)]}
+    return report
+
+
+IDLE = {
+    "imagen_start": 3.5,
+    "imagen_done": 5.2,
+    "pgqueuer_start": 2.8,
+    "procrastinate_start": 3.3,
+    "imagen_claimed": 1.9,
+    "imagen_forward": 1.55,
+    "dramatiq_hop": 1.2,
+}
+
+
+def test_idle_start_splits_the_gap_to_pgqueuer_at_our_claim() -> None:
+    from imagen.devtools.bench.peers_report import idle_start
+
+    start = idle_start(peers_report(**IDLE))
+    assert start is not None
+    assert round(start.gap, 6) == 0.7  # ours 3.5 - pgqueuer's 2.8
+    assert round(start.claim_lag, 6) == -0.9  # our claim at 1.9, before pgqueuer's start
+    assert round(start.rest, 6) == 0.35  # claimed -> stage 1.55 less the hop's 1.2
+    assert round(start.parts, 6) == 0.65  # -0.9 + 1.2 + 0.35
+    for missing in ("dramatiq_hop", "imagen_claimed", "pgqueuer_start"):
+        assert idle_start(peers_report(**{k: v for k, v in IDLE.items() if k != missing})) is None
+
+
+def test_peers_table_shows_our_start_split_at_the_claim_and_what_bounds_it() -> None:
+    from imagen.devtools.bench.peers import render_peers
+
+    table = render_peers(peers_report(**IDLE))
+    cells = {
+        line.split("|")[0].strip(): [c.strip() for c in line.split("|")[1:]] for line in table.splitlines()
+    }
+    assert cells["imagen start, 1: INSERT sent -> claimed_at (ms)"] == ["1.90", "1.90", "1.90", "-"]
+    assert cells["imagen start, 2: claimed_at -> generation stage (ms)"] == ["1.55", "1.55", "1.55", "-"]
+    assert cells["bare Dramatiq hop, same Redis: enqueue -> no-op (ms)"] == ["1.20", "1.20", "1.20", "-"]
+    assert cells["pgqueuer: enqueue sent -> no-op job started (ms)"][-1] == "1.25x slower"
+    bound = table.splitlines()[-1]
+    assert bound.startswith("what bounds the idle start (p50s, ms): ours starts 0.70 later than pgqueuer's")
+    assert "our claim comes 0.90 before pgqueuer's start" in bound
+    assert "the bare Dramatiq hop 1.20 and the rest 0.35 (the claim's reply" in bound
+    assert bound.endswith("the parts add to 0.65 against the gap's 0.70)")
+
+
+def test_idle_start_says_sooner_and_after_when_ours_leads_or_our_claim_lags() -> None:
+    from imagen.devtools.bench.peers import render_peers
+
+    figures = IDLE | {"imagen_start": 2.5, "imagen_claimed": 3.0, "imagen_forward": 0.5, "dramatiq_hop": 0.8}
+    bound = render_peers(peers_report(**figures)).splitlines()[-1]
+    assert "ours starts 0.30 sooner than pgqueuer's no-op" in bound
+    assert "our claim comes 0.20 after pgqueuer's start" in bound
+    assert "the bare Dramatiq hop 0.80 and the rest -0.30" in bound
+
+
+def test_peers_table_without_the_parts_has_no_bound_line() -> None:
+    from imagen.devtools.bench.peers import render_peers
+
+    table = render_peers(peers_report(imagen_start=3.5, pgqueuer_start=2.8))
+    assert "what bounds" not in table and "imagen start, 1" not in table
+
+
+def test_peers_json_keeps_its_figures_and_adds_the_idle_start() -> None:
+    from imagen.devtools.bench.peers import peers_json
+
+    data = json.loads(json.dumps(peers_json(peers_report(**IDLE))))
+    assert data["schema"] == "imagen-bench-peers-1"
+    assert set(data["latency_ms"]) == set(IDLE)
+    assert data["throughput"]["imagen"]["items"] == 600
+    idle = data["idle_start_ms"]
+    assert {k: round(idle[k], 6) for k in ("ours", "peer", "claimed", "forward", "hop")} == {
+        "ours": 3.5, "peer": 2.8, "claimed": 1.9, "forward": 1.55, "hop": 1.2,
+    }  # fmt: skip
+    assert {k: round(idle[k], 6) for k in ("gap", "claim_lag", "rest", "parts")} == {
+        "gap": 0.7, "claim_lag": -0.9, "rest": 0.35, "parts": 0.65,
+    }  # fmt: skip
+    assert idle["sentence"].startswith("what bounds the idle start")
+    assert "idle_start_ms" not in peers_json(peers_report(imagen_start=3.5, pgqueuer_start=2.8))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server and PostgreSQL binaries")
 def test_peers_bench_runs_ours_pgqueuer_and_procrastinate_on_one_pair_of_servers(tmp_path: Path) -> None:
@@ -310,9 +395,17 @@ def test_peers_bench_runs_ours_pgqueuer_and_procrastinate_on_one_pair_of_servers
     data = json.loads(out.read_text())
     assert set(data["latency_ms"]) == {
         "imagen_start", "imagen_done", "pgqueuer_start", "procrastinate_start", "pgqueuer_work", "procrastinate_work",
+        "imagen_claimed", "imagen_forward", "dramatiq_hop",
     }  # fmt: skip
     assert all(s["n"] == 5 and 0 < s["p50"] < 1000 for s in data["latency_ms"].values())
     assert data["latency_ms"]["imagen_start"]["p50"] < data["latency_ms"]["imagen_done"]["p50"]
+    # Our start split at the claim, from the same jobs: the parts' means add up to the whole's.
+    mean = {
+        key: data["latency_ms"][key]["mean"] for key in ("imagen_start", "imagen_claimed", "imagen_forward")
+    }
+    assert abs(mean["imagen_claimed"] + mean["imagen_forward"] - mean["imagen_start"]) < 0.05
+    assert data["idle_start_ms"]["hop"] == data["latency_ms"]["dramatiq_hop"]["p50"]
+    assert "what bounds the idle start" in result.stdout
     assert {k: v["items"] for k, v in data["throughput"].items()} == {
         "imagen": 200,
         "pgqueuer": 200,

@@ -13,10 +13,12 @@ from imagen.cli import main
 from imagen.devtools.bench import Summary, Throughput, bench_config
 from imagen.devtools.bench.config import DURABLE_SETTINGS
 from imagen.devtools.bench.scale import (
+    PROBES,
     ClaimCost,
     ScaleReport,
     Step,
     render_scale,
+    scale_json,
     scale_ratios,
     scale_targets,
 )
@@ -56,6 +58,23 @@ def test_scale_targets_name_the_step_that_missed() -> None:
     table = render_scale(report())
     assert "target rate x fresh >= 0.9 (owners): 0.80 -> MISSED" in table
     assert "0.80x" in table
+
+
+def test_the_claim_probe_shows_its_tail_next_to_its_median() -> None:
+    """A 100-job claim's p99 over the step's probes is in the table and the JSON, not only its p50."""
+    out = report()
+    probes = [2.0] * (PROBES - 1) + [40.0]  # one slow claim among the probes
+    out.steps[-1].probe = Summary.of(probes)
+    p99 = out.steps[-1].probe.p99
+    assert PROBES >= 50 and 2.0 < p99 < 40.0
+    table = render_scale(out)
+    header, wide = (
+        table.splitlines()[0],
+        next(line for line in table.splitlines() if line.startswith("wide ")),
+    )
+    assert header.split("|")[-1].strip() == "probe p50/p99 ms"
+    assert wide.split("|")[-1].strip() == f"2.00/{p99:.1f}"
+    assert scale_json(out)["steps"][-1]["probe"]["p99"] == p99
 
 
 def test_durable_run_turns_fsync_on_and_keeps_the_images_on_disk() -> None:

@@ -1,5 +1,5 @@
-"""The images row has one description, `ImageRow`: every statement that writes one names its columns,
-and a generation's `ImageMeta` crosses the hand-off whole."""
+"""The images row has one description, `ImageRow`, and one INSERT (queries.sql's `image_insert` fragment)
+that every statement writing one uses; a generation's `ImageMeta` crosses the hand-off whole."""
 
 from __future__ import annotations
 
@@ -10,19 +10,26 @@ from uuid import uuid4
 
 import pytest
 
-from imagen.store.queries import QUERIES
+from imagen.store.queries import QUERIES, load_blocks, sources
 from imagen.store.rows import ImageMeta, ImageRow
 
 WRITERS = [name for name, statement in QUERIES.items() if "INSERT INTO imagen.images" in statement]
+# An INSERT on the table however it is spelled, outside comment lines.
+IMAGES_INSERT = re.compile(r"^(?!\s*--).*\binsert\s+into\s+imagen\.images\b", re.IGNORECASE | re.MULTILINE)
 
 
 def test_every_statement_writing_an_images_row_is_one_we_know() -> None:
-    assert sorted(WRITERS) == [
-        "insert_image",
-        "record_and_complete",
-        "record_job_image",
-        "record_usage_and_complete",
-    ]
+    assert sorted(WRITERS) == ["insert_image", "record_and_complete", "record_job_image"]
+
+
+def test_the_images_column_list_is_spelled_once_in_the_sql_and_every_writer_uses_it() -> None:
+    written = {file: len(IMAGES_INSERT.findall(text)) for file, text in sources("imagen.store").items()}
+    assert sum(written.values()) == 1, written
+    blocks = load_blocks("imagen.store")
+    assert blocks["image_insert"][0] == "fragment" and IMAGES_INSERT.search(blocks["image_insert"][1])
+    for name in WRITERS:
+        text = blocks[name][1]
+        assert "{image_insert}" in text and not IMAGES_INSERT.search(text), name
 
 
 @pytest.mark.parametrize("name", WRITERS)

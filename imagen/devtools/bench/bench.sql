@@ -12,9 +12,9 @@ INSERT INTO imagen.jobs (owner_user_id, prompt, params) VALUES (%s, 'bench', %s)
 -- Polled until the job is claimed, or done (positional: id).
 SELECT status, claimed_at, finished_at, error FROM imagen.jobs WHERE id = %s;
 
--- name: probe_generating
--- When the generation stage began, on the server's clock (positional: id).
-SELECT (stage_times->>'generating')::timestamptz FROM imagen.jobs WHERE id = %s;
+-- name: probe_start
+-- When the listener's claim and the generation stage began, on the server's clock (positional: id).
+SELECT claimed_at, (stage_times->>'generating')::timestamptz FROM imagen.jobs WHERE id = %s;
 
 -- ---- section: the throughput backlog (throughput.py) ----
 
@@ -72,6 +72,20 @@ FROM generate_series(1, %(n)s) g;
 INSERT INTO imagen.jobs (owner_user_id, prompt, params)
 SELECT (%(owners)s::uuid[])[1 + g %% %(n_owners)s], 'bench ' || g, %(params)s
 FROM generate_series(0, %(n)s - 1) g;
+
+-- name: scale_vacuum
+-- Before each step, outside the timed parts: autovacuum is off on the --scale server (scale.py).
+VACUUM ANALYZE imagen.jobs;
+
+-- name: scale_rows
+SELECT count(*) FROM imagen.jobs;
+
+-- name: scale_cancel_pending
+-- The rest of a step's backlog once its first --jobs are timed.
+UPDATE imagen.jobs SET status = 'cancelled' WHERE owner_user_id = ANY(%(owners)s) AND status = 'pending';
+
+-- name: scale_running
+SELECT count(*) FROM imagen.jobs WHERE status = 'running';
 
 -- name: scale_done_since
 SELECT count(*) FROM imagen.jobs WHERE finished_at >= %(t0)s AND status = 'done';

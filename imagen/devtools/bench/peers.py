@@ -4,7 +4,9 @@ Each peer runs two jobs, registered and started the way its docs show, with its
 defaults: a no-op, and our job's work (render the 64x64 mock image, store it,
 write the images row and the usage row; the peer then ends its job); each pushes
 its token and `time.time()` to a Redis list when it is done. Ours runs the real
-job through `imagen listen` and `dramatiq imagen.actors -p 1`. Every system gets
+job through `imagen listen` and `dramatiq imagen.actors -p 1`; its start is split at
+the claim, next to the bare Dramatiq hop of `imagen bench` on the same Redis, so the
+run shows what follows our claim that a peer's start does not have. Every system gets
 one worker process. The peers are an optional extra (`pip install -e
 '.[peers]'`), not dependencies of imagen.
 """
@@ -22,17 +24,19 @@ import psycopg
 import redis
 from psycopg.types.json import Jsonb
 
+from imagen.broker import WakingRedisBroker
 from imagen.devtools.bench.config import JOB_PARAMS, BenchConfig, BenchError, Echo
+from imagen.devtools.bench.peers_report import LATENCY_ROWS, PEERS, START_PARTS, peers_json, render_peers
 from imagen.devtools.bench.procs import clean_env, processes, spawn, wait_for
-from imagen.devtools.bench.report import Report, Summary, format_value, format_versus, rate
+from imagen.devtools.bench.report import Report, Summary
 from imagen.devtools.bench.run import JOB_INSERT, JOB_POLL, BenchRun, execute, stamped
 from imagen.devtools.bench.sql import QUERIES
 from imagen.devtools.runner import Proc
 
+__all__ = ["missing_peer_modules", "peers_json", "render_peers", "run_peers"]
+
 PEER_MODULES = ("pgqueuer", "asyncpg", "procrastinate")
 STARTED_KEY = "bench:started"
-PEERS = ("pgqueuer", "procrastinate")
-OURS = "pipeline_1w"  # our backlog figure, as `imagen bench` names it
 
 # What our job does, for a peer's job: render the 64x64 mock image, store it (one file), write the
 # images row and the usage row (one statement), and end (the peer marks its own job done).
@@ -119,21 +123,6 @@ async def work(token: str) -> None:
     peer_work.work(token)
 '''
 
-LATENCY_ROWS = (
-    ("imagen_start", "imagen: INSERT sent -> generation stage started (ms)"),
-    ("imagen_done", "imagen: INSERT sent -> done, 3 stages + 64x64 image (ms)"),
-    ("pgqueuer_start", "pgqueuer: enqueue sent -> no-op job started (ms)"),
-    ("procrastinate_start", "procrastinate: defer sent -> no-op job started (ms)"),
-    ("pgqueuer_work", "pgqueuer: enqueue sent -> our work done (ms)"),
-    ("procrastinate_work", "procrastinate: defer sent -> our work done (ms)"),
-)
-THROUGHPUT_ROWS = (
-    (OURS, "imagen: full jobs from a backlog, 1 process (jobs/s)"),
-    ("pgqueuer", "pgqueuer: no-op jobs from a backlog, 1 process (jobs/s)"),
-    ("procrastinate", "procrastinate: no-op jobs from a backlog, 1 process (jobs/s)"),
-    ("pgqueuer_work", "pgqueuer: our work, from a backlog, 1 process (jobs/s)"),
-    ("procrastinate_work", "procrastinate: our work, from a backlog, 1 process (jobs/s)"),
-)
 TASKS = ("noop", "work")
 
 
@@ -223,24 +212,28 @@ class _PeersRun(BenchRun):
         self.echo("installing pgqueuer's and procrastinate's schemas")
         self.install_peers()
         client = redis.Redis.from_url(self.bare_url)
+        broker = WakingRedisBroker(url=self.bare_url)
         enqueue = _Enqueuers(self.db_url)
         try:
             with (
                 self._pipeline(1) as (listener, workers),
+                self._bare_workers("imagen", 1),
                 self._peer("pgqueuer") as pgq,
                 self._peer("procrastinate") as proc,
             ):
                 peers = {"pgqueuer": pgq, "procrastinate": proc}
                 self._warm_jobs()
+                self._warm_chains(client, broker)
                 for peer in PEERS:
                     self._warm_peer(client, enqueue, peer, peers[peer])
-                self._peer_latency(client, enqueue)
+                self._peer_latency(client, broker, enqueue)
                 self._job_throughput(listener, workers, 1)
                 for task in TASKS:
                     for peer in PEERS:
                         self._peer_throughput(client, enqueue, peer, peers[peer], task)
         finally:
             enqueue.close()
+            broker.close()
             client.close()
 
     def _warm_peer(self, client: redis.Redis, enqueue: _Enqueuers, peer: str, worker: Proc) -> None:
@@ -264,12 +257,15 @@ class _PeersRun(BenchRun):
         wait_for(lambda: client.llen(STARTED_KEY) >= expected, 60, f"{peer}'s warm-up jobs")
         client.delete(STARTED_KEY)
 
-    def _peer_latency(self, client: redis.Redis, enqueue: _Enqueuers) -> None:
+    def _peer_latency(self, client: redis.Redis, broker: WakingRedisBroker, enqueue: _Enqueuers) -> None:
+        """Sequential samples in a shuffled order each round: one imagen job, a bare Dramatiq hop,
+        and for each peer a no-op job and a job doing our work."""
         n = self.config.samples
         self.echo(
-            f"latency: {n} rounds of one imagen job and, for pgqueuer and procrastinate, a no-op job and our job's work"
+            f"latency: {n} rounds of one imagen job, a bare Dramatiq hop and, for pgqueuer and"
+            " procrastinate, a no-op job and our job's work"
         )
-        values: dict[str, list[float]] = {key: [] for key, _ in LATENCY_ROWS}
+        values: dict[str, list[float]] = {key: [] for key, _ in (*LATENCY_ROWS, *START_PARTS)}
         owner = uuid.uuid4()
         with (
             psycopg.connect(self.db_url, autocommit=True) as conn,
@@ -277,6 +273,9 @@ class _PeersRun(BenchRun):
         ):
             samplers: dict[str, Callable[[int], dict[str, float]]] = {
                 "imagen": lambda i: self._imagen_sample(conn, poller, owner),
+                "dramatiq_hop": lambda i: {
+                    "dramatiq_hop": self._chain_sample(client, broker, "bench-hop", "hop", i)
+                },
                 "pgqueuer": lambda i: self._peer_sample(client, enqueue, "pgqueuer", i),
                 "procrastinate": lambda i: self._peer_sample(client, enqueue, "procrastinate", i),
                 "pgqueuer_work": lambda i: self._peer_sample(client, enqueue, "pgqueuer", i, "work"),
@@ -297,15 +296,21 @@ class _PeersRun(BenchRun):
     def _imagen_sample(
         self, conn: psycopg.Connection[Any], poller: psycopg.Connection[Any], owner: uuid.UUID
     ) -> dict[str, float]:
-        """The generation stage's start (`stage_times`, the server's now()) and the job's end, from
-        the INSERT sent."""
+        """From the INSERT sent (`time.time()`): the claim (claimed_at), the generation stage's start
+        (`stage_times`) and the job's end (finished_at), each the server's now() on the same host."""
         probe = self._row_sample(
             conn, poller, JOB_INSERT, (owner, Jsonb(JOB_PARAMS)), JOB_POLL, until_done=True
         )
         assert probe.done_clock is not None
-        row = conn.execute(QUERIES["probe_generating"], (probe.row_id,)).fetchone()
+        row = conn.execute(QUERIES["probe_start"], (probe.row_id,)).fetchone()
         assert row is not None
-        return {"imagen_start": row[0].timestamp() - probe.sent_wall, "imagen_done": probe.done_clock}
+        claimed, generating = row[0].timestamp(), row[1].timestamp()
+        return {
+            "imagen_start": generating - probe.sent_wall,
+            "imagen_claimed": claimed - probe.sent_wall,
+            "imagen_forward": generating - claimed,
+            "imagen_done": probe.done_clock,
+        }
 
     def _peer_sample(
         self, client: redis.Redis, enqueue: _Enqueuers, peer: str, i: int, task: str = "noop"
@@ -340,58 +345,3 @@ def run_peers(config: BenchConfig, echo: Echo | None = None) -> Report:
             " (pgqueuer, asyncpg and procrastinate)"
         )
     return execute(_PeersRun, config, echo).report
-
-
-def render_peers(report: Report) -> str:
-    """The peers' table: each figure, and ours over it (for latency below 1 is ours faster)."""
-    lines = [f"{'figure':<62} | {'p50':>6} | {'p99':>6} | {'max':>6} | imagen vs this"]
-    lines.append("-" * len(lines[0]))
-    start, done = report.latency.get("imagen_start"), report.latency.get("imagen_done")
-    for key, label in LATENCY_ROWS:
-        s = report.latency.get(key)
-        if s is None:
-            continue
-        mine = start if key.endswith("_start") else done
-        ratio = format_versus(mine.p50, s.p50, "ms") if mine and not key.startswith("imagen") else "-"
-        lines.append(
-            f"{label:<62} | {format_value(s.p50):>6} | {format_value(s.p99):>6} | {format_value(s.max):>6} | {ratio}"
-        )
-    ours = rate(report.throughput.get(OURS, []))
-    for key, label in THROUGHPUT_ROWS:
-        per_second = rate(report.throughput.get(key, []))
-        if per_second is None:
-            continue
-        ratio = format_versus(ours, per_second, "jobs/s") if ours and key != OURS and per_second else "-"
-        lines.append(f"{label:<62} | {format_value(per_second):>6} | {'-':>6} | {'-':>6} | {ratio}")
-    lines.append("")
-    lines.append(
-        "imagen vs this: how many times slower or faster our figure is than the peer's: for latency our"
-        " generation stage's start against the peer's no-op start, our job's end against the end of the"
-        " peer's job doing the same work; for throughput our full jobs/s against the peer's"
-    )
-    lines += [f"note: {note}" for note in report.notes]
-    return "\n".join(lines)
-
-
-def peers_json(report: Report) -> dict[str, Any]:
-    """The peers run as plain JSON types; our backlog figure is "imagen" here."""
-    throughput = {}
-    for key in (OURS, *PEERS, *(f"{peer}_work" for peer in PEERS)):
-        rounds = report.throughput.get(key)
-        if rounds:
-            t = rounds[0]
-            throughput["imagen" if key == OURS else key] = {
-                "items": t.items,
-                "seconds": t.seconds,
-                "per_second": t.per_second,
-                "capped": t.capped,
-            }
-    return {
-        "schema": "imagen-bench-peers-1",
-        "machine": report.machine,
-        "config": {"jobs": report.config.jobs, "samples": report.config.samples},
-        "elapsed_s": round(report.elapsed_s, 1),
-        "latency_ms": {k: vars(v) for k, v in report.latency.items()},
-        "throughput": throughput,
-        "notes": report.notes,
-    }
