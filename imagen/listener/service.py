@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imagen.broker import build_broker
 from imagen.config import Settings
@@ -24,15 +24,28 @@ from imagen.listener.claimer import Claimer, first_line
 from imagen.listener.gate import InFlightGate
 from imagen.listener.metrics import ListenerStats, Metrics
 from imagen.listener.rescuer import Rescuer
-from imagen.store import Rescued
+from imagen.store import JobStore, Rescued
 from imagen.store.notify import CHANNEL, CONNECTION_LOST, PostgresNotifier, SessionJobStore
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("imagen.listener")
 
 HEALTH_INTERVAL = 10.0
 MAX_BACKOFF = 5.0
 
-__all__ = ["CHANNEL", "Listener", "ListenerStats", "run_listener"]
+__all__ = ["CHANNEL", "Listener", "ListenerStats", "Notifier", "run_listener"]
+
+
+class Notifier(Protocol):
+    """What the loop needs of its LISTEN connection (`PostgresNotifier`; a fake in unit tests)."""
+
+    def wait(self, timeout: float) -> bool: ...
+
+    def check(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Listener:
@@ -46,22 +59,39 @@ class Listener:
         metrics_port: int | None = None,
         on_event: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        open_notifier: Callable[[], Notifier] | None = None,
+        open_store: Callable[[], JobStore] | None = None,
+        pause: Callable[[float], object] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
-        """`clock` paces the claimer at the in-flight cap (tests pass their own)."""
+        """The seams are for unit tests, which run the loop without a server or real time.
+
+        `clock` is the listener's monotonic time: the poll and health deadlines and the claimer's
+        pace at the in-flight cap. `open_notifier` and `open_store` open the LISTEN session and the
+        claims' session (PostgreSQL by default); `pause` waits out a reconnect's backoff (by default
+        on the stop event, so a stop cuts it short); `registry` holds the Prometheus metrics.
+        """
         self.settings = settings
-        self.url = settings.require_database_url()
         self.stats = ListenerStats()
         self.on_event = on_event or (lambda event: None)
+        self.clock = clock
         self._stopping = threading.Event()
-        self._notifier: PostgresNotifier | None = None
-        self._store: SessionJobStore | None = None
+        if open_notifier is None or open_store is None:
+            url = settings.require_database_url()
+            open_notifier = open_notifier or (lambda: PostgresNotifier(url))
+            open_store = open_store or (lambda: SessionJobStore(url, "imagen-listener-claims"))
+        self._open_notifier = open_notifier
+        self._open_store = open_store
+        self._pause = pause or self._stopping.wait
+        self._notifier: Notifier | None = None
+        self._store: JobStore | None = None
         self.gate = InFlightGate(settings.max_in_flight, settings.claim_batch)
         port = settings.listener_metrics_port if metrics_port is None else metrics_port
-        self._metrics = Metrics(port, settings.metrics_addr) if port else None
+        self.metrics = Metrics(port, settings.metrics_addr, registry=registry) if port else None
         self.claimer = Claimer(
-            broker or build_broker(settings), self.gate, self.stats, self._metrics, clock=clock
+            broker or build_broker(settings), self.gate, self.stats, self.metrics, clock=clock
         )
-        self.rescuer = Rescuer(settings, self.stats, self._metrics)
+        self.rescuer = Rescuer(settings, self.stats, self.metrics)
 
     def stop(self) -> None:
         """Stop claiming; the forward in hand finishes, then `run` returns."""
@@ -71,23 +101,18 @@ class Listener:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    @property
-    def _saturated_wait(self) -> float:
-        """How long the loop waits before counting again at the cap (the gate's `wait`)."""
-        return self.gate.wait
-
     def _set_mode(self, mode: str) -> None:
         if self.stats.mode != mode:
             log.info("listener mode: %s", mode)
         self.stats.mode = mode
-        if self._metrics:
-            self._metrics.set_mode(mode)
+        if self.metrics:
+            self.metrics.set_mode(mode)
         self.on_event(mode)
 
     def _connect(self) -> None:
         self._close()
-        self._notifier = PostgresNotifier(self.url)
-        self._store = SessionJobStore(self.url, "imagen-listener-claims")
+        self._notifier = self._open_notifier()  # LISTEN first: see PostgresNotifier
+        self._store = self._open_store()
 
     def _close(self) -> None:
         if self._notifier is not None:
@@ -123,8 +148,8 @@ class Listener:
                     self._close()
                     raise problem from None  # a wrong database, role or password: retrying cannot help
                 self.stats.reconnects += 1
-                if self._metrics:
-                    self._metrics.reconnects.inc()
+                if self.metrics:
+                    self.metrics.reconnects.inc()
                 self._set_mode("reconnecting")
                 if connected:
                     log.warning(
@@ -138,7 +163,7 @@ class Listener:
                         first_line(exc),
                         backoff,
                     )
-                self._stopping.wait(backoff)
+                self._pause(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
             except ConfigError:
                 self._close()
@@ -149,17 +174,17 @@ class Listener:
 
     def _loop(self) -> None:
         poll = self.settings.poll_interval
-        next_poll = time.monotonic() + poll
-        next_health = time.monotonic() + HEALTH_INTERVAL
+        next_poll = self.clock() + poll
+        next_health = self.clock() + HEALTH_INTERVAL
         while not self.stopping:
-            now = time.monotonic()
+            now = self.clock()
             deadline = min(next_poll, next_health)
             if self.gate.saturated:
                 deadline = min(deadline, now + self.gate.wait)
             notified = self._wait(max(0.0, deadline - now))
             if self.stopping:
                 return
-            now = time.monotonic()
+            now = self.clock()
             if notified or now >= next_poll or self.gate.saturated:
                 self.drain()
             if now >= next_poll:
@@ -175,9 +200,9 @@ class Listener:
         """Block until a notification arrives, the timeout passes or stop is asked (in short slices)."""
         notifier = self._notifier
         assert notifier is not None
-        deadline = time.monotonic() + timeout
+        deadline = self.clock() + timeout
         while not self.stopping:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.clock()
             if remaining <= 0:
                 return False
             if notifier.wait(min(remaining, 0.25)):
@@ -206,11 +231,11 @@ class Listener:
         return self.rescuer.sweep(self._store)
 
 
-def run_listener(settings: Settings) -> None:
-    """`imagen listen`: run until SIGTERM or SIGINT, then exit cleanly."""
+def run_listener(settings: Settings, listener: Listener | None = None) -> None:
+    """`imagen listen`: run until SIGTERM or SIGINT, then exit cleanly (a test passes its `listener`)."""
     import signal
 
-    listener = Listener(settings)
+    listener = listener or Listener(settings)
 
     def _stop(signum: int, frame: object) -> None:
         log.info("listener: signal %s received, finishing the forward in hand", signum)

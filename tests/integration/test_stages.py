@@ -272,19 +272,19 @@ def test_listener_at_the_cap_counts_again_at_the_pace_jobs_finish(db_url: str, s
     waits = []
     try:
         listener.drain()
-        waits.append(listener._saturated_wait)  # just filled: check again soon
+        waits.append(listener.gate.wait)  # just filled: check again soon
         for _ in range(6):  # nothing finishes: back off, to a bound
-            clock[0] += listener._saturated_wait
+            clock[0] += listener.gate.wait
             listener.drain()
-            waits.append(listener._saturated_wait)
+            waits.append(listener.gate.wait)
         finish_running(db_url, 5)  # 5 in 0.5 s: 10 a second, 5 more make a refill: 0.5 s, capped
         clock[0] += 0.5
         listener.drain()
-        waits.append(listener._saturated_wait)
+        waits.append(listener.gate.wait)
         finish_running(db_url, 2)  # 2 in 0.1 s: 20 a second, 3 more: 0.15 s
         clock[0] += 0.1
         listener.drain()
-        waits.append(listener._saturated_wait)
+        waits.append(listener.gate.wait)
     finally:
         listener._close()
     assert waits == pytest.approx(
@@ -321,13 +321,13 @@ def test_listener_on_a_steady_backlog_counts_once_per_refill(
     claimed, waits = [], []
     try:
         claimed.append(listener.drain())  # fills the cap; no pace known yet
-        waits.append(listener._saturated_wait)
+        waits.append(listener.gate.wait)
         for _ in range(4):
             clock[0] += 0.1
             finish_running(db_url, 10)
             counts[0] = 0
             claimed.append(listener.drain())
-            waits.append(listener._saturated_wait)
+            waits.append(listener.gate.wait)
             assert counts[0] == 1, "one count, then the claim"
     finally:
         listener._close()

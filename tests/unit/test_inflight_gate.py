@@ -105,3 +105,23 @@ def test_a_drained_backlog_below_the_cap_leaves_the_gate_open() -> None:
 
     assert gate.saturated is False
     assert gate.want(30, 0.1) == 50
+
+
+def test_a_cap_filled_by_other_listeners_is_counted_again_soon_and_less_often_while_nothing_finishes() -> (
+    None
+):
+    gate = InFlightGate(max_in_flight=20, claim_batch=100)
+
+    assert gate.want(20, 0.0) == 0, "the others' jobs fill the cap: nothing to claim"
+    assert gate.saturated and gate.wait == SATURATED_POLL, "count again soon, not at the next poll"
+    assert gate.want(20, 0.01) == 0 and gate.wait == pytest.approx(0.02)
+    assert gate.want(20, 0.03) == 0 and gate.wait == pytest.approx(0.04)
+
+
+def test_one_job_finishing_at_the_cap_sets_the_pace_of_the_next_count() -> None:
+    gate = InFlightGate(max_in_flight=16, claim_batch=100)  # a refill is 2 jobs
+    assert gate.want(0, 0.0) == 16 and gate.filled(16, 0.0)
+
+    assert gate.want(15, 0.1) == 0, "one free slot is not a refill"
+
+    assert gate.wait == pytest.approx(0.1), "one job in 0.1 s: the second one takes 0.1 s more"

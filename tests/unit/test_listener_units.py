@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -14,6 +15,7 @@ from imagen.listener.claimer import Claimer
 from imagen.listener.gate import SATURATED_POLL, InFlightGate
 from imagen.listener.metrics import ListenerStats
 from imagen.listener.rescuer import Rescuer
+from imagen.storage import LocalStorage, job_object_path
 from imagen.store import InMemoryJobStore
 
 OWNERS = [UUID(f"00000000-0000-4000-8000-00000000000{i}") for i in range(1, 4)]
@@ -318,3 +320,159 @@ def test_the_gate_at_exactly_the_cap_waits_and_one_slot_below_it_claims_one() ->
     fresh = InFlightGate(max_in_flight=256, claim_batch=100)
     assert fresh.want(0, 0.0) == 100
     assert fresh.filled(100, 0.0) is False and not fresh.saturated
+
+
+def test_at_the_cap_the_refill_freed_since_the_cap_filled_is_claimed_and_the_next_count_paced() -> None:
+    store = InMemoryJobStore()
+    for _ in range(100):
+        store.submit_job(OWNERS[0], "p", {})
+    broker = Broker()
+    clock = [100.0]
+    unit = Claimer(broker, InFlightGate(80, 100), ListenerStats(), None, clock=lambda: clock[0])
+    assert unit.drain(store, lambda: False) == 80, "up to the cap"
+    for claim in list(store.jobs.values())[:10]:
+        claim["status"] = "done"  # a refill's worth (an eighth of the cap) finishes in 0.2 s
+    clock[0] += 0.2
+
+    assert unit.drain(store, lambda: False) == 10
+
+    assert len(broker.sent) == 90 and store.count_running() == 80
+    assert unit.gate.saturated and unit.gate.wait == pytest.approx(0.2), "50 a second: the next 10 in 0.2 s"
+
+
+def test_a_cap_filled_by_another_listener_is_claimed_into_once_a_refill_is_free() -> None:
+    store = InMemoryJobStore()
+    for _ in range(30):
+        store.submit_job(OWNERS[0], "p", {})
+    others = store.claim_jobs(16)  # another listener's
+    broker = Broker()
+    clock = [100.0]
+    unit = Claimer(broker, InFlightGate(16, 100), ListenerStats(), None, clock=lambda: clock[0])
+    assert unit.drain(store, lambda: False) == 0
+    for claim in others[:2]:
+        store.jobs[claim.job_id]["status"] = "done"
+    clock[0] += 0.1
+
+    assert unit.drain(store, lambda: False) == 2
+
+    assert len(broker.sent) == 2 and store.count_running() == 16
+
+
+def test_a_drain_cut_short_by_another_listener_filling_the_cap_returns_what_it_forwarded() -> None:
+    class Shared(InMemoryJobStore):
+        """Another listener claims the rest of the room between this one's batches."""
+
+        batches = 0
+
+        def claim_within_cap(self, limit: int, max_in_flight: int) -> tuple[list[Any], int | None]:
+            self.batches += 1
+            if self.batches == 2:
+                self.claim_jobs(max_in_flight - self.count_running())
+            return super().claim_within_cap(limit, max_in_flight)
+
+    store = Shared()
+    for _ in range(50):
+        store.submit_job(OWNERS[0], "p", {})
+    broker = Broker()
+
+    assert claimer(broker, cap=32, batch=10).drain(store, lambda: False) == 10
+
+    assert len(broker.sent) == 10 and store.count_running() == 32
+
+
+class FrozenStore(InMemoryJobStore):
+    """The in-memory store on a clock the test sets: pickup times come out exact."""
+
+    time = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.time
+
+
+def test_each_claims_pickup_is_observed_in_seconds_and_logged_in_milliseconds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FrozenStore()
+    job_id = store.submit_job(OWNERS[0], "p", {})
+    store.time += timedelta(seconds=0.234567)
+    metrics = RecordedMetrics()
+    caplog.set_level(logging.INFO, logger="imagen.jobs")
+
+    Claimer(Broker(), InFlightGate(16, 100), ListenerStats(), metrics).drain(store, lambda: False)  # type: ignore[arg-type]
+
+    assert metrics.value("imagen_listener_pickup_seconds_sum") == pytest.approx(0.234567)
+    (logged,) = transitions(caplog, "claimed")
+    assert (logged.job_id, logged.pickup_ms) == (str(job_id), 234.57)
+
+
+def test_every_lease_given_up_is_counted() -> None:
+    store = InMemoryJobStore()
+    for _ in range(2):
+        job_id = store.submit_job(OWNERS[0], "p", {})
+        store.claim_jobs(1)
+        store.begin_stage(job_id, 1, "generating")
+        store.jobs[job_id]["heartbeat_at"] -= timedelta(seconds=601)
+    stats = ListenerStats()
+
+    Rescuer(load_settings(lease_seconds=600, max_attempts=1), stats, None).rescue(store)
+
+    assert (stats.rescued, stats.gave_up) == (0, 2)
+
+
+def ended_job_with_its_object(store: InMemoryJobStore, storage: LocalStorage) -> UUID:
+    job_id = store.submit_job(OWNERS[0], "p", {})
+    store.claim_jobs(1)
+    storage.put(job_object_path(OWNERS[0], job_id, "image/png"), b"png", "image/png")
+    store.fail_job(job_id, 1, "sync failed: storage down")
+    return job_id
+
+
+def test_the_sweep_removes_the_objects_of_failed_jobs_and_counts_them(tmp_path: Path) -> None:
+    settings = load_settings(storage_dir=tmp_path / "storage")
+    storage = LocalStorage(settings.storage_dir, settings.bucket)
+    store = InMemoryJobStore()
+    jobs = [ended_job_with_its_object(store, storage) for _ in range(2)]
+    stats, metrics = ListenerStats(), RecordedMetrics()
+    rescuer = Rescuer(settings, stats, metrics)  # type: ignore[arg-type]
+
+    assert rescuer.sweep(store) == 2
+    assert rescuer.sweep(store) == 0, "each once"
+
+    assert not any(storage.local_path(job_object_path(OWNERS[0], j, "image/png")).exists() for j in jobs)
+    assert stats.swept == 2 and metrics.value("imagen_listener_swept_images_total") == 2
+    third = ended_job_with_its_object(store, storage)
+    assert rescuer.sweep(store) == 1 and stats.swept == 3
+    assert not storage.local_path(job_object_path(OWNERS[0], third, "image/png")).exists()
+
+
+def test_a_sweep_visits_at_most_a_hundred_ended_jobs_per_poll(tmp_path: Path) -> None:
+    settings = load_settings(storage_dir=tmp_path / "storage")
+    storage = LocalStorage(settings.storage_dir, settings.bucket)
+    store = InMemoryJobStore()
+    for _ in range(101):
+        ended_job_with_its_object(store, storage)
+
+    rescuer = Rescuer(settings, ListenerStats(), None)
+
+    assert [rescuer.sweep(store), rescuer.sweep(store)] == [100, 1]
+
+
+def test_storage_that_cannot_open_is_reported_once_and_tried_again_at_each_sweep(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="imagen.listener")
+    broken = load_settings(storage_dir=tmp_path / "storage", supabase_url="", storage="supabase")
+    store = InMemoryJobStore()
+    rescuer = Rescuer(broken, ListenerStats(), None)
+
+    assert [rescuer.sweep(store), rescuer.sweep(store)] == [0, 0]
+
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "imagen.listener"]
+    assert warning == (
+        "sweep: cannot open storage (IMAGEN_STORAGE=supabase needs SUPABASE_URL and "
+        "SUPABASE_SERVICE_ROLE_KEY); images of ended jobs stay until it can"
+    )
+    fixed = load_settings(storage_dir=tmp_path / "storage")
+    rescuer.settings = fixed
+    ended_job_with_its_object(store, LocalStorage(fixed.storage_dir, fixed.bucket))
+    assert rescuer.sweep(store) == 1

@@ -13,8 +13,8 @@ from imagen.stages import StageContext
 from imagen.storage import open_storage
 from imagen.store import InMemoryJobStore
 from imagen.usage import UsageRecord
+from tests.stage_context import MemoryHandoff
 from tests.unit.test_stage_generate import MessageBroker
-from tests.unit.test_stage_logic import MemoryHandoff
 from tests.waiting import wait_until
 
 OWNER = UUID("00000000-0000-4000-8000-00000000cccc")

@@ -18,7 +18,8 @@ from imagen.stages.context import StageContext
 from imagen.stages.errors import drop, guarded, usage_first
 from imagen.store import InMemoryJobStore
 from imagen.usage import HeldSink, UsageRecord
-from tests.unit.test_stage_logic import claimed, make_ctx, taken_over
+from tests.stage_context import claimed
+from tests.unit.test_stage_logic import make_ctx, taken_over
 
 
 class DisconnectedStore(InMemoryJobStore):

@@ -35,8 +35,9 @@ from imagen.stages import StageContext, run_generate
 from imagen.stages.lease import Heartbeater
 from imagen.store import InMemoryJobStore
 from tests.integration.conftest import RecordingBroker
+from tests.stage_context import MOCK, OWNER, claimed
 from tests.unit.test_stage_lease import START, Ticks
-from tests.unit.test_stage_logic import MOCK, OWNER, claimed, make_ctx
+from tests.unit.test_stage_logic import make_ctx
 
 PRESETS = """
 [presets.poster]

@@ -18,32 +18,13 @@ import pytest
 from imagen.broker import FINALIZE_ACTOR, GENERATE_ACTOR, SYNC_ACTOR
 from imagen.config import Settings
 from imagen.errors import PermanentError, TransientError
-from imagen.handoff import HandedOff
 from imagen.stages import StageContext, guarded, run_exhausted, run_finalize, run_generate, run_sync
 from imagen.stages.lease import heartbeating
-from imagen.store import ImageMeta, InMemoryJobStore
+from imagen.store import InMemoryJobStore
 from imagen.usage import UsageRecord
 from tests.integration.conftest import RecordingBroker
+from tests.stage_context import MOCK, OWNER, MemoryHandoff, claimed
 from tests.waiting import wait_until
-
-OWNER = UUID("00000000-0000-4000-8000-00000000aaaa")
-MOCK = {"backend": "mock", "size": "16x16"}
-
-
-class MemoryHandoff:
-    """The hand-off between stages as a dict (Redis in production)."""
-
-    def __init__(self) -> None:
-        self.entries: dict[tuple[str, int], HandedOff] = {}
-
-    def put(self, job_id: Any, attempt: int, data: bytes, meta: ImageMeta) -> None:
-        self.entries[(str(job_id), attempt)] = HandedOff(data, meta)
-
-    def get(self, job_id: Any, attempt: int) -> HandedOff | None:
-        return self.entries.get((str(job_id), attempt))
-
-    def drop(self, job_id: Any, attempt: int) -> None:
-        self.entries.pop((str(job_id), attempt), None)
 
 
 @pytest.fixture
@@ -69,13 +50,6 @@ def ctx(store: InMemoryJobStore, tmp_path: Path) -> Iterator[StageContext]:
     context = make_ctx(store, tmp_path)
     yield context
     context.close()
-
-
-def claimed(store: InMemoryJobStore, params: dict[str, Any] | None = None, owner: UUID = OWNER) -> str:
-    job_id = store.submit_job(owner, "a cat", params or MOCK)
-    (claim,) = store.claim_jobs(1)
-    assert claim.job_id == job_id
-    return str(job_id)
 
 
 def status(store: InMemoryJobStore, job_id: str) -> tuple[str, int]:
