@@ -10,6 +10,7 @@ servers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
@@ -42,6 +43,7 @@ class StageContext:
 
     `store`, `storage` and `handoff` may be given (tests); otherwise they are built from
     the settings when first used: a pooled PostgreSQL store, the configured storage, Redis.
+    `clock` is what the stages' time limits are measured on (time.monotonic, or a test's).
     """
 
     def __init__(
@@ -52,9 +54,12 @@ class StageContext:
         store: JobStore | None = None,
         storage: Storage | None = None,
         handoff: Handoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.broker = broker
+        # The stages' clock: time limits, the shutdown deadline, the heartbeat. A test passes its own.
+        self.clock = clock
         # Set at worker boot (`chain_for_worker`): off until a worker says it consumes every stage's queue.
         self.chain_stages = False
         # Set when the worker starts shutting down (SIGTERM, `stop`): waits in progress give up
@@ -80,7 +85,7 @@ class StageContext:
 
     def stop(self) -> None:
         """The worker is shutting down: calls in progress get the shutdown grace, then are abandoned."""
-        self.stop_deadline = time.monotonic() + self.settings.shutdown_grace
+        self.stop_deadline = self.clock() + self.settings.shutdown_grace
 
     def chain_for_worker(self, queues: set[str] | None) -> None:
         """Chain the stages in one message when this worker would consume all their messages anyway."""
@@ -117,7 +122,7 @@ class StageContext:
 
     @cached_property
     def heartbeater(self) -> Heartbeater:
-        return Heartbeater(self.store, self.settings.lease_seconds)
+        return Heartbeater(self.store, self.settings.lease_seconds, clock=self.clock)
 
     @cached_property
     def handoff(self) -> Handoff:
@@ -137,9 +142,11 @@ class StageContext:
         # A row the database did not take waits in the spool; `replay_usage` writes it later.
         return DatabaseSink(self.store, spool=self.usage_spool)
 
-    def replay_usage(self) -> None:
+    def replay_usage(self) -> SpoolReplayer:
         """Write the host's spooled usage records now (at worker boot) and every poll interval after."""
-        SpoolReplayer(self.usage_spool, self.store.replay_usage, self.settings.poll_interval).start()
+        replayer = SpoolReplayer(self.usage_spool, self.store.replay_usage, self.settings.poll_interval)
+        replayer.start()
+        return replayer
 
     @cached_property
     def presets(self) -> Any:

@@ -10,7 +10,6 @@ same message (imagen.stages.chained).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 
 from imagen import interrupts
@@ -39,7 +38,7 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int, *, throttled_s: f
     from imagen.pipeline import generate, seed_for_job
 
     stage = "generating"
-    started = time.monotonic()
+    started = ctx.clock()
     job = ctx.store.begin_stage(job_id, attempt, stage)
     if job is None:
         drop(ctx, job_id, attempt, stage)
@@ -55,7 +54,7 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int, *, throttled_s: f
             spec = replace(spec, seed=seed_for_job(job.job_id))
         check_quota(ctx.quota_book, ctx.store, job.owner_user_id, spec.n, job_id=job_id, attempt=attempt)
         out_dir = ctx.settings.output_dir / "jobs" if ctx.settings.keep_local_copy else None
-        limit = own_limit(ctx.settings.generate_time_limit) - (time.monotonic() - started)
+        limit = own_limit(ctx.settings.generate_time_limit) - (ctx.clock() - started)
         with heartbeating(ctx, job_id, attempt, limit) as beat, interrupts.stoppable(stop_check(ctx, beat)):
             try:
                 result = generate(
@@ -80,7 +79,7 @@ def run_generate(ctx: StageContext, job_id: str, attempt: int, *, throttled_s: f
         transition("generated", job_id, attempt, stage, backend=result.backend, model=result.model)
         # Chained, the upload runs under this message's time limit: only with a sync stage's whole
         # limit left, or a slow provider call could leave the upload too little and cost a rerun.
-        left = ctx.settings.generate_time_limit - (time.monotonic() - started)
+        left = ctx.settings.generate_time_limit - (ctx.clock() - started)
         if not ctx.chain_stages or left < SYNC_TIME_LIMIT_S:
             if held is not None:
                 held.release(ctx.usage_sink)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -55,10 +55,22 @@ class Heartbeater:
     millisecond, and starting threads would cost more.
     """
 
-    def __init__(self, store: JobStore, lease_seconds: float) -> None:
+    last_beat: float  # when the thread last refreshed leases; set when it starts
+
+    def __init__(
+        self,
+        store: JobStore,
+        lease_seconds: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[float], object] = time.sleep,
+    ) -> None:
+        """`clock` and `wait` are the thread's time: a test passes its own, so it decides when a pass runs."""
         self.store = store
         self.interval = max(0.5, lease_seconds / 4)
         self.check_interval = min(CANCEL_CHECK_S, self.interval)
+        self.clock = clock
+        self.wait = wait
         self.active: dict[tuple[str, int], Beat] = {}
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
@@ -66,7 +78,7 @@ class Heartbeater:
     @contextmanager
     def beating(self, job_id: str, attempt: int, time_limit: float) -> Iterator[Beat]:
         key = (job_id, attempt)
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
             beat = self.active.get(key)
             if beat is None:
@@ -84,30 +96,32 @@ class Heartbeater:
                     self.active.pop(key, None)
 
     def _run(self) -> None:
-        last_beat = time.monotonic()
+        self.last_beat = self.clock()
         while True:
-            time.sleep(self.check_interval)
-            now = time.monotonic()
-            with self.lock:
-                beats = list(self.active.items())
-            if not beats:
-                continue
-            try:
-                long = [
-                    key for key, beat in beats if now - beat.started >= self.check_interval and not beat.gone
-                ]
-                if long:
-                    held = self.store.still_running(long)
-                    for key, beat in beats:
-                        if key in long and key not in held:
-                            beat.gone = True
-                if now - last_beat >= self.interval:
-                    last_beat = now
-                    keys = [key for key, beat in beats if beat.deadline > now and not beat.gone]
-                    if keys:
-                        self.store.heartbeat_many(keys)
-            except self.store.errors as exc:
-                log.warning("heartbeat for %d job(s) failed; will retry: %s", len(beats), exc)
+            self.wait(self.check_interval)
+            self.check(self.clock())
+
+    def check(self, now: float) -> None:
+        """One pass of the thread: mark the jobs in a long call that this attempt no longer holds as
+        gone, and once an interval has passed, refresh the lease of the others still in their time limit."""
+        with self.lock:
+            beats = list(self.active.items())
+        if not beats:
+            return
+        try:
+            long = [key for key, beat in beats if now - beat.started >= self.check_interval and not beat.gone]
+            if long:
+                held = self.store.still_running(long)
+                for key, beat in beats:
+                    if key in long and key not in held:
+                        beat.gone = True
+            if now - self.last_beat >= self.interval:
+                self.last_beat = now
+                keys = [key for key, beat in beats if beat.deadline > now and not beat.gone]
+                if keys:
+                    self.store.heartbeat_many(keys)
+        except self.store.errors as exc:
+            log.warning("heartbeat for %d job(s) failed; will retry: %s", len(beats), exc)
 
 
 @contextmanager
@@ -120,15 +134,16 @@ def heartbeating(ctx: StageContext, job_id: str, attempt: int, time_limit: float
 def stop_check(ctx: StageContext, beat: Beat) -> interrupts.StopCheck:
     """What makes a wait in the generation stage give up (imagen.interrupts)."""
     limit = ctx.settings.generate_time_limit
+    clock = ctx.clock
 
     def check() -> BaseException | None:
-        if ctx.stop_deadline is not None and time.monotonic() >= ctx.stop_deadline:
+        if ctx.stop_deadline is not None and clock() >= ctx.stop_deadline:
             return interrupts.CallAbandoned(
                 "the worker stopped (SIGTERM) before the call ended; the job will be retried"
             )
         if beat.gone:
             return interrupts.JobGone("the job was cancelled or taken over while its call ran")
-        if time.monotonic() >= beat.deadline:
+        if clock() >= beat.deadline:
             return interrupts.CallAbandoned(
                 f"stopped at the stage's time limit ({limit:g} s, IMAGEN_GENERATE_TIME_LIMIT)"
             )
