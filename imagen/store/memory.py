@@ -27,7 +27,7 @@ class InMemoryJobStore(InMemoryStageStore, InMemoryOperatorStore):
     def submit_job(self, owner_user_id: UUID, prompt: str, params: Any) -> UUID:
         with self._lock:
             job_id, now, owner = uuid4(), self.now(), UUID(str(owner_user_id))
-            mine = [r.get("fair_round", 0) for r in self._pending() if r["owner_user_id"] == owner]
+            mine = [r["fair_round"] for r in self._pending() if r["owner_user_id"] == owner]
             fair_round = max(self._current_round(), max(mine, default=-1) + 1)  # sql/012_fair_rounds.sql
             self.jobs[job_id] = {
                 "id": job_id, "owner_user_id": owner, "prompt": prompt, "params": params,
@@ -43,16 +43,16 @@ class InMemoryJobStore(InMemoryStageStore, InMemoryOperatorStore):
 
     def _current_round(self) -> int:
         """The lowest round still pending (0 when none is): where a job put back to pending goes."""
-        return min((r.get("fair_round", 0) for r in self._pending()), default=0)
+        return min((r["fair_round"] for r in self._pending()), default=0)
 
     def _requeue(self, row: dict[str, Any], **values: Any) -> None:
         """Back to pending in its own round, or the current one if later (sql/012_fair_rounds.sql)."""
-        fair_round = min(self._current_round(), row.get("fair_round", 1 << 62))
+        fair_round = min(self._current_round(), row["fair_round"])
         self._set(row, status="pending", fair_round=fair_round, **values)
 
     def claim_jobs(self, limit: int, *, max_owners: int = 1000) -> list[Claim]:
         with self._lock:
-            ordered = sorted(self._pending(), key=lambda r: (r.get("fair_round", 0), *_age(r)))[:limit]
+            ordered = sorted(self._pending(), key=lambda r: (r["fair_round"], *_age(r)))[:limit]
             owners: list[UUID] = []
             for row in ordered:
                 if row["owner_user_id"] not in owners:
