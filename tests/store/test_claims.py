@@ -106,6 +106,16 @@ def test_a_job_put_back_to_pending_is_claimed_first_again(store: JobStore) -> No
     assert [c.job_id for c in store.claim_jobs(10)] == [a[0], b[0], a[1], b[1]]
 
 
+def test_a_claim_released_into_an_empty_queue_and_a_newcomer_share_the_current_round(store: JobStore) -> None:
+    a = submit(store, OWNER_A, 3)
+    store.claim_jobs(3)  # nothing left pending
+    assert store.release_claim(a[2], 1)  # its round was the third: it takes the current one
+    (b,) = submit(store, OWNER_B)
+    (a_next,) = submit(store, OWNER_A)  # one round after its owner's job that is back
+
+    assert [c.job_id for c in store.claim_jobs(10)] == [a[2], b, a_next]
+
+
 def test_a_claim_within_the_cap_takes_only_the_room_left_and_says_how_many_ran(store: JobStore) -> None:
     a = submit(store, OWNER_A, 5)
 

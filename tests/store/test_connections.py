@@ -56,3 +56,36 @@ def test_the_one_connection_per_call_store_is_named_imagen_and_commits_each_call
     named = PostgresJobStore.from_url(db_url, application_name="imagen-web")
     with named.connect() as conn:
         assert conn.info.parameter_status("application_name") == "imagen-web"
+
+
+def test_after_the_server_dropped_the_pools_connections_recover_replaces_them_before_the_next_call(
+    db_url: str,
+) -> None:
+    store = PostgresJobStore.pooled(db_url, application_name="imagen-pool-recover", max_size=2)
+    assert store.pool is not None
+    try:
+        store.pool.wait(timeout=10)
+        with psycopg.connect(
+            db_url, autocommit=True
+        ) as admin:  # a restart or a failover, as a worker sees it
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                ("imagen-pool-recover",),
+            )
+        wait_until(lambda: sessions(db_url, "imagen-pool-recover") == 0, message="the pool's sessions end")
+
+        store.recover(ValueError("not a connection error"))  # nothing to do for other errors
+        store.recover(psycopg.OperationalError("server closed the connection unexpectedly"))
+
+        assert store.count_running() == 0  # the next call draws a live connection
+    finally:
+        store.close()
+
+
+def test_recover_is_a_no_op_for_a_store_without_a_pool(db_url: str) -> None:
+    store = PostgresJobStore.from_url(db_url)
+
+    store.recover(psycopg.OperationalError("server closed the connection unexpectedly"))
+
+    assert store.count_running() == 0
+    store.close()

@@ -299,7 +299,7 @@ def test_the_chained_record_stamps_syncing_the_upload_time_before_done(
     job = store.get_job(job_id)
     assert job is not None
     times = {k: datetime.fromisoformat(v) if isinstance(v, str) else v for k, v in job["stage_times"].items()}
-    assert (times["done"] - times["syncing"]).total_seconds() == pytest.approx(stamped, abs=1.0)
+    assert (times["done"] - times["syncing"]).total_seconds() == pytest.approx(stamped, abs=0.001)
 
 
 def test_discard_removes_the_object_at_every_path_the_jobs_image_can_have(

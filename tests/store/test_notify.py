@@ -60,6 +60,9 @@ def test_the_listeners_store_runs_every_call_on_its_one_named_connection_and_com
         (claim,) = store.claim_jobs(1)
         with store.connect() as conn:
             assert conn is store.conn
+        store.count_running()
+        # Between calls the session is idle, not idle in a transaction that would pin a snapshot.
+        assert store.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         with psycopg.connect(db_url) as other:  # committed: another session sees the claim
             row = other.execute("SELECT status, attempt FROM imagen.jobs WHERE id = %s", (job_id,)).fetchone()
         assert row == ("running", claim.attempt)

@@ -75,18 +75,25 @@ def test_the_list_is_newest_first_and_each_filter_narrows_it(ops: OperatorStore,
 
 
 def test_counts_by_status_and_stage_and_the_capped_counts(ops: OperatorStore, store: JobStore) -> None:
-    for _ in range(3):
+    for _ in range(5):
         store.submit_job(OWNER, "p", {})
-    (claim,) = store.claim_jobs(1)
-    store.begin_stage(claim.job_id, claim.attempt, "generating")
+    claims = store.claim_jobs(3)
+    for claim in claims[:2]:
+        store.begin_stage(claim.job_id, claim.attempt, "generating")
     ended(store, "cancelled")
 
     assert sorted(ops.status_counts(), key=str) == sorted(
-        [("pending", None, 2), ("running", "generating", 1), ("cancelled", None, 1)], key=str
+        [
+            ("pending", None, 2),
+            ("running", "generating", 2),
+            ("running", "queued", 1),
+            ("cancelled", None, 1),
+        ],
+        key=str,
     )
     assert ops.capped_counts(1) == {"pending": 1, "running": 1, "done": 0, "failed": 0, "cancelled": 1}
     assert ops.capped_counts(10)["pending"] == ops.pending_count() == 2
-    assert ops.running_by_stage() == {"generating": 1}
+    assert ops.running_by_stage() == {"generating": 2, "queued": 1}
     oldest = ops.oldest_pending_seconds()
     assert oldest is not None and 0 <= oldest < 60
 
@@ -341,11 +348,11 @@ def test_the_refusal_names_the_check_the_job_broke(
 
 def test_a_job_at_the_limits_is_accepted(ops: OperatorStore, store: JobStore) -> None:
     longest = ops.submit_as_owner(OWNER, "p" * 4000, {})
-    largest = ops.submit_as_owner(OWNER, " a cat ", {"k": "é" * 8187})  # 16,383 bytes
+    largest = ops.submit_as_owner(OWNER, " a cat ", {"k": "é" * 8187 + "x"})  # 16,384 bytes: the limit
     # Only ASCII whitespace is blank to the check (btrim's list): a no-break space is a prompt.
     spaced = ops.submit_as_owner(OWNER, "\u00a0", {})
 
     assert store.job_state(longest) == store.job_state(largest) == store.job_state(spaced) == ("pending", 0)
     job = store.get_job(largest)
     assert job is not None and (job["prompt"], job["owner_user_id"]) == (" a cat ", OWNER)
-    assert job["params"] == {"k": "é" * 8187}
+    assert job["params"] == {"k": "é" * 8187 + "x"}

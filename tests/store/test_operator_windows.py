@@ -5,6 +5,8 @@ the same on every store. Jobs are moved into the past with the harness, never wa
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 from uuid import UUID
@@ -59,7 +61,7 @@ def field(store: JobStore, job_id: UUID, column: str) -> Any:
 def test_the_latencies_are_the_percentiles_of_the_done_jobs_pickup_and_total(
     ops: OperatorStore, store: JobStore, harness: Harness
 ) -> None:
-    for total, pickup in ((100.0, 10.0), (400.0, 80.0), (200.0, 20.0)):
+    for total, pickup in ((100.0, 10.0), (800.0, 80.0), (200.0, 20.0), (400.0, 40.0)):
         took(harness, done(store), total=total, pickup=pickup)
     failed = store.submit_job(OWNER, "fails after a long wait", {})
     store.claim_jobs(1)
@@ -68,12 +70,13 @@ def test_the_latencies_are_the_percentiles_of_the_done_jobs_pickup_and_total(
 
     whole = ops.finished_window(HOUR).whole
 
-    # percentile_cont: p50 of three is the middle one, p95 is 90% of the way from the 2nd to the 3rd.
-    assert (whole.done, whole.failed) == (3, 1)
-    assert whole.total_p50 == pytest.approx(200.0, abs=SLACK)
-    assert whole.total_p95 == pytest.approx(200.0 + 0.9 * 200.0, abs=SLACK)
-    assert whole.pickup_p50 == pytest.approx(20.0, abs=SLACK)
-    assert whole.pickup_p95 == pytest.approx(20.0 + 0.9 * 60.0, abs=SLACK)
+    # percentile_cont over four: p50 halfway from the 2nd to the 3rd, p95 85% of the way from the 3rd
+    # to the 4th.
+    assert (whole.done, whole.failed) == (4, 1)
+    assert whole.total_p50 == pytest.approx(200.0 + 0.5 * 200.0, abs=SLACK)
+    assert whole.total_p95 == pytest.approx(400.0 + 0.85 * 400.0, abs=SLACK)
+    assert whole.pickup_p50 == pytest.approx(20.0 + 0.5 * 20.0, abs=SLACK)
+    assert whole.pickup_p95 == pytest.approx(40.0 + 0.85 * 40.0, abs=SLACK)
 
 
 def test_a_retried_jobs_pickup_counts_from_its_retry_not_from_its_insert(
@@ -213,6 +216,17 @@ def test_unpriced_models_are_named_once_each_in_order(ops: OperatorStore, store:
     assert spend.unpriced_models == ["mock/alpha", "mock/zeta"]
 
 
+@pytest.fixture
+def far_from_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process's local time zone 14 hours ahead of UTC, as a worker host's may be."""
+    monkeypatch.setenv("TZ", "Etc/GMT-14")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("far_from_utc")
 def test_owners_today_start_at_midnight_utc_leave_out_calls_without_an_owner_and_break_ties(
     ops: OperatorStore, store: JobStore, harness: Harness
 ) -> None:
