@@ -7,6 +7,8 @@ and the broker keeps each message (actor, queue, args, delay) instead of enqueue
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +110,7 @@ class Stages:
         return sorted(p for p in self.root.rglob("*") if p.is_file())
 
 
-def make_stages(tmp_path: Path, **settings: Any) -> Stages:
+def make_stages(tmp_path: Path, *, clock: Callable[[], float] = time.monotonic, **settings: Any) -> Stages:
     values: dict[str, Any] = {
         "storage": "local", "storage_dir": tmp_path / "storage", "output_dir": tmp_path / "out",
         "usage_spool_dir": tmp_path / "spool", "job_test_options": True, **settings,
@@ -121,6 +123,7 @@ def make_stages(tmp_path: Path, **settings: Any) -> Stages:
         store=store,
         storage=storage,
         handoff=handoff,  # type: ignore[arg-type]
+        clock=clock,
     )
     return Stages(ctx, store, storage, handoff, broker, tmp_path / "storage")
 

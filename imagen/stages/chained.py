@@ -9,8 +9,6 @@ own message, whose retries own the backoff from there.
 
 from __future__ import annotations
 
-import time
-
 from imagen.logs import transition
 from imagen.stages.context import StageContext
 from imagen.stages.errors import guarded, usage_first
@@ -32,17 +30,21 @@ def sync_chained(
     held: HeldSink | None = None,
     stage_started: float,
 ) -> None:
-    """Upload, then write the images row and end the job done in one fenced call."""
+    """Upload, then write the images row and end the job done in one fenced call.
+
+    `stage_started` is when the generation stage began, on `ctx.clock`: the upload gets what is left
+    of its time limit.
+    """
     job_id = str(job.job_id)
     stage = "syncing"
-    started = time.monotonic()
+    started = ctx.clock()
     try:
         with guarded(ctx, job_id, attempt, stage), usage_first(ctx, held):
             path = job_object_path(job.owner_user_id, job.job_id, meta.mime)
-            limit = ctx.settings.generate_time_limit - (time.monotonic() - stage_started)
+            limit = ctx.settings.generate_time_limit - (ctx.clock() - stage_started)
             with heartbeating(ctx, job_id, attempt, limit):
                 stored = ctx.storage.put(path, data, meta.mime)
-            took = time.monotonic() - started
+            took = ctx.clock() - started
             image_id = record_image(
                 ctx, job, attempt, stored.bucket, path, len(data), meta, complete_after=took, held=held
             )

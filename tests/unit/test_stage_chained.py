@@ -9,8 +9,6 @@ again, and the job's lease kept fresh during a slow upload but not past its time
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,28 +20,29 @@ from imagen.broker import FINALIZE_ACTOR, FINALIZE_QUEUE, SYNC_ACTOR, SYNC_QUEUE
 from imagen.errors import TransientError, TransientStorageError
 from imagen.stages import run_finalize, run_generate, run_sync
 from imagen.stages.chained import sync_chained
-from imagen.stages.lease import heartbeating
+from imagen.stages.lease import Heartbeater, heartbeating
 from imagen.storage import StorageConfigError, job_object_path
 from imagen.store import ImageMeta
 from tests.stage_context import OWNER, Stages, claimed, job, logged, make_stages, transitions
-from tests.waiting import wait_until
+from tests.unit.test_stage_lease import Ticks
 
 
 @pytest.fixture
-def stages(tmp_path: Path) -> Iterator[Stages]:
-    chained = make_stages(tmp_path)
-    chained.ctx.chain_for_worker(None)
-    assert chained.ctx.chain_stages
-    yield chained
-    if "heartbeater" in chained.ctx.__dict__:
-        # The heartbeat thread has no stop (one per worker process): park it instead.
-        chained.ctx.heartbeater.interval = chained.ctx.heartbeater.check_interval = 3600
+def stages(tmp_path: Path) -> Stages:
+    return chained(make_stages(tmp_path))
 
 
-def fast_heartbeats(stages: Stages) -> None:
-    """A heartbeat pass every 20 ms instead of every lease/4 (0.5 s at least)."""
-    beats = stages.ctx.heartbeater
-    beats.interval = beats.check_interval = 0.02
+def chained(stages: Stages) -> Stages:
+    stages.ctx.chain_for_worker(None)
+    assert stages.ctx.chain_stages
+    return stages
+
+
+def stepped(tmp_path: Path, ticks: Ticks) -> Stages:
+    """Chained stages on the test's clock, their heartbeat thread a pass per step (0.5 s, the lease 2 s)."""
+    stages = chained(make_stages(tmp_path, clock=ticks.clock, lease_seconds=2))
+    stages.ctx.heartbeater = Heartbeater(stages.store, 2, clock=ticks.clock, wait=ticks.wait)
+    return stages
 
 
 def heartbeat_at(stages: Stages, job_id: str) -> Any:
@@ -165,44 +164,48 @@ def test_a_chained_job_cancelled_during_its_upload_keeps_no_image_and_is_never_l
     assert logged(dropped)["stage"] == "syncing"
 
 
-def test_a_slow_chained_upload_keeps_its_jobs_lease_fresh(stages: Stages) -> None:
-    fast_heartbeats(stages)
+def test_a_slow_chained_upload_keeps_its_jobs_lease_fresh(tmp_path: Path) -> None:
+    ticks = Ticks()
+    stages = stepped(tmp_path, ticks)
     job_id = claimed(stages.store)
-    at_upload: list[Any] = []
+    seen: list[Any] = []
 
     def slow_upload() -> None:
-        at_upload.append(heartbeat_at(stages, job_id))
-        wait_until(lambda: heartbeat_at(stages, job_id) > at_upload[0], timeout=5, message="a heartbeat")
+        seen.append(heartbeat_at(stages, job_id))
+        ticks.step()  # half a second into the upload: a heartbeat pass
+        seen.append(heartbeat_at(stages, job_id))
 
     stages.storage.during_put.append(slow_upload)
     run_generate(stages.ctx, job_id, 1)
 
+    assert seen[1] > seen[0], "the upload's job got a heartbeat"
     assert job(stages.store, job_id)["status"] == "done"
 
 
 def test_an_upload_past_the_stages_time_limit_gets_no_heartbeat_so_the_lease_can_take_the_job_back(
-    stages: Stages,
+    tmp_path: Path,
 ) -> None:
-    fast_heartbeats(stages)
+    ticks = Ticks()
+    stages = stepped(tmp_path, ticks)
     job_id, other = claimed(stages.store), claimed(stages.store)
     running = stages.store.begin_stage(job_id, 1, "generating")
     assert running is not None
     meta = ImageMeta(
         mime="image/png", width=16, height=16, backend="mock", model="m", prompt="a cat", params={}
     )
-    seen: list[Any] = []
+    seen: dict[str, list[Any]] = {job_id: [], other: []}
 
-    def upload_after_a_beat_pass() -> None:
-        seen.append(heartbeat_at(stages, job_id))
-        beats = [heartbeat_at(stages, other)]
-        for _ in range(2):  # two passes of the heartbeat thread since the upload began
-            wait_until(lambda: heartbeat_at(stages, other) > beats[-1], timeout=5, message="a heartbeat pass")
-            beats.append(heartbeat_at(stages, other))
-        seen.append(heartbeat_at(stages, job_id))
+    def upload_during_a_heartbeat_pass() -> None:
+        for key, beats in seen.items():
+            beats.append(heartbeat_at(stages, key))
+        ticks.step()
+        for key, beats in seen.items():
+            beats.append(heartbeat_at(stages, key))
 
-    stages.storage.during_put.append(upload_after_a_beat_pass)
+    stages.storage.during_put.append(upload_during_a_heartbeat_pass)
     limit = stages.ctx.settings.generate_time_limit
     with heartbeating(stages.ctx, other, 1, 60):  # another job's provider call, in the same worker
-        sync_chained(stages.ctx, running, 1, b"png", meta, stage_started=time.monotonic() - limit)
+        sync_chained(stages.ctx, running, 1, b"png", meta, stage_started=ticks.now - limit)
 
-    assert seen[0] == seen[1], "no heartbeat for a stage past its time limit"
+    assert seen[other][1] > seen[other][0], "the pass refreshed the job still in its time limit"
+    assert seen[job_id][1] == seen[job_id][0], "no heartbeat for a stage past its time limit"
