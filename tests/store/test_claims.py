@@ -116,6 +116,15 @@ def test_a_claim_released_into_an_empty_queue_and_a_newcomer_share_the_current_r
     assert [c.job_id for c in store.claim_jobs(10)] == [a[2], b, a_next]
 
 
+def test_a_claim_released_while_another_owner_waits_goes_into_the_current_round(store: JobStore) -> None:
+    a = submit(store, OWNER_A, 3)
+    store.claim_jobs(3)
+    (b,) = submit(store, OWNER_B)  # the current round
+    assert store.release_claim(a[2], 1)  # from its third round back into the current one, not behind b
+
+    assert [c.job_id for c in store.claim_jobs(10)] == [a[2], b]
+
+
 def test_a_claim_within_the_cap_takes_only_the_room_left_and_says_how_many_ran(store: JobStore) -> None:
     a = submit(store, OWNER_A, 5)
 
