@@ -24,7 +24,7 @@ SELECT status, stage, count(*) FROM imagen.jobs GROUP BY status, stage;
 -- dashboard: each count stops at %(cap)s. One count per status, each with its status as a literal so
 -- the planner picks that status's best path (the partial pending/running indexes, or
 -- jobs_status_created_idx) from its statistics; a parameter would get one generic plan.
-SELECT 'pending', (SELECT count(*) FROM (SELECT 1 FROM imagen.jobs WHERE status = 'pending' LIMIT %(cap)s) c)
+SELECT 'pending', (SELECT count(*) FROM (SELECT 1 FROM imagen.jobs WHERE status = 'pending' AND fair_round IS NOT NULL LIMIT %(cap)s) c)
 UNION ALL
 SELECT 'running', (SELECT count(*) FROM (SELECT 1 FROM imagen.jobs WHERE status = 'running' LIMIT %(cap)s) c)
 UNION ALL
@@ -35,10 +35,13 @@ UNION ALL
 SELECT 'cancelled', (SELECT count(*) FROM (SELECT 1 FROM imagen.jobs WHERE status = 'cancelled' LIMIT %(cap)s) c);
 
 -- name: pending_count
-SELECT count(*) FROM imagen.jobs WHERE status = 'pending';
+-- `fair_round IS NOT NULL` is always true of a pending job (jobs_fair_round_check); it names
+-- jobs_claim_idx's predicate, the only index of every pending job (sql/015_claim_plan.sql).
+SELECT count(*) FROM imagen.jobs WHERE status = 'pending' AND fair_round IS NOT NULL;
 
 -- name: oldest_pending
-SELECT extract(epoch FROM now() - min(created_at))::float8 FROM imagen.jobs WHERE status = 'pending';
+SELECT extract(epoch FROM now() - min(created_at))::float8 FROM imagen.jobs
+WHERE status = 'pending' AND fair_round IS NOT NULL;
 
 -- name: running_by_stage
 SELECT coalesce(stage, 'none'), count(*) FROM imagen.jobs WHERE status = 'running' GROUP BY 1;

@@ -27,6 +27,7 @@ ALL = [
     "011_admission.sql",
     "012_fair_rounds.sql",
     "014_params_size.sql",
+    "015_claim_plan.sql",
 ]
 
 
@@ -165,6 +166,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "011_admission.sql": "applied",
         "012_fair_rounds.sql": "applied",
         "014_params_size.sql": "applied",
+        "015_claim_plan.sql": "applied",
         "099_next.sql": "pending",
     }
 

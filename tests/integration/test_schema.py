@@ -257,7 +257,7 @@ def test_claim_queue_indexes_exist(db_url: str) -> None:
         "(fair_round, created_at, id) WHERE ((status = 'pending'::text) AND (fair_round IS NOT NULL))"
     )
     assert indexes["jobs_pending_idx"].endswith(
-        "(owner_user_id, fair_round) WHERE (status = 'pending'::text)"
+        "(owner_user_id, fair_round) WHERE ((status = 'pending'::text) AND (owner_user_id IS NOT NULL))"
     )
     assert indexes["jobs_owner_idx"].endswith("(owner_user_id, created_at DESC)")
     assert indexes["jobs_running_idx"].endswith("(claimed_at) WHERE (status = 'running'::text)")

@@ -371,6 +371,51 @@ def test_claim_reads_the_rows_it_takes_not_the_backlog_even_with_stale_statistic
     assert rows_read(plan) < 1000, f"read {rows_read(plan)} job rows to claim 40 of 3,000"
 
 
+@pytest.mark.parametrize("plan_mode", ["force_generic_plan", "force_custom_plan"])
+def test_a_burst_from_many_owners_is_claimed_in_index_order_whatever_the_statistics_say(
+    db_url: str, plan_mode: str
+) -> None:
+    # The shape of `imagen bench --scale`'s last step, smaller: a burst from 300 owners on a table
+    # whose statistics (the last ANALYZE) show only done jobs. Before sql/015 the planner could read
+    # every pending row through jobs_pending_idx and sort them for each claim (40,000-100,000 blocks
+    # a claim at 1,000 x 100, until the next ANALYZE); now the claim can only walk jobs_claim_idx.
+    owners = [uuid.uuid4() for _ in range(300)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        insert_jobs(conn, owners[:10], 2000, prompt="old", status="done")
+        conn.execute("ANALYZE imagen.jobs")
+        insert_jobs(conn, owners, 6000, prompt="burst")
+        claim = jobs.CLAIM.replace("%(limit)s", "$1").replace("%(max_owners)s", "$2")
+        conn.execute(f"PREPARE claim(int, int) AS {claim}")
+        conn.execute(f"SET plan_cache_mode = {plan_mode}")
+        with conn.transaction(force_rollback=True):
+            row = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim(100, 1000)").fetchone()
+        # The per-owner lookups keep their index: the insert trigger's owner round.
+        owner_plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN SELECT j.fair_round FROM imagen.jobs j WHERE j.status = 'pending'"
+                " AND j.owner_user_id = %s ORDER BY j.fair_round DESC LIMIT 1",
+                (owners[0],),
+            ).fetchall()
+        )
+    assert row is not None
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    plan = nodes(row[0][0]["Plan"])
+    read = sum(
+        n["Actual Rows"] * n["Actual Loops"] + n.get("Rows Removed by Filter", 0)
+        for n in plan
+        if n.get("Relation Name") == "jobs"
+    )
+    assert plan[0]["Actual Rows"] == 100, "claimed 100"
+    assert {n.get("Index Name") for n in plan} & {"jobs_pending_idx"} == set(), plan
+    assert "jobs_claim_idx" in {n.get("Index Name") for n in plan}
+    assert read < 1000, f"read {read} job rows to claim 100 of 6,000"
+    assert "jobs_pending_idx" in owner_plan, owner_plan
+
+
 def test_rescue_of_a_job_no_worker_started_never_fails_it(db_url: str) -> None:
     """Workers down (or Redis lost the message): a 'queued' job cycles back to pending, not to failed."""
     with psycopg.connect(db_url, autocommit=True) as conn:

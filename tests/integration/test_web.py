@@ -393,7 +393,7 @@ def test_newest_jobs_and_capped_counts_use_migration_010s_indexes(db_url: str) -
         counts = plan(QUERIES["capped_counts"], {"cap": COUNT_CAP})
         # Rare statuses through their indexes; the dominant one (done) may be read in table order,
         # stopping at the cap either way.
-        for index in ("jobs_pending_idx", "jobs_running_idx", "jobs_status_created_idx"):
+        for index in ("jobs_claim_idx", "jobs_running_idx", "jobs_status_created_idx"):
             assert index in counts, counts
         assert "jobs_finished_idx" in plan(QUERIES["finished_window"], {"window": 3600.0, "by_minute": True})
 
