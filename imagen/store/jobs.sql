@@ -44,7 +44,9 @@ RETURNING j.id, j.attempt, j.owner_user_id, j.created_at, j.claimed_at, chosen.p
           coalesce(j.pending_at, j.created_at), (SELECT n FROM running);
 
 -- name: count_running
-SELECT count(*) FROM imagen.jobs WHERE status = 'running';
+-- `owner_user_id IS NOT NULL` is always true (NOT NULL column); it names jobs_running_idx's
+-- predicate, which the fenced writes below cannot use (sql/016_stage_plan.sql).
+SELECT count(*) FROM imagen.jobs WHERE status = 'running' AND owner_user_id IS NOT NULL;
 
 -- name: release_claim
 -- Undo a claim whose forward failed: the attempt did not happen.
@@ -57,7 +59,8 @@ WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running';
 -- it goes back to pending however many attempts it has, so an outage fails nothing.
 WITH expired AS (
     SELECT id FROM imagen.jobs
-    WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => %(lease)s)
+    WHERE status = 'running' AND owner_user_id IS NOT NULL  -- names jobs_running_idx (count_running)
+      AND heartbeat_at < now() - make_interval(secs => %(lease)s)
     ORDER BY heartbeat_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED

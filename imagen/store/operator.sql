@@ -22,11 +22,12 @@ SELECT status, stage, count(*) FROM imagen.jobs GROUP BY status, stage;
 -- name: capped_counts
 -- Counting a million done jobs exactly would scan a million index entries on every refresh of the
 -- dashboard: each count stops at %(cap)s. One count per status, each with its status as a literal so
--- the planner picks that status's best path (the partial pending/running indexes, or
+-- the planner picks that status's best path (the partial pending/running indexes, whose
+-- predicates the always-true `fair_round`/`owner_user_id IS NOT NULL` name, sql/015 and 016, or
 -- jobs_status_created_idx) from its statistics; a parameter would get one generic plan.
 SELECT 'pending', (SELECT count(*) FROM (SELECT 1 FROM imagen.jobs WHERE status = 'pending' AND fair_round IS NOT NULL LIMIT %(cap)s) c)
 UNION ALL
-SELECT 'running', (SELECT count(*) FROM (SELECT 1 FROM imagen.jobs WHERE status = 'running' LIMIT %(cap)s) c)
+SELECT 'running', (SELECT count(*) FROM (SELECT 1 FROM imagen.jobs WHERE status = 'running' AND owner_user_id IS NOT NULL LIMIT %(cap)s) c)
 UNION ALL
 SELECT 'done', (SELECT count(*) FROM (SELECT 1 FROM imagen.jobs WHERE status = 'done' LIMIT %(cap)s) c)
 UNION ALL
@@ -44,12 +45,14 @@ SELECT extract(epoch FROM now() - min(created_at))::float8 FROM imagen.jobs
 WHERE status = 'pending' AND fair_round IS NOT NULL;
 
 -- name: running_by_stage
-SELECT coalesce(stage, 'none'), count(*) FROM imagen.jobs WHERE status = 'running' GROUP BY 1;
+-- `owner_user_id IS NOT NULL`: always true, it names jobs_running_idx (sql/016_stage_plan.sql).
+SELECT coalesce(stage, 'none'), count(*) FROM imagen.jobs
+WHERE status = 'running' AND owner_user_id IS NOT NULL GROUP BY 1;
 
 -- name: last_claim
 -- The running jobs through the partial jobs_running_idx; finished ones through jobs_finished_idx.
 SELECT greatest(
-    (SELECT max(claimed_at) FROM imagen.jobs WHERE status = 'running'),
+    (SELECT max(claimed_at) FROM imagen.jobs WHERE status = 'running' AND owner_user_id IS NOT NULL),
     (SELECT max(claimed_at) FROM imagen.jobs WHERE finished_at >= now() - make_interval(secs => %(window)s))
 );
 

@@ -28,6 +28,7 @@ ALL = [
     "012_fair_rounds.sql",
     "014_params_size.sql",
     "015_claim_plan.sql",
+    "016_stage_plan.sql",
 ]
 
 
@@ -167,6 +168,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "012_fair_rounds.sql": "applied",
         "014_params_size.sql": "applied",
         "015_claim_plan.sql": "applied",
+        "016_stage_plan.sql": "applied",
         "099_next.sql": "pending",
     }
 

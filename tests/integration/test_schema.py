@@ -260,7 +260,9 @@ def test_claim_queue_indexes_exist(db_url: str) -> None:
         "(owner_user_id, fair_round) WHERE ((status = 'pending'::text) AND (owner_user_id IS NOT NULL))"
     )
     assert indexes["jobs_owner_idx"].endswith("(owner_user_id, created_at DESC)")
-    assert indexes["jobs_running_idx"].endswith("(claimed_at) WHERE (status = 'running'::text)")
+    assert indexes["jobs_running_idx"].endswith(
+        "(claimed_at) WHERE ((status = 'running'::text) AND (owner_user_id IS NOT NULL))"
+    )
 
 
 def test_stage_starts_and_heartbeats_of_a_running_job_are_hot_updates(db_url: str) -> None:

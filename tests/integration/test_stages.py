@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from psycopg import sql
 
 from imagen import jobs
 from imagen.broker import (
@@ -414,6 +415,79 @@ def test_a_burst_from_many_owners_is_claimed_in_index_order_whatever_the_statist
     assert "jobs_claim_idx" in {n.get("Index Name") for n in plan}
     assert read < 1000, f"read {read} job rows to claim 100 of 6,000"
     assert "jobs_pending_idx" in owner_plan, owner_plan
+
+
+def _fenced_writes(job: Any) -> dict[str, dict[str, Any]]:
+    """Every fenced write of a running job (`status = 'running' AND attempt = ...`), with parameters."""
+    from imagen.store.postgres_stages import image_params, usage_params
+    from imagen.store.rows import ImageRow
+
+    one = {"id": job.job_id, "attempt": job.attempt}
+    image = ImageRow(
+        job_id=job.job_id, bucket="b", path=f"jobs/{job.job_id}.png", mime="image/png", width=1, height=1,
+        bytes=1, prompt="p", backend="mock", model="m", params={},
+    )  # fmt: skip
+    row = {**image_params(image), "job_id": job.job_id, "attempt": job.attempt}
+    chained = {**row, **usage_params(None), "sync_seconds": 0.0}
+    return {
+        "begin_stage": {**one, "stage": "generating"},
+        "heartbeat_many": {"ids": [job.job_id], "attempts": [job.attempt]},
+        "still_running": {"ids": [job.job_id], "attempts": [job.attempt]},
+        "note_transient": {**one, "error": "e"},
+        "fail_job": {**one, "error": "e"},
+        "release_claim": one,
+        "begin_sync": one,
+        "record_job_image": row,
+        "record_and_complete": chained,
+    }
+
+
+def test_a_stage_write_finds_its_job_by_primary_key_whatever_the_statistics_say(db_url: str) -> None:
+    # Statistics from a moment with no job running (an ANALYZE between bursts), then 200 running:
+    # before sql/016 every fenced write took jobs_running_idx, a one-page index by those statistics,
+    # and walked all 200 running rows to find its own (170-240 blocks a write in `bench --scale`).
+    from imagen.store.queries import QUERIES
+
+    owners = [uuid.uuid4() for _ in range(20)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        insert_jobs(conn, owners, 2000, prompt="old", status="done")
+        conn.execute("ANALYZE imagen.jobs")
+        insert_jobs(conn, owners, 200, prompt="burst")
+        claims = jobs.claim_jobs(conn, 200)
+        assert len(claims) == 200
+        plans = {}
+        for name, params in _fenced_writes(claims[100]).items():
+            with conn.transaction(force_rollback=True):
+                row = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES[name], params).fetchone()
+            assert row is not None
+            plans[name] = row[0][0]["Plan"]
+        # The generic plan too (after five executions psycopg prepares the statement, and the server
+        # may keep one plan for every job).
+        begin = QUERIES["begin_stage"].replace("%(stage)s", "$1").replace("%(id)s", "$2")
+        conn.execute("PREPARE begin_generic(text, uuid, smallint) AS " + begin.replace("%(attempt)s", "$3"))
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        with conn.transaction(force_rollback=True):
+            row = conn.execute(
+                sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE begin_generic('generating', {}, {})").format(
+                    claims[100].job_id, claims[100].attempt
+                )
+            ).fetchone()
+        assert row is not None
+        plans["begin_stage, generic plan"] = row[0][0]["Plan"]
+        conn.execute("RESET plan_cache_mode")
+        count = "\n".join(r[0] for r in conn.execute("EXPLAIN " + QUERIES["count_running"]).fetchall())
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    for name, plan in plans.items():
+        on_jobs = [n for n in nodes(plan) if n.get("Relation Name") == "jobs" and "Index Name" in n]
+        assert on_jobs, f"{name}: no index scan of imagen.jobs: {plan}"
+        assert {n["Index Name"] for n in on_jobs} == {"jobs_pkey"}, f"{name}: {on_jobs}"
+        walked = sum(n.get("Rows Removed by Filter", 0) for n in nodes(plan))
+        assert walked == 0, f"{name} read {walked} other jobs' rows to find its own"
+    # The in-flight count still reads only the running rows, through the index they are in.
+    assert "jobs_running_idx" in count, count
 
 
 def test_rescue_of_a_job_no_worker_started_never_fails_it(db_url: str) -> None:

@@ -85,7 +85,7 @@ SELECT count(*) FROM imagen.jobs;
 UPDATE imagen.jobs SET status = 'cancelled' WHERE owner_user_id = ANY(%(owners)s) AND status = 'pending';
 
 -- name: scale_running
-SELECT count(*) FROM imagen.jobs WHERE status = 'running';
+SELECT count(*) FROM imagen.jobs WHERE status = 'running' AND owner_user_id IS NOT NULL;
 
 -- name: scale_done_since
 SELECT count(*) FROM imagen.jobs WHERE finished_at >= %(t0)s AND status = 'done';
