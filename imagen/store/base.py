@@ -141,6 +141,10 @@ class JobStore(Protocol):
         """The owner's override row (daily images, daily cost), None without one."""
         ...
 
+    def owner_quotas(self, limit: int) -> dict[UUID, tuple[int | None, float | None]]:
+        """Up to `limit` override rows (daily images, daily cost) by owner, in no particular order."""
+        ...
+
     def used_today(self, owner_user_id: UUID) -> tuple[int, float]:
         """Images of successful calls and the cost of every call of the owner since midnight UTC."""
         ...

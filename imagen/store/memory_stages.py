@@ -10,6 +10,7 @@ statement. Its clock only moves forward, so two calls never share a timestamp.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from datetime import UTC, datetime, timedelta
@@ -227,6 +228,10 @@ class InMemoryStageStore:
     def owner_quota(self, owner_user_id: UUID) -> tuple[int | None, float | None] | None:
         with self._lock:
             return self.quotas.get(owner_user_id)
+
+    def owner_quotas(self, limit: int) -> dict[UUID, tuple[int | None, float | None]]:
+        with self._lock:
+            return dict(itertools.islice(self.quotas.items(), limit))
 
     def used_today(self, owner_user_id: UUID) -> tuple[int, float]:
         with self._lock:

@@ -185,6 +185,11 @@ class PostgresStageStore:
             row = conn.execute(QUERIES["owner_quota"], {"owner": owner_user_id}).fetchone()
         return None if row is None else (row[0], None if row[1] is None else float(row[1]))
 
+    def owner_quotas(self, limit: int) -> dict[UUID, tuple[int | None, float | None]]:
+        with self.connect() as conn:
+            rows = conn.execute(QUERIES["owner_quotas"], {"limit": limit}).fetchall()
+        return {row[0]: (row[1], None if row[2] is None else float(row[2])) for row in rows}
+
     def used_today(self, owner_user_id: UUID) -> tuple[int, float]:
         with self.connect() as conn:
             row = conn.execute(QUERIES["used_today"], {"owner": owner_user_id}).fetchone()

@@ -133,6 +133,11 @@ ON CONFLICT (call_id) DO NOTHING;
 -- name: owner_quota
 SELECT daily_images, daily_cost_usd FROM imagen.owner_quotas WHERE owner_user_id = %(owner)s;
 
+-- name: owner_quotas
+-- Every override at once while there are few (imagen/quotas.py, QuotaBook): one read per interval
+-- instead of one per owner.
+SELECT owner_user_id, daily_images, daily_cost_usd FROM imagen.owner_quotas LIMIT %(limit)s;
+
 -- name: used_today
 -- Midnight UTC of the server's today: the same day boundary for every worker host.
 SELECT coalesce(sum(images) FILTER (WHERE ok), 0), coalesce(sum(cost_usd), 0)

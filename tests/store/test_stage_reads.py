@@ -127,3 +127,12 @@ def test_the_replay_says_how_many_records_it_wrote(store: JobStore, tmp_path: Pa
 
     assert store.replay_usage(spool) == 3
     assert store.replay_usage(spool) == 0
+
+
+def test_every_override_is_read_at_once_up_to_the_limit_asked(store: JobStore, harness: Harness) -> None:
+    assert store.owner_quotas(10) == {}
+    harness.set_quota(OWNER, 5, 1.5)
+    harness.set_quota(OTHER, None, 0.25)
+    assert store.owner_quotas(10) == {OWNER: (5, 1.5), OTHER: (None, 0.25)}
+    (one,) = store.owner_quotas(1).items()
+    assert one in {(OWNER, (5, 1.5)), (OTHER, (None, 0.25))}
