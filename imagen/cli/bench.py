@@ -66,7 +66,8 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
     help="instead: the pipeline on a fresh table, then after 1,000,000 finished rows, then 3,000"
     " single-job owners and 1,000 owners x 100 jobs: backlog rates, idle pickup and the claim's cost,"
     " as ratios to the fresh table, a few minutes; --quick, --jobs (each step's backlog"
-    " [default: 2000; 1000 quick]), --samples [default: 30; 15 quick], --scratch, --durable and --json apply",
+    " [default: 2000; 1000 quick]), --rounds (backlogs per step, the median counts [default: 3; 1 quick]),"
+    " --samples [default: 30; 15 quick], --scratch, --durable and --json apply",
 )
 @click.option(
     "--durable",

@@ -17,6 +17,7 @@ from imagen.devtools.bench.scale import (
     ClaimCost,
     ScaleReport,
     Step,
+    median_round,
     render_scale,
     scale_json,
     scale_ratios,
@@ -105,3 +106,23 @@ def test_a_durable_bench_server_really_syncs() -> None:
         assert shown == {name: ("on",) for name in DURABLE_SETTINGS}
     finally:
         server.cleanup()
+
+
+def test_a_steps_rate_is_its_median_round_with_the_rounds_spread_beside_it() -> None:
+    """One slow backlog of three (a busy neighbour) moves neither the step's rate nor its ratio."""
+    out = report()
+    owners = out.steps[2]
+    owners.rates = [Throughput(2000, 2.0), Throughput(2000, 4.0), Throughput(2000, 2.2)]
+    owners.rate = median_round(owners.rates)
+    assert owners.rate.per_second == pytest.approx(909.09, abs=0.01)
+    row = next(line for line in render_scale(out).splitlines() if line.startswith("owners "))
+    assert "500-1000" in row.replace(" ", "")
+    assert [r["seconds"] for r in scale_json(out)["steps"][2]["rates"]] == [2.0, 4.0, 2.2]
+
+
+def test_the_claims_of_a_steps_rounds_add_up_as_one_backlog() -> None:
+    from imagen.devtools.bench.scale import _combined
+
+    both = _combined([ClaimCost(10, 2.0, 9.0, 40.0, 800.0), ClaimCost(30, 4.0, 5.0, 20.0, 1200.0)])
+    assert both == ClaimCost(40, 3.5, 9.0, 25.0, 1100.0)
+    assert _combined([]) is None
