@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from click.testing import CliRunner
 from imagen.cli import main
 from imagen.devtools.bench import Summary, Throughput, bench_config
 from imagen.devtools.bench.config import DURABLE_SETTINGS
+from imagen.devtools.bench.procs import CpuWatch, cpu_seconds
 from imagen.devtools.bench.scale import (
     PROBES,
     ClaimCost,
@@ -23,6 +26,7 @@ from imagen.devtools.bench.scale import (
     scale_ratios,
     scale_targets,
 )
+from tests.waiting import wait_until
 
 
 def step(name: str, rate: float, pickup: float, claim_ms: float = 1.0) -> Step:
@@ -121,8 +125,42 @@ def test_a_steps_rate_is_its_median_round_with_the_rounds_spread_beside_it() -> 
 
 
 def test_the_claims_of_a_steps_rounds_add_up_as_one_backlog() -> None:
-    from imagen.devtools.bench.scale import _combined
+    from imagen.devtools.bench.scale_report import combined_claims
 
-    both = _combined([ClaimCost(10, 2.0, 9.0, 40.0, 800.0), ClaimCost(30, 4.0, 5.0, 20.0, 1200.0)])
+    both = combined_claims([ClaimCost(10, 2.0, 9.0, 40.0, 800.0), ClaimCost(30, 4.0, 5.0, 20.0, 1200.0)])
     assert both == ClaimCost(40, 3.5, 9.0, 25.0, 1100.0)
-    assert _combined([]) is None
+    assert combined_claims([]) is None
+
+
+def test_the_cpu_a_job_costs_is_shown_by_process_next_to_the_fresh_steps() -> None:
+    out = report()
+    for s, machine in zip(out.steps, (1.6, 1.7, 1.9, 2.0), strict=True):
+        s.cpu_ms = {"workers": 1.0, "listener": 0.07, "postgres": 0.5, "redis": 0.06, "machine": machine}
+    lines = render_scale(out).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("CPU per job, ms"))
+    assert lines[start].split("|")[1:] == [
+        " workers ",
+        " listener ",
+        " PostgreSQL ",
+        " Redis ",
+        " machine ",
+        " machine x fresh",
+    ]
+    owners = next(line for line in lines[start:] if line.startswith("owners "))
+    assert owners.split("|")[-1].strip() == "1.19x"
+    assert scale_json(out)["steps"][2]["cpu_ms"]["postgres"] == 0.5
+
+
+def test_cpu_watch_counts_a_process_that_started_inside_the_window() -> None:
+    """A backend PostgreSQL starts during a backlog counts from zero, and the machine's total has it."""
+    started: list[int] = []
+    with CpuWatch({"children": lambda: list(started)}) as watch:
+        # Busy for a while, then waits on its stdin: still there when the window closes.
+        child = subprocess.Popen(
+            [sys.executable, "-c", "sum(range(30_000_000)); input()"], stdin=subprocess.PIPE
+        )
+        started.append(child.pid)
+        wait_until(lambda: (cpu_seconds(child.pid) or 0.0) >= 0.2, timeout=30, message="the child's loop")
+    child.communicate(b"\n", timeout=30)
+    assert watch.used["children"] >= 0.2
+    assert watch.used["machine"] >= watch.used["children"] * 0.9

@@ -52,6 +52,60 @@ def process_tree(label: str, pid: int) -> dict[str, int]:
     return {f"{label}_master": pid, **{f"{label}_{i}": child for i, child in enumerate(child_pids(pid), 1)}}
 
 
+def descendants(pid: int) -> list[int]:
+    """A process and every process under it (a dramatiq master's workers, a postmaster's backends)."""
+    found = [pid]
+    for child in child_pids(pid):
+        found += descendants(child)
+    return found
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time a process has used so far, None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all CPUs spent busy (not idle, not waiting for I/O) since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuWatch:
+    """CPU seconds used by named groups of processes, and by the whole machine, between enter and exit.
+
+    Each group's processes are listed again at exit: one that started meanwhile (a backend) counts
+    from zero, one that ended meanwhile loses what it used; the machine's total has both.
+    """
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+        self.used: dict[str, float] = {}
+
+    def __enter__(self) -> CpuWatch:
+        self._start = {
+            name: {pid: cpu_seconds(pid) or 0.0 for pid in pids()} for name, pids in self.groups.items()
+        }
+        self._machine = machine_busy_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.used = {}
+        for name, pids in self.groups.items():
+            start = self._start[name]
+            used = 0.0
+            for pid in pids():
+                now = cpu_seconds(pid)
+                if now is not None:
+                    used += max(0.0, now - start.get(pid, 0.0))
+            self.used[name] = used
+        self.used["machine"] = machine_busy_seconds() - self._machine
+
+
 class MemoryWatch:
     """Samples the RSS of named processes in a thread and keeps each one's peak."""
 
