@@ -29,6 +29,7 @@ ALL = [
     "014_params_size.sql",
     "015_claim_plan.sql",
     "016_stage_plan.sql",
+    "017_fair_round_plan.sql",
 ]
 
 
@@ -169,6 +170,7 @@ def test_status_reports_pending_applied_changed_and_missing(fresh_db_url: str, s
         "014_params_size.sql": "applied",
         "015_claim_plan.sql": "applied",
         "016_stage_plan.sql": "applied",
+        "017_fair_round_plan.sql": "applied",
         "099_next.sql": "pending",
     }
 

@@ -89,7 +89,8 @@ def test_trigger_functions_pin_an_empty_search_path(db_url: str) -> None:
         ).fetchall()
     assert rows == [
         ("jobs_before_update", ['search_path=""']),
-        ("jobs_fair_round", ['search_path=""']),
+        # sql/017: its cached lookups are index scans even under an empty table's statistics.
+        ("jobs_fair_round", ['search_path=""', "enable_seqscan=off"]),
         ("jobs_notify_insert", ['search_path=""']),
         ("jobs_notify_pending", ['search_path=""']),
         ("jobs_server_id", ['search_path=""']),

@@ -417,6 +417,33 @@ def test_a_burst_from_many_owners_is_claimed_in_index_order_whatever_the_statist
     assert "jobs_pending_idx" in owner_plan, owner_plan
 
 
+def test_a_bulk_insert_after_an_empty_analyze_reads_no_earlier_row_per_inserted_row(db_url: str) -> None:
+    # A fresh database's first bulk import: the last ANALYZE saw no job, so the fair-round
+    # trigger's cached lookups were sequential scans and each row read every row inserted before
+    # it (20,000 jobs in one INSERT: 31 s instead of 0.3 s). Since sql/017 they walk their index.
+    owners = [uuid.uuid4() for _ in range(3)]
+    with psycopg.connect(db_url) as conn:
+        conn.execute("ANALYZE imagen.jobs")
+        conn.commit()
+        insert_jobs(conn, owners, 3000)
+        # This transaction's own counts, before any flush to the shared statistics.
+        row = conn.execute(
+            "SELECT seq_scan, seq_tup_read FROM pg_stat_xact_user_tables WHERE relid = 'imagen.jobs'::regclass"
+        ).fetchone()
+        entries = conn.execute(
+            "SELECT sum(pg_stat_get_xact_tuples_returned(indexrelid)) FROM pg_index"
+            " WHERE indrelid = 'imagen.jobs'::regclass"
+        ).fetchone()
+        rounds = conn.execute(
+            "SELECT count(DISTINCT fair_round), max(fair_round) FROM imagen.jobs WHERE status = 'pending'"
+        ).fetchone()
+    assert row is not None and entries is not None
+    seq_scans, seq_read = row
+    assert seq_scans == 0, f"{seq_scans} sequential scans of imagen.jobs reading {seq_read} rows"
+    assert entries[0] <= 2 * 3000, f"{entries[0]} index entries read for 3,000 rows' 6,000 lookups"
+    assert rounds == (1000, 999), "each owner's next job one round after its last"
+
+
 def _fenced_writes(job: Any) -> dict[str, dict[str, Any]]:
     """Every fenced write of a running job (`status = 'running' AND attempt = ...`), with parameters."""
     from imagen.store.postgres_stages import image_params, usage_params
