@@ -270,6 +270,21 @@ def format_versus(value: float | None, baseline: float | None, unit: str) -> str
     return f"{baseline / value:.2f}x {smaller}"
 
 
+def text_table(lines: Sequence[Sequence[str]], left: tuple[int, ...] = (0,)) -> list[str]:
+    """Rows of cells as aligned text: the first row a header, a rule under it, columns in `left`
+    left-aligned and the others right-aligned (figures)."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = [
+        " | ".join(
+            cell.ljust(w) if i in left else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return out
+
+
 def render_table(report: Report) -> str:
     """figure | p50 | p99 | max | baseline | vs baseline, its legend, then the targets."""
     header = ("figure", "p50", "p99", "max", "baseline", "vs baseline")
@@ -282,15 +297,7 @@ def render_table(report: Report) -> str:
                 format_value(row.max), base, format_versus(row.p50, row.baseline_value, row.unit),
             )
         )  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = [
-        " | ".join(
-            cell.ljust(w) if i in (0, 4) else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in lines
-    ]
-    out.insert(1, "-+-".join("-" * w for w in widths))
+    out = text_table(lines, left=(0, 4))
     out.append(RATIO_LEGEND)
     out.append("")
     for target in evaluate_targets(report):

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from imagen.devtools.bench.config import BenchConfig
-from imagen.devtools.bench.report import Summary, Throughput, format_value
+from imagen.devtools.bench.report import Summary, Throughput, format_value, text_table
 
 TARGET_RATE, TARGET_PICKUP, TARGET_CLAIM_MS = 0.9, 1.1, 5.0
 
@@ -99,15 +99,7 @@ def render_scale(report: ScaleReport) -> str:
             format_value(c.rows_per_call) if c else "-", format_value(c.blocks_per_call) if c else "-",
             f"{format_value(s.probe.p50)}/{format_value(s.probe.p99)}" if s.probe else "-",
         ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = [
-        " | ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in lines
-    ]
-    out.insert(1, "-+-".join("-" * w for w in widths))
+    out = text_table(lines)
     out.append("")
     out.extend(_cpu_table(report))
     for name, verdict in scale_targets(report):
@@ -170,16 +162,7 @@ def _cpu_table(report: ScaleReport) -> list[str]:
             s.label, *(format_value(s.cpu_ms.get(key)) for key, _ in CPU_GROUPS),
             _x(machine / fresh if machine and fresh else None),
         ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = [
-        " | ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in lines
-    ]
-    out.insert(1, "-+-".join("-" * w for w in widths))
-    return [*out, ""]
+    return [*text_table(lines), ""]
 
 
 def _spread(rates: list[Throughput]) -> str:
