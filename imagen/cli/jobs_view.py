@@ -127,7 +127,7 @@ def detail_lines(detail: jobs_admin.JobDetail) -> list[str]:
         lines.append("usage")
         for use in detail.usage:
             cost = (
-                f"${float(use['cost_usd']):.4f}"
+                f"${use['cost_usd']:.4f}"
                 if use["cost_usd"] is not None
                 else (
                     "cost unpriced" if str(use.get("cost_basis") or "").startswith("unpriced") else "cost -"

@@ -241,7 +241,7 @@ class InMemoryStageStore:
                 for r in self.usage.values()
                 if r.owner_user_id == owner_user_id and r.created_at >= midnight
             ]
-            return sum(r.images for r in today if r.ok), sum(r.cost_usd or 0.0 for r in today)
+            return sum(r.images for r in today if r.ok), float(sum(r.cost_usd or 0.0 for r in today))
 
     def recover(self, exc: BaseException) -> None:
         pass

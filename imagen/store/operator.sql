@@ -116,8 +116,9 @@ ORDER BY (id = %(image_id)s::uuid) DESC NULLS LAST
 LIMIT 1;
 
 -- name: job_usage
-SELECT backend, model, images, input_tokens, output_tokens, cost_usd, cost_basis, latency_ms, ok, error,
-    created_at
+-- cost_usd as float8: numeric reads as Decimal, and every store hands out costs as floats.
+SELECT backend, model, images, input_tokens, output_tokens, cost_usd::float8 AS cost_usd, cost_basis,
+    latency_ms, ok, error, created_at
 FROM imagen.usage
 WHERE job_id = %(job_id)s
 ORDER BY created_at, id;

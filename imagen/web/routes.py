@@ -138,7 +138,7 @@ def _job_context(state: WebState, job_id: UUID) -> dict[str, Any]:
     with state.store() as store:
         detail = jobs_admin.job_detail(store, job_id)
     now = datetime.now(UTC)
-    costs = [float(use["cost_usd"]) for use in detail.usage if use["cost_usd"] is not None]
+    costs = [use["cost_usd"] for use in detail.usage if use["cost_usd"] is not None]
     return {
         "detail": detail,
         "job": detail.job,
