@@ -31,6 +31,9 @@ _EVENT_ORDER = {name: i for i, name in enumerate(("created", "pending", *STAGES,
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 PRUNE_BATCH = 5000
+# What a refreshing view (`imagen jobs watch`, the dashboard) counts each status up to: counting a
+# year of done jobs exactly would read every one of them on every refresh. Shown as "100,000+".
+COUNT_CAP = 100_000
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,15 @@ def status_counts(store: Store) -> tuple[dict[str, int], dict[str, int]]:
             key = stage or "none"
             by_stage[key] = by_stage.get(key, 0) + n
     return counts, in_stage_order(by_stage)
+
+
+def capped_status_counts(store: Store, cap: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(jobs per status, each stopped at `cap`; running jobs per stage in stage order, exact).
+
+    For views that refresh: each count reads at most `cap` index entries and the per-stage
+    split reads only the running jobs (jobs_running_idx), whatever the size of the table.
+    """
+    return store.capped_counts(cap), in_stage_order(store.running_by_stage())
 
 
 def in_stage_order(by_stage: dict[str, int]) -> dict[str, int]:

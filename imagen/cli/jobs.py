@@ -193,17 +193,20 @@ def watch(interval: float, limit: int, once: bool) -> None:
     """A live view of the queue, until Ctrl-C.
 
     Counts by status, running jobs by stage and the latest jobs, refreshed
-    every --interval seconds.
+    every --interval seconds. Each status is counted up to 100,000 (shown as
+    "done 100,000+"), so a frame stays cheap on a table of millions of jobs;
+    `imagen jobs stats` counts exactly.
     """
+    cap = jobs_admin.COUNT_CAP  # read here, not bound at import: the tests make it small
     with _store() as store:
         try:
             while True:
-                counts, by_stage = jobs_admin.status_counts(store)
+                counts, by_stage = jobs_admin.capped_status_counts(store, cap)
                 latest = jobs_admin.list_jobs(store, limit=limit)
                 frame = [
                     f"imagen jobs  {view.when(datetime.now(UTC))}"
                     + ("" if once else f"  (every {interval:g}s, Ctrl-C to stop)"),
-                    view.counts_line(counts),
+                    view.counts_line(counts, cap),
                 ]
                 if by_stage:
                     frame.append("running by stage: " + "  ".join(f"{k} {v}" for k, v in by_stage.items()))

@@ -81,8 +81,14 @@ def table(rows: list[jobs_admin.JobSummary]) -> list[str]:
     return lines
 
 
-def counts_line(counts: dict[str, int]) -> str:
-    return "  ".join(f"{status} {counts.get(status, 0)}" for status in jobs_admin.STATUSES)
+def counts_line(counts: dict[str, int], cap: int | None = None) -> str:
+    """'pending 5  running 1  done 100,000+ ...': a count at `cap` is shown as 'cap+' (capped counts)."""
+    return "  ".join(f"{status} {capped(counts.get(status, 0), cap)}" for status in jobs_admin.STATUSES)
+
+
+def capped(n: int, cap: int | None) -> str:
+    """As the dashboard shows a count (imagen/web/format.py): '12,345', or '100,000+' at the cap."""
+    return f"{n:,}+" if cap is not None and n >= cap else f"{n:,}"
 
 
 def detail_lines(detail: jobs_admin.JobDetail) -> list[str]:

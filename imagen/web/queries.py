@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 # Counting a million done jobs exactly would scan a million index entries on every refresh;
 # beyond this the page says "100,000+" (Oban Web and River UI cap their counts the same way).
-COUNT_CAP = 100_000
+# The cap lives in jobs_admin so that `imagen jobs watch` shares it without importing the web package.
+COUNT_CAP = jobs_admin.COUNT_CAP
 
 
 @dataclass(frozen=True)

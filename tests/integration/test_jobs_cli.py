@@ -475,6 +475,47 @@ def test_watch_once_prints_counts_and_the_latest_jobs(db_url: str, imagen_jobs: 
     assert [line.split()[0] for line in table[1:]] == [str(i) for i in ids[:3]]
 
 
+def watch_once_in_process(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap: int
+) -> list[str]:
+    """One `imagen jobs watch --once` frame, run in this process so the count cap can be made small."""
+    from click.testing import CliRunner
+
+    from imagen import jobs_admin
+    from imagen.cli import main
+
+    monkeypatch.setattr(jobs_admin, "COUNT_CAP", cap)
+    monkeypatch.chdir(tmp_path)  # no .env
+    keep = clean_env(IMAGEN_DATABASE_URL=db_url)
+    env: dict[str, str | None] = {name: None for name in os.environ if name not in keep}
+    env.update(keep)
+    result = CliRunner().invoke(main, ["jobs", "watch", "--once"], env=env)
+    assert result.exit_code == 0, result.output
+    return result.output.splitlines()
+
+
+def test_watch_shows_a_status_at_the_count_cap_as_cap_plus(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(4):
+        seed(db_url, status="done", finished_at=db_now(db_url))
+    seed(db_url, status="pending")
+
+    lines = watch_once_in_process(db_url, tmp_path, monkeypatch, cap=3)
+    assert lines[1] == "pending 1  running 0  done 3+  failed 0  cancelled 0"
+
+
+def test_watch_gives_running_jobs_by_stage_exactly_when_running_is_at_the_cap(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for stage in ("generating", "generating", "generating", "syncing"):
+        seed(db_url, status="running", stage=stage, attempt=1)
+
+    lines = watch_once_in_process(db_url, tmp_path, monkeypatch, cap=3)
+    assert lines[1] == "pending 0  running 3+  done 0  failed 0  cancelled 0"
+    assert lines[2] == "running by stage: generating 3  syncing 1"
+
+
 def test_commands_need_a_database_url_and_fail_in_one_line(imagen_jobs: Run) -> None:
     for args in (("ls",), ("stats",), ("watch", "--once"), ("show", str(uuid.uuid4()))):
         result = imagen_jobs(*args, database=False)
