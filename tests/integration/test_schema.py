@@ -81,7 +81,7 @@ def test_notify_trigger_is_statement_level(db_url: str) -> None:
     assert row == (True, True), "expected FOR EACH STATEMENT, AFTER INSERT"
 
 
-def test_trigger_functions_pin_an_empty_search_path(db_url: str) -> None:
+def test_trigger_functions_pin_an_empty_search_path_and_the_fair_round_its_index_plans(db_url: str) -> None:
     with psycopg.connect(db_url) as conn:
         rows = conn.execute(
             "select p.proname, p.proconfig from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
