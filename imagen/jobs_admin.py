@@ -152,6 +152,11 @@ def status_counts(store: Store) -> tuple[dict[str, int], dict[str, int]]:
     return counts, in_stage_order(by_stage)
 
 
+def capped_count(n: int, cap: int | None = COUNT_CAP) -> str:
+    """A count as the refreshing views show it: '12,345', or '100,000+' at the cap (None: exact)."""
+    return f"{n:,}+" if cap is not None and n >= cap else f"{n:,}"
+
+
 def capped_status_counts(store: Store, cap: int) -> tuple[dict[str, int], dict[str, int]]:
     """(jobs per status, each stopped at `cap`; running jobs per stage in stage order, exact).
 

@@ -36,44 +36,13 @@ from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imagen.db import migrate
 from imagen.devtools.bench.config import DRAMATIQ_THREADS, JOB_PARAMS
+from imagen.devtools.bench.procs import CpuWatch, descendants
 from imagen.devtools.bench.sql import QUERIES
 from imagen.devtools.runner import PipelineProcesses, listeners_listening, pipeline_env
-from imagen.devtools.servers import PostgresServer, RedisServer
+from imagen.devtools.servers import migrated_servers
 
 GROUPS = ("workers", "listener", "postgres", "redis", "machine")
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def tree(pid: int) -> list[int]:
-    """A process and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                ppid = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
-
-
-def cpu(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / TICK
-
-
-def machine() -> float:
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(values) - values[3] - values[4]) / TICK
 
 
 def drain(conn: psycopg.Connection, jobs: int) -> float:
@@ -93,17 +62,10 @@ def drain(conn: psycopg.Connection, jobs: int) -> float:
 def one_backlog(checkout: Path, jobs: int, workers: int) -> dict[str, float]:
     """One fresh pipeline from `checkout`: CPU per job (ms) by group, and the rate."""
     with contextlib.ExitStack() as stack:
-        root = Path(tempfile.mkdtemp(prefix="cpu-per-job-"))
-        stack.callback(shutil.rmtree, root, ignore_errors=True)
+        root, pg, rd = migrated_servers(stack, "cpu-per-job-", sql_dir=checkout / "sql")
         shm = Path("/dev/shm")
         files = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
         stack.callback(shutil.rmtree, files, ignore_errors=True)
-        pg, rd = PostgresServer(), RedisServer()
-        stack.callback(pg.cleanup)
-        stack.callback(rd.cleanup)
-        pg.start()
-        rd.start()
-        migrate(pg.url, sql_dir=checkout / "sql")
         env = pipeline_env(pg.url, rd.url, files, IMAGEN_JOB_TEST_OPTIONS="true")
         env["PYTHONPATH"] = os.pathsep.join([str(checkout), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         procs = PipelineProcesses(env, root / "logs")
@@ -120,20 +82,18 @@ def one_backlog(checkout: Path, jobs: int, workers: int) -> dict[str, float]:
                 raise SystemExit(f"the listener did not start:\n{listener.tail()}")
             time.sleep(0.05)
         assert pg.proc is not None and rd.proc is not None
+        postmaster, redis_pid = pg.proc.pid, rd.proc.pid
+        groups = {
+            "workers": lambda: descendants(worker.popen.pid),
+            "listener": lambda: descendants(listener.popen.pid),
+            "postgres": lambda: descendants(postmaster),
+            "redis": lambda: [redis_pid],
+        }
         with psycopg.connect(pg.url, autocommit=True) as conn:
             drain(conn, 300)  # warm-up: imports, pools, prepared statements
-            groups = {
-                "workers": lambda: tree(worker.popen.pid),
-                "listener": lambda: tree(listener.popen.pid),
-                "postgres": lambda: tree(pg.proc.pid),  # type: ignore[union-attr]
-                "redis": lambda: [rd.proc.pid],  # type: ignore[union-attr]
-            }
-            before = {name: cpu(pids()) for name, pids in groups.items()}
-            busy = machine()
-            seconds = drain(conn, jobs)
-            used = {name: cpu(pids()) - before[name] for name, pids in groups.items()}
-            used["machine"] = machine() - busy
-        return {"rate": jobs / seconds, **{name: used[name] * 1000 / jobs for name in GROUPS}}
+            with CpuWatch(groups) as cpu:
+                seconds = drain(conn, jobs)
+        return {"rate": jobs / seconds, **{name: cpu.used[name] * 1000 / jobs for name in GROUPS}}
 
 
 def main() -> None:

@@ -83,12 +83,9 @@ def table(rows: list[jobs_admin.JobSummary]) -> list[str]:
 
 def counts_line(counts: dict[str, int], cap: int | None = None) -> str:
     """'pending 5  running 1  done 100,000+ ...': a count at `cap` is shown as 'cap+' (capped counts)."""
-    return "  ".join(f"{status} {capped(counts.get(status, 0), cap)}" for status in jobs_admin.STATUSES)
-
-
-def capped(n: int, cap: int | None) -> str:
-    """As the dashboard shows a count (imagen/web/format.py): '12,345', or '100,000+' at the cap."""
-    return f"{n:,}+" if cap is not None and n >= cap else f"{n:,}"
+    return "  ".join(
+        f"{status} {jobs_admin.capped_count(counts.get(status, 0), cap)}" for status in jobs_admin.STATUSES
+    )
 
 
 def detail_lines(detail: jobs_admin.JobDetail) -> list[str]:

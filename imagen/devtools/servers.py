@@ -62,9 +62,12 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes], log: Pa
     raise RuntimeError(f"server did not listen on port {port} within {timeout}s: {log.read_text()[-2000:]}")
 
 
-def migrated_servers(stack: contextlib.ExitStack, prefix: str) -> tuple[Path, PostgresServer, RedisServer]:
-    """A folder of its own (`prefix`...) and fresh PostgreSQL (migrated) and Redis servers, all
-    removed by `stack` however the caller ends: the set-up of a measurement that runs the pipeline."""
+def migrated_servers(
+    stack: contextlib.ExitStack, prefix: str, *, sql_dir: Path | None = None
+) -> tuple[Path, PostgresServer, RedisServer]:
+    """A folder of its own (`prefix`...) and fresh PostgreSQL (migrated, from `sql_dir` when given:
+    another checkout's) and Redis servers, all removed by `stack` however the caller ends: the set-up
+    of a measurement that runs the pipeline."""
     from imagen.db import migrate
 
     root = Path(tempfile.mkdtemp(prefix=prefix))
@@ -74,7 +77,7 @@ def migrated_servers(stack: contextlib.ExitStack, prefix: str) -> tuple[Path, Po
     stack.callback(rd.cleanup)
     pg.start()
     rd.start()
-    migrate(pg.url)
+    migrate(pg.url, sql_dir=sql_dir)
     return root, pg, rd
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from imagen import jobs_admin
 from imagen.web.queries import COUNT_CAP
 
 
@@ -39,4 +40,4 @@ def short(text: str | None, width: int = 80) -> str:
 
 def count(n: int) -> str:
     """A capped count: '100,000+' at the cap."""
-    return f"{n:,}+" if n >= COUNT_CAP else f"{n:,}"
+    return jobs_admin.capped_count(n, COUNT_CAP)

@@ -158,6 +158,20 @@ def insert_jobs(
     )
 
 
+def plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    """An EXPLAIN (FORMAT JSON) plan node and every node under it."""
+    return [node, *(n for child in node.get("Plans", []) for n in plan_nodes(child))]
+
+
+def job_rows_read(plan: dict[str, Any]) -> int:
+    """The imagen.jobs rows a plan read: the rows its scans of jobs returned and those they filtered out."""
+    return sum(
+        n["Actual Rows"] * n["Actual Loops"] + n.get("Rows Removed by Filter", 0)
+        for n in plan_nodes(plan)
+        if n.get("Relation Name") == "jobs"
+    )
+
+
 def test_two_listeners_claim_each_of_1000_jobs_exactly_once(db_url: str, settings: Settings) -> None:
     owners = [uuid.uuid4() for _ in range(7)]
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -361,15 +375,9 @@ def test_claim_reads_the_rows_it_takes_not_the_backlog_even_with_stale_statistic
             row = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim(40, 1000)").fetchone()
     assert row is not None
 
-    def rows_read(node: dict[str, Any]) -> int:
-        own = 0
-        if node.get("Relation Name") == "jobs":
-            own = node["Actual Rows"] * node["Actual Loops"] + node.get("Rows Removed by Filter", 0)
-        return own + sum(rows_read(child) for child in node.get("Plans", []))
-
     plan = row[0][0]["Plan"]
     assert plan["Actual Rows"] == 40, "claimed 40"
-    assert rows_read(plan) < 1000, f"read {rows_read(plan)} job rows to claim 40 of 3,000"
+    assert job_rows_read(plan) < 1000, f"read {job_rows_read(plan)} job rows to claim 40 of 3,000"
 
 
 @pytest.mark.parametrize("plan_mode", ["force_generic_plan", "force_custom_plan"])
@@ -401,15 +409,8 @@ def test_a_burst_from_many_owners_is_claimed_in_index_order_whatever_the_statist
         )
     assert row is not None
 
-    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
-        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
-
-    plan = nodes(row[0][0]["Plan"])
-    read = sum(
-        n["Actual Rows"] * n["Actual Loops"] + n.get("Rows Removed by Filter", 0)
-        for n in plan
-        if n.get("Relation Name") == "jobs"
-    )
+    plan = plan_nodes(row[0][0]["Plan"])
+    read = job_rows_read(plan[0])
     assert plan[0]["Actual Rows"] == 100, "claimed 100"
     assert {n.get("Index Name") for n in plan} & {"jobs_pending_idx"} == set(), plan
     assert "jobs_claim_idx" in {n.get("Index Name") for n in plan}
@@ -504,14 +505,11 @@ def test_a_stage_write_finds_its_job_by_primary_key_whatever_the_statistics_say(
         conn.execute("RESET plan_cache_mode")
         count = "\n".join(r[0] for r in conn.execute("EXPLAIN " + QUERIES["count_running"]).fetchall())
 
-    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
-        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
-
     for name, plan in plans.items():
-        on_jobs = [n for n in nodes(plan) if n.get("Relation Name") == "jobs" and "Index Name" in n]
+        on_jobs = [n for n in plan_nodes(plan) if n.get("Relation Name") == "jobs" and "Index Name" in n]
         assert on_jobs, f"{name}: no index scan of imagen.jobs: {plan}"
         assert {n["Index Name"] for n in on_jobs} == {"jobs_pkey"}, f"{name}: {on_jobs}"
-        walked = sum(n.get("Rows Removed by Filter", 0) for n in nodes(plan))
+        walked = sum(n.get("Rows Removed by Filter", 0) for n in plan_nodes(plan))
         assert walked == 0, f"{name} read {walked} other jobs' rows to find its own"
     # The in-flight count still reads only the running rows, through the index they are in.
     assert "jobs_running_idx" in count, count
