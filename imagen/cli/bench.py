@@ -56,17 +56,18 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 @click.option(
     "--peers",
     is_flag=True,
-    help="instead: our job next to pgqueuer's and procrastinate's no-op jobs, one worker process"
-    " each, about a minute; --quick, --jobs, --samples, --scratch and --json apply (needs"
-    " pip install -e '.[peers]')",
+    help="instead: our job next to pgqueuer's and procrastinate's, each running a no-op and our job's"
+    " work, one worker process each, about a minute; --quick, --jobs, --samples, --scratch and --json"
+    " apply (needs pip install -e '.[peers]')",
 )
 @click.option(
     "--scale",
     is_flag=True,
     help="instead: the pipeline on a fresh table, then after 1,000,000 finished rows, then 3,000"
-    " single-job owners and 1,000 owners x 100 jobs: backlog rates, idle pickup and the claim's cost,"
-    " as ratios to the fresh table, a few minutes; --quick, --jobs (each step's backlog"
-    " [default: 2000; 1000 quick]), --rounds (backlogs per step, the median counts [default: 3; 1 quick]),"
+    " single-job owners and 1,000 owners x 100 jobs: backlog rates, idle pickup, the claim's cost and"
+    " CPU per job by process, as ratios to the fresh table, a few minutes; --quick, --jobs (the jobs"
+    " timed of each backlog [default: 2000; 1000 quick]), --rounds (backlogs per step, the median"
+    " counts [default: 3; 1 quick]),"
     " --samples [default: 30; 15 quick], --scratch, --durable and --json apply",
 )
 @click.option(
